@@ -1,0 +1,161 @@
+"""An adapter on disk: ``adapter.safetensors`` (weights) + ``adapter.json`` (everything else).
+
+The JSON carries the configuration, the class list the adapter was trained on
+(task classes then auxiliary classes, in logit order), the identity of the
+model whose logits it expects, and the provenance of every phase that shaped
+it, so later steps can refuse a mismatched combination instead of silently
+producing nonsense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from .adapter import AdapterConfig, TransMiterAdapter, release_orthogonal
+from .artifacts import (
+    atomic_directory,
+    check_format,
+    library_versions,
+    load_tensors,
+    read_json,
+    require_keys,
+    save_tensors,
+    utc_now,
+    write_json,
+)
+from .errors import IntegrityError
+from .models import ModelIdentity
+
+FORMAT = "transmiter-deploy/adapter"
+FORMAT_VERSION = 1
+MANIFEST = "adapter.json"
+WEIGHTS = "adapter.safetensors"
+STAGES = ("extracted", "transferred", "plus")
+
+
+@dataclass
+class AdapterArtifact:
+    """An adapter with the facts needed to use it correctly."""
+
+    adapter: TransMiterAdapter
+    class_names: list[str]
+    auxiliary_names: list[str]
+    stage: str
+    source_model: ModelIdentity
+    target_model: ModelIdentity | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> ModelIdentity:
+        """The model whose zero-shot logits this adapter takes as input."""
+        return self.target_model if self.target_model is not None else self.source_model
+
+    @property
+    def all_class_names(self) -> list[str]:
+        return self.class_names + self.auxiliary_names
+
+
+def save_adapter(artifact: AdapterArtifact, out_dir: Path) -> Path:
+    """Write the adapter atomically; returns the directory."""
+    release_orthogonal(artifact.adapter)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, MANIFEST) as staging:
+        state = {name: t for name, t in artifact.adapter.state_dict().items()}
+        digest = save_tensors(staging / WEIGHTS, state)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "stage": artifact.stage,
+            "config": artifact.adapter.config.to_dict(),
+            "class_names": artifact.class_names,
+            "auxiliary_names": artifact.auxiliary_names,
+            "source_model": artifact.source_model.to_dict(),
+            "target_model": artifact.target_model.to_dict() if artifact.target_model else None,
+            "provenance": artifact.provenance,
+            "files": {WEIGHTS: {"sha256": digest, "bytes": (staging / WEIGHTS).stat().st_size}},
+            "versions": library_versions(),
+            "created": utc_now(),
+        }
+        write_json(staging / MANIFEST, manifest)
+    return out_dir
+
+
+def load_adapter(path: Path) -> AdapterArtifact:
+    """Load and verify an adapter directory (hash, keys, shapes)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    manifest = read_json(manifest_path, "adapter manifest")
+    where = str(manifest_path)
+    check_format(manifest, FORMAT, FORMAT_VERSION, where)
+    require_keys(
+        manifest,
+        {
+            "stage": str,
+            "config": dict,
+            "class_names": list,
+            "auxiliary_names": list,
+            "source_model": dict,
+            "target_model": (dict, type(None)),
+            "provenance": dict,
+            "files": dict,
+        },
+        where,
+    )
+    if manifest["stage"] not in STAGES:
+        raise IntegrityError(f"{where}: unknown stage '{manifest['stage']}'")
+    for key in ("class_names", "auxiliary_names"):
+        if not all(isinstance(name, str) for name in manifest[key]):
+            raise IntegrityError(f"{where}: '{key}' must be a list of strings")
+    try:
+        config = AdapterConfig(**manifest["config"])
+    except TypeError as exc:
+        raise IntegrityError(f"{where}: bad 'config': {exc}") from exc
+    width = len(manifest["class_names"]) + len(manifest["auxiliary_names"])
+    if config.num_task_classes != len(manifest["class_names"]) or config.logit_width != width:
+        raise IntegrityError(
+            f"{where}: config ({config.num_task_classes} task classes, width {config.logit_width}) "
+            f"disagrees with the class lists ({len(manifest['class_names'])} + "
+            f"{len(manifest['auxiliary_names'])})"
+        )
+    entry = manifest["files"].get(WEIGHTS)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise IntegrityError(f"{where}: 'files' has no sha256 for {WEIGHTS}")
+    state = load_tensors(path / WEIGHTS, entry["sha256"], "adapter weights")
+    adapter = TransMiterAdapter(config)
+    try:
+        adapter.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise IntegrityError(f"{path / WEIGHTS}: weights do not fit the config: {' '.join(first[:3])}") from exc
+    adapter.eval()
+    return AdapterArtifact(
+        adapter=adapter,
+        class_names=list(manifest["class_names"]),
+        auxiliary_names=list(manifest["auxiliary_names"]),
+        stage=manifest["stage"],
+        source_model=ModelIdentity.from_dict(manifest["source_model"], where),
+        target_model=(
+            ModelIdentity.from_dict(manifest["target_model"], where)
+            if manifest["target_model"] is not None
+            else None
+        ),
+        provenance=manifest["provenance"],
+    )
+
+
+def adapter_weights_sha256(path: Path) -> str:
+    """The recorded hash of an adapter's weights (for provenance of later steps)."""
+    return read_json(Path(path) / MANIFEST, "adapter manifest")["files"][WEIGHTS]["sha256"]
+
+
+def clone_adapter(adapter: TransMiterAdapter) -> TransMiterAdapter:
+    """A deep copy with plain (unconstrained) parameters."""
+    copy = TransMiterAdapter(adapter.config)
+    copy.load_state_dict({k: v.clone() for k, v in adapter.state_dict().items()})
+    return copy
+
+
+__all__ = ["AdapterArtifact", "save_adapter", "load_adapter", "clone_adapter", "adapter_weights_sha256"]

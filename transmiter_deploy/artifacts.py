@@ -1,0 +1,161 @@
+"""Writing and reading artifacts safely: atomic, hashed, versioned, pickle-free.
+
+Every artifact directory is built under a temporary name beside its final
+place and renamed into place only when complete, so a failure (or Ctrl-C)
+never leaves a half-written artifact and never damages the previous one.
+Tensors live in safetensors files whose sha256 is recorded in a JSON
+manifest and checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from .errors import InputError, IntegrityError
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in every manifest, so an artifact says what made it."""
+    versions = {}
+    for dist in ("transmiter-deploy", "torch", "open_clip_torch", "numpy", "safetensors", "onnx"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@contextmanager
+def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``final`` on success.
+
+    ``marker`` is the manifest file name that identifies an artifact of this
+    kind: an existing non-empty ``final`` without it is refused rather than
+    replaced, so a mistyped ``--out .`` cannot wipe a user's directory.
+    """
+    final = Path(final)
+    if final.exists():
+        if not final.is_dir():
+            raise InputError(f"output path {final} exists and is not a directory")
+        if any(final.iterdir()) and not (final / marker).is_file():
+            raise InputError(
+                f"refusing to replace {final}: it is not empty and holds no {marker}"
+            )
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+    except OSError as exc:
+        raise InputError(f"cannot write to output directory {parent}: {exc.strerror}") from exc
+    try:
+        yield staging
+        if final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
+            os.rename(final, retired / "previous")
+            os.rename(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON via a temporary file and a rename (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{what} {path} is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise IntegrityError(f"{what} {path} must hold a JSON object")
+    return payload
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write a safetensors file; return its sha256 (hashed from the bytes written)."""
+    data = safetensors_save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
+    Path(path).write_bytes(data)
+    return sha256_bytes(data)
+
+
+def load_tensors(path: Path, expected_sha256: str | None, what: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, checking its hash first; never unpickles anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    data = path.read_bytes()
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise IntegrityError(
+            f"{what} {path} does not match the sha256 in its manifest (truncated or modified)"
+        )
+    try:
+        return safetensors_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise IntegrityError(f"{what} {path} is not a valid safetensors file: {exc}") from exc
+
+
+def require_keys(payload: dict[str, Any], spec: dict[str, type | tuple[type, ...]], where: str) -> None:
+    """Check that a manifest has each key with the expected JSON type."""
+    for key, kind in spec.items():
+        if key not in payload:
+            raise IntegrityError(f"{where}: missing key '{key}'")
+        value = payload[key]
+        if isinstance(value, bool) and kind in (int, float):
+            raise IntegrityError(f"{where}: key '{key}' must be {kind.__name__}, got a boolean")
+        if not isinstance(value, kind):
+            expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise IntegrityError(
+                f"{where}: key '{key}' must be {expected}, got {type(value).__name__}"
+            )
+
+
+def check_format(payload: dict[str, Any], expected_format: str, supported_version: int, where: str) -> None:
+    require_keys(payload, {"format": str, "format_version": int}, where)
+    if payload["format"] != expected_format:
+        raise IntegrityError(f"{where}: format is '{payload['format']}', expected '{expected_format}'")
+    if payload["format_version"] > supported_version:
+        raise IntegrityError(
+            f"{where}: format version {payload['format_version']} is newer than this "
+            f"transmiter-deploy understands ({supported_version}); upgrade the package"
+        )

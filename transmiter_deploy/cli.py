@@ -1,0 +1,437 @@
+"""The ``transmiter`` command line: a thin layer over the library.
+
+Every command reads and writes the artifacts of :mod:`transmiter_deploy`;
+all real work happens in the library. Errors the toolkit anticipates print
+one line on stderr and exit with a documented status (see ``errors.py``):
+2 bad input, 3 missing dependency or hardware, 4 verification failed.
+``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_CODES, InputError, TransmiterError
+
+_STATE = {"debug": False, "progress": True}
+
+EXIT_CODE_HELP = "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
+
+
+def _progress() -> bool:
+    return _STATE["progress"] and sys.stderr.isatty() or _STATE["progress"] == "always"
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=f"\b\nExit status:\n{EXIT_CODE_HELP}",
+)
+@click.version_option(__version__, prog_name="transmiter")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--progress", "force_progress", is_flag=True, help="Progress bars even when stderr is not a terminal.")
+def cli(debug: bool, quiet: bool, force_progress: bool) -> None:
+    """TransMiter adapters: extract on a weak CLIP model, transfer to a strong one, deploy.
+
+    \b
+    Typical flow (each step writes a directory the next one reads):
+      transmiter cache    --model ViT-B-16 --pretrained openai --data train/ --out c_src
+      transmiter head     --model ViT-B-16 --pretrained openai --classes-from c_src --out h_src
+      transmiter extract  --source-cache c_src --source-head h_src \\
+                          --teacher-cache c_ft --teacher-head h_ft --out a_src
+      transmiter transfer --adapter a_src --source-cache c_src --source-head h_src \\
+                          --target-cache c_tgt --target-head h_tgt --out a_tgt
+      transmiter evaluate --cache test_tgt --head h_tgt --adapter a_tgt
+    """
+    _STATE["debug"] = debug
+    _STATE["progress"] = False if quiet else ("always" if force_progress else True)
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def model_options(func):
+    func = click.option("--device", default="cpu", show_default=True, help="torch device for the model.")(func)
+    func = click.option("--init-seed", type=int, default=0, show_default=True,
+                        help="Seed for random weights (when neither --pretrained nor --checkpoint).")(func)
+    func = click.option("--checkpoint", type=click.Path(path_type=Path),
+                        help="Local .safetensors checkpoint for the architecture.")(func)
+    func = click.option("--pretrained", help="open_clip pretrained tag (read from the Hugging Face cache).")(func)
+    func = click.option("--model", "model_name", required=True, help="open_clip architecture name, e.g. ViT-B-16.")(func)
+    return func
+
+
+def _load_model(model_name, pretrained, checkpoint, init_seed, device):
+    from .models import ModelSpec, load_model
+
+    return load_model(ModelSpec(model_name, pretrained, checkpoint, init_seed), device=device)
+
+
+def _read_class_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise InputError(f"class list not found: {path}")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise InputError(f"class list {path} is empty")
+    return names
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@cli.command()
+@model_options
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="ImageFolder directory, flat image directory, or CSV with path[,label].")
+@click.option("--classes", "classes_file", type=click.Path(path_type=Path),
+              help="Text file, one class per line: fixes the class order (default: sorted names).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to write.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_file, out, batch_size, workers):
+    """Encode a dataset's images once and store normalised features.
+
+    Every later phase reads this cache, never the images.
+
+    \b
+    Example:
+      transmiter cache --model ViT-B-16 --pretrained openai --data data/train --out caches/b16-train
+    """
+    from .cache import build_cache
+    from .datasets import open_dataset
+
+    class_names = _read_class_file(classes_file) if classes_file else None
+    dataset = open_dataset(data, class_names)
+    model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
+    build_cache(model, dataset, out, batch_size=batch_size, num_workers=workers, device=device, progress=_progress())
+    click.echo(f"cached {len(dataset)} images ({len(dataset.class_names)} classes) with "
+               f"{model.identity.describe()} -> {out}")
+
+
+@cli.command()
+@model_options
+@click.option("--classes", "classes_file", type=click.Path(path_type=Path), help="Text file, one task class per line.")
+@click.option("--classes-from", type=click.Path(path_type=Path),
+              help="Take classes from a cache (task classes), or from a head or adapter "
+                   "(task and auxiliary classes, exactly).")
+@click.option("--width", type=int, default=1024, show_default=True, help="Logit width C (task + auxiliary classes).")
+@click.option("--no-auxiliary", is_flag=True, help="Task classes only (for the fine-tuned teacher's head).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the auxiliary class sample.")
+@click.option("--templates", default="simple", show_default=True,
+              help="Prompt templates: simple, openai, photo, or a file with one '{}' template per line.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Head directory to write.")
+def head(model_name, pretrained, checkpoint, init_seed, device, classes_file, classes_from, width, no_auxiliary,
+         seed, templates, out):
+    """Build a zero-shot head from a model's text tower.
+
+    Rows are the task classes, then auxiliary classes from the built-in
+    vocabulary up to --width. Source and target heads must share one class
+    list: build the target's with --classes-from SOURCE_HEAD.
+
+    \b
+    Example:
+      transmiter head --model ViT-L-14 --pretrained openai --classes-from heads/b16 --out heads/l14
+    """
+    from .heads import build_head, save_head
+    from .templates import resolve_templates
+    from .vocabulary import select_auxiliary
+
+    if (classes_file is None) == (classes_from is None):
+        raise InputError("give exactly one of --classes or --classes-from")
+    auxiliary = None
+    if classes_file is not None:
+        task = _read_class_file(classes_file)
+    else:
+        task, auxiliary = _classes_from(classes_from)
+    if no_auxiliary:
+        auxiliary = []
+    elif auxiliary is None:
+        auxiliary = select_auxiliary(task, width, seed)
+    model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
+    built = build_head(model, task, auxiliary, resolve_templates(templates), progress=_progress())
+    save_head(built, out)
+    click.echo(f"head for {model.identity.describe()}: {len(task)} task + {len(auxiliary)} auxiliary classes -> {out}")
+
+
+def _classes_from(path: Path) -> tuple[list[str], list[str] | None]:
+    from .artifacts import read_json
+
+    for manifest in ("head.json", "adapter.json"):
+        if (path / manifest).is_file():
+            payload = read_json(path / manifest, manifest)
+            return list(payload.get("class_names", [])), list(payload.get("auxiliary_names", []))
+    if (path / "cache.json").is_file():
+        names = read_json(path / "cache.json", "cache manifest").get("class_names") or []
+        if not names:
+            raise InputError(f"cache {path} is unlabelled: it has no class names to take")
+        return list(names), None
+    raise InputError(f"--classes-from {path}: not a cache, head or adapter directory")
+
+
+@cli.command()
+@click.option("--source-cache", required=True, type=click.Path(path_type=Path), help="Source model's feature cache.")
+@click.option("--source-head", required=True, type=click.Path(path_type=Path), help="Source model's zero-shot head (C classes).")
+@click.option("--teacher-cache", required=True, type=click.Path(path_type=Path),
+              help="Fine-tuned source's cache of the same images.")
+@click.option("--teacher-head", required=True, type=click.Path(path_type=Path),
+              help="Fine-tuned source's head over the K task classes.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write.")
+@click.option("--latent-dim", type=int, help="Latent width D (default: the logit width C).")
+@click.option("--mlp-ratio", type=int, default=4, show_default=True)
+@click.option("--layers", type=int, default=1, show_default=True, help="Residual MLP blocks.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-3, show_default=True)
+@click.option("--temperature", type=float, default=0.5, show_default=True, help="Teacher temperature tau.")
+@click.option("--orthogonal-map", type=click.Choice(["cayley", "matrix_exp", "householder"]), default="cayley",
+              show_default=True, help="PyTorch parametrisation keeping the basis orthogonal.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_dim, mlp_ratio, layers, epochs,
+            batch_size, lr, weight_decay, temperature, orthogonal_map, seed):
+    """Phase 1: learn the fine-tuning's effect as an adapter on the source's logits (no labels).
+
+    \b
+    Example:
+      transmiter extract --source-cache c/b16 --source-head h/b16 \\
+          --teacher-cache c/b16-ft --teacher-head h/b16-ft --out adapters/b16
+    """
+    from .adapter import AdapterConfig
+    from .adapter_artifact import AdapterArtifact, save_adapter
+    from .cache import check_same_images, load_cache, zero_shot_logits
+    from .extraction import ExtractionSettings, extract as run_extract
+    from .heads import load_head
+
+    src_cache, src_head = load_cache(source_cache), load_head(source_head)
+    ft_cache, ft_head = load_cache(teacher_cache), load_head(teacher_head)
+    check_same_images(src_cache, ft_cache)
+    if ft_head.class_names != src_head.class_names:
+        raise InputError("the teacher head's classes differ from the source head's task classes")
+    source_logits = zero_shot_logits(src_cache, src_head)
+    teacher_logits = zero_shot_logits(ft_cache, ft_head)[:, : ft_head.num_task_classes]
+    width = len(src_head.all_class_names)
+    config = AdapterConfig(
+        num_task_classes=src_head.num_task_classes,
+        logit_width=width,
+        latent_dim=latent_dim or width,
+        mlp_ratio=mlp_ratio,
+        num_layers=layers,
+    )
+    settings = ExtractionSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                  teacher_temperature=temperature, orthogonal_map=orthogonal_map, seed=seed)
+    adapter, history = run_extract(source_logits, teacher_logits, config, settings, progress=_progress())
+    artifact = AdapterArtifact(
+        adapter=adapter,
+        class_names=src_head.class_names,
+        auxiliary_names=src_head.auxiliary_names,
+        stage="extracted",
+        source_model=src_head.model,
+        provenance={"extraction": {
+            "settings": settings.to_dict(),
+            "num_samples": len(src_cache),
+            "loss_per_epoch": history,
+            "source_cache_fingerprint": src_cache.fingerprint,
+            "teacher_model": ft_head.model.to_dict(),
+        }},
+    )
+    save_adapter(artifact, out)
+    click.echo(f"extracted adapter on {src_head.model.describe()} ({len(src_cache)} samples, "
+               f"final loss {history[-1]:.4f}) -> {out}")
+
+
+@cli.command()
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path), help="Extracted adapter.")
+@click.option("--source-cache", required=True, type=click.Path(path_type=Path))
+@click.option("--source-head", required=True, type=click.Path(path_type=Path))
+@click.option("--target-cache", required=True, type=click.Path(path_type=Path),
+              help="Target model's cache of the same images as the source cache.")
+@click.option("--target-head", required=True, type=click.Path(path_type=Path),
+              help="Target model's head over the adapter's class list.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write.")
+@click.option("--lambda", "regularisation", type=float, default=500.0, show_default=True,
+              help="Procrustes regularisation lambda.")
+@click.option("--lambda-mode", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+              help="sum: lambda on the raw sum over samples (reference); mean: per-sample normalised.")
+def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, out, regularisation, lambda_mode):
+    """Phase 2: move an adapter onto the target model in closed form (orthogonal Procrustes).
+
+    \b
+    Example:
+      transmiter transfer --adapter adapters/b16 --source-cache c/b16 --source-head h/b16 \\
+          --target-cache c/l14 --target-head h/l14 --out adapters/l14
+    """
+    from .adapter_artifact import AdapterArtifact, load_adapter, save_adapter
+    from .cache import check_same_images, load_cache, zero_shot_logits
+    from .heads import load_head
+    from .transfer import transfer as run_transfer
+
+    artifact = load_adapter(adapter_dir)
+    src_cache, src_head = load_cache(source_cache), load_head(source_head)
+    tgt_cache, tgt_head = load_cache(target_cache), load_head(target_head)
+    _check_adapter_head(artifact, src_head, "source head")
+    _check_class_list(artifact, tgt_head, "target head")
+    check_same_images(src_cache, tgt_cache)
+    result = run_transfer(
+        artifact.adapter,
+        zero_shot_logits(src_cache, src_head),
+        zero_shot_logits(tgt_cache, tgt_head),
+        regularisation=regularisation,
+        lambda_mode=lambda_mode,
+    )
+    moved = AdapterArtifact(
+        adapter=result.adapter,
+        class_names=artifact.class_names,
+        auxiliary_names=artifact.auxiliary_names,
+        stage="transferred",
+        source_model=artifact.source_model,
+        target_model=tgt_head.model,
+        provenance={**artifact.provenance, "transfer": result.provenance()},
+    )
+    save_adapter(moved, out)
+    click.echo(f"transferred {artifact.source_model.describe()} -> {tgt_head.model.describe()} "
+               f"({result.num_samples} samples, lambda {regularisation:g} [{lambda_mode}]) -> {out}")
+
+
+def _check_class_list(artifact, head, what: str) -> None:
+    if head.all_class_names != artifact.all_class_names:
+        raise InputError(
+            f"{what} class list ({len(head.class_names)} + {len(head.auxiliary_names)}) is not the adapter's "
+            f"({len(artifact.class_names)} + {len(artifact.auxiliary_names)}, same order); build it with "
+            "--classes-from the adapter"
+        )
+
+
+def _check_adapter_head(artifact, head, what: str) -> None:
+    if head.model != artifact.model:
+        raise InputError(f"{what} is for {head.model.describe()} but the adapter applies to {artifact.model.describe()}")
+    _check_class_list(artifact, head, what)
+
+
+@cli.command()
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path), help="Transferred adapter.")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(path_type=Path), help="Labelled target cache.")
+@click.option("--head", "head_dir", required=True, type=click.Path(path_type=Path), help="Target head.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write.")
+@click.option("--shots", type=int, help="Use this many samples per class (seeded); default: all labelled samples.")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-3, show_default=True)
+@click.option("--free-basis", is_flag=True, help="Drop the orthogonality constraint while training.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, weight_decay, free_basis, seed):
+    """Phase 3 (TransMiter+): refine a transferred adapter with a few labels.
+
+    \b
+    Example:
+      transmiter plus --adapter adapters/l14 --cache c/l14-fewshot --head h/l14 --shots 4 --out adapters/l14-plus
+    """
+    from .adapter_artifact import AdapterArtifact, load_adapter, save_adapter
+    from .cache import load_cache, zero_shot_logits
+    from .heads import load_head
+    from .plus import PlusSettings, few_shot_indices, train_plus
+
+    artifact = load_adapter(adapter_dir)
+    labelled, target_head = load_cache(cache_dir), load_head(head_dir)
+    _check_adapter_head(artifact, target_head, "head")
+    logits = zero_shot_logits(labelled, target_head)
+    labels = labelled.labels
+    if shots is not None:
+        chosen = few_shot_indices(labels, shots, seed, num_classes=len(artifact.class_names))
+        logits, labels = logits[chosen], labels[chosen]
+    settings = PlusSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                            keep_orthogonal=not free_basis, seed=seed)
+    refined, history = train_plus(artifact.adapter, logits, labels, settings, progress=_progress())
+    result = AdapterArtifact(
+        adapter=refined,
+        class_names=artifact.class_names,
+        auxiliary_names=artifact.auxiliary_names,
+        stage="plus",
+        source_model=artifact.source_model,
+        target_model=artifact.target_model,
+        provenance={**artifact.provenance, "plus": {
+            "settings": settings.to_dict(), "shots": shots, "num_samples": int((labels >= 0).sum()),
+            "loss_per_epoch": history, "cache_fingerprint": labelled.fingerprint,
+        }},
+    )
+    save_adapter(result, out)
+    click.echo(f"TransMiter+ on {int((labels >= 0).sum())} labelled samples, final loss {history[-1]:.4f} -> {out}")
+
+
+@cli.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path(path_type=Path), help="Labelled test cache.")
+@click.option("--head", "head_dir", required=True, type=click.Path(path_type=Path), help="Zero-shot head of the cache's model.")
+@click.option("--adapter", "adapter_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Adapter(s) to evaluate on top of the head; repeatable.")
+@click.option("--num-base", type=int, help="Number of base classes (default: the first half, rounded up).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
+    """Base-to-novel accuracy (base, novel, harmonic mean) of zero-shot and adapted logits.
+
+    \b
+    Example:
+      transmiter evaluate --cache c/l14-test --head h/l14 --adapter adapters/l14 --json results.json
+    """
+    import torch
+
+    from .adapter_artifact import load_adapter
+    from .artifacts import write_json
+    from .cache import load_cache, zero_shot_logits
+    from .evaluation import base_to_novel
+    from .heads import load_head
+
+    test, zs_head = load_cache(cache_dir), load_head(head_dir)
+    if not test.class_names or not (test.labels >= 0).any():
+        raise InputError(f"cache {cache_dir} has no labels to evaluate against")
+    logits = zero_shot_logits(test, zs_head)
+    rows = [{"name": f"zero-shot {zs_head.model.describe()}", **base_to_novel(logits[:, : zs_head.num_task_classes], test.labels, num_base)}]
+    for adapter_dir in adapter_dirs:
+        artifact = load_adapter(adapter_dir)
+        _check_adapter_head(artifact, zs_head, "head")
+        with torch.no_grad():
+            adapted = artifact.adapter.task_logits(logits)
+        rows.append({"name": f"+ adapter {adapter_dir} ({artifact.stage})", **base_to_novel(adapted, test.labels, num_base)})
+
+    def fmt(value):
+        return "   -  " if value is None else f"{value:6.2f}"
+
+    width = max(len(row["name"]) for row in rows)
+    click.echo(f"{'':{width}}    base  novel     HM    all")
+    for row in rows:
+        click.echo(f"{row['name']:{width}}  {fmt(row['base'])} {fmt(row['novel'])} {fmt(row['hm'])} {fmt(row['all'])}")
+    if json_path:
+        write_json(Path(json_path), {"cache": str(cache_dir), "head": str(head_dir), "rows": rows})
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: maps the toolkit's errors to one stderr line and an exit status."""
+    try:
+        result = cli.main(args=argv, prog_name="transmiter", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Abort:
+        click.echo("transmiter: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except TransmiterError as exc:
+        if _STATE["debug"]:
+            traceback.print_exc()
+        click.echo(f"transmiter: error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("transmiter: interrupted", err=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The exceptions the toolkit raises on purpose, and the CLI exit status of each.
+
+Every message names the offending file, key or value in one line, so the CLI
+can print it as is. Anything else that escapes is a bug (exit status 1).
+"""
+
+from __future__ import annotations
+
+
+class TransmiterError(Exception):
+    """Base class; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class InputError(TransmiterError):
+    """Bad input: a missing, malformed or mismatched file, key or value."""
+
+    exit_code = 2
+
+
+class IntegrityError(InputError):
+    """An artifact that is truncated, tampered with or does not match its manifest."""
+
+
+class DependencyError(TransmiterError):
+    """An optional dependency or a piece of hardware is missing."""
+
+    exit_code = 3
+
+
+class VerificationError(TransmiterError):
+    """A computed result failed a check it must pass (parity, tolerance)."""
+
+    exit_code = 4
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "internal error (a bug: please report it with --debug output)",
+    2: "bad input (file, key or value named in the message)",
+    3: "missing optional dependency or hardware",
+    4: "verification failed",
+}
