@@ -100,7 +100,7 @@ class LoadedModel:
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
 
 def known_models() -> list[str]:
