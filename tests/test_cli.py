@@ -1,0 +1,162 @@
+"""The CLI end to end on tiny real open_clip architectures with random weights."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from transmiter_deploy.artifacts import sha256_file
+from transmiter_deploy.cli import main
+
+from conftest import make_image_folder
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Caches and heads for a source (tiny ViT), a 'fine-tuned' teacher and a target (tiny ResNet)."""
+    root = tmp_path_factory.mktemp("cli")
+    images = make_image_folder(root / "images", per_class=4)
+    steps = [
+        ["cache", "--model", "TM-Tiny-ViT", "--data", images, "--out", root / "c_src"],
+        ["cache", "--model", "TM-Tiny-ViT", "--init-seed", 1, "--data", images, "--out", root / "c_ft"],
+        ["cache", "--model", "TM-Tiny-RN", "--data", images, "--out", root / "c_tgt"],
+        ["head", "--model", "TM-Tiny-ViT", "--classes-from", root / "c_src", "--width", 32,
+         "--templates", "photo", "--out", root / "h_src"],
+        ["head", "--model", "TM-Tiny-ViT", "--init-seed", 1, "--classes-from", root / "c_src", "--no-auxiliary",
+         "--templates", "photo", "--out", root / "h_ft"],
+        ["head", "--model", "TM-Tiny-RN", "--classes-from", root / "h_src", "--templates", "photo",
+         "--out", root / "h_tgt"],
+    ]
+    for step in steps:
+        assert main([str(a) for a in step]) == 0, step
+    return root
+
+
+def test_full_flow_extract_transfer_plus_evaluate(workspace, capsys):
+    w = workspace
+    code, out, err = run(capsys, "extract", "--source-cache", w / "c_src", "--source-head", w / "h_src",
+                         "--teacher-cache", w / "c_ft", "--teacher-head", w / "h_ft", "--epochs", 3,
+                         "--batch-size", 8, "--out", w / "a_src")
+    assert code == 0, err
+    assert "extracted adapter" in out
+    code, out, err = run(capsys, "transfer", "--adapter", w / "a_src", "--source-cache", w / "c_src",
+                         "--source-head", w / "h_src", "--target-cache", w / "c_tgt", "--target-head", w / "h_tgt",
+                         "--out", w / "a_tgt")
+    assert code == 0, err
+    manifest = json.loads((w / "a_tgt" / "adapter.json").read_text())
+    assert manifest["stage"] == "transferred"
+    assert manifest["target_model"]["name"] == "TM-Tiny-RN"
+    assert manifest["provenance"]["transfer"]["lambda"] == 500.0
+    assert manifest["config"]["logit_width"] == 32 and manifest["config"]["num_task_classes"] == 4
+    assert len(manifest["auxiliary_names"]) == 28
+    code, out, err = run(capsys, "plus", "--adapter", w / "a_tgt", "--cache", w / "c_tgt", "--head", w / "h_tgt",
+                         "--shots", 2, "--epochs", 2, "--out", w / "a_plus")
+    assert code == 0, err
+    assert json.loads((w / "a_plus" / "adapter.json").read_text())["provenance"]["plus"]["num_samples"] == 8
+    code, out, err = run(capsys, "evaluate", "--cache", w / "c_tgt", "--head", w / "h_tgt", "--adapter",
+                         w / "a_tgt", "--adapter", w / "a_plus", "--json", w / "results.json")
+    assert code == 0, err
+    assert "base" in out and "HM" in out
+    rows = json.loads((w / "results.json").read_text())["rows"]
+    assert [r["name"].split()[0] for r in rows] == ["zero-shot", "+", "+"]
+    assert all(0 <= r["base"] <= 100 and r["num_base_classes"] == 2 for r in rows)
+
+
+def expect_error(capsys, args, message, status=2):
+    code, out, err = run(capsys, *args)
+    assert code == status, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("transmiter: error: "), err
+    assert message in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cache_from_another_model_than_the_head(workspace, capsys):
+    expect_error(capsys, ["evaluate", "--cache", workspace / "c_tgt", "--head", workspace / "h_src"],
+                 "was made by TM-Tiny-RN")
+
+
+def test_mismatched_class_list_between_adapter_and_target_head(workspace, capsys, tmp_path):
+    w = workspace
+    assert main(["head", "--model", "TM-Tiny-RN", "--classes-from", str(w / "c_src"), "--width", "32", "--seed", "9",
+                 "--templates", "photo", "--out", str(tmp_path / "h_other")]) == 0
+    capsys.readouterr()
+    if not (w / "a_src").exists():
+        assert main(["extract", "--source-cache", str(w / "c_src"), "--source-head", str(w / "h_src"),
+                     "--teacher-cache", str(w / "c_ft"), "--teacher-head", str(w / "h_ft"), "--epochs", "1",
+                     "--out", str(w / "a_src")]) == 0
+    expect_error(capsys, ["transfer", "--adapter", w / "a_src", "--source-cache", w / "c_src", "--source-head",
+                          w / "h_src", "--target-cache", w / "c_tgt", "--target-head", tmp_path / "h_other",
+                          "--out", tmp_path / "a"], "class list")
+    assert not (tmp_path / "a").exists()
+
+
+def test_bad_artifacts_and_data_give_one_line_and_status_2(workspace, capsys, tmp_path):
+    w = workspace
+    broken = tmp_path / "c_broken"
+    shutil.copytree(w / "c_src", broken)
+    shard = broken / "features-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    expect_error(capsys, ["evaluate", "--cache", broken, "--head", w / "h_src"], "sha256")
+
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, ["cache", "--model", "TM-Tiny-ViT", "--data", tmp_path / "empty", "--out", tmp_path / "c"],
+                 "is empty")
+    stray = make_image_folder(tmp_path / "stray", per_class=1)
+    (stray / "red" / "readme.md").write_text("x")
+    expect_error(capsys, ["cache", "--model", "TM-Tiny-ViT", "--data", stray, "--out", tmp_path / "c"],
+                 "not an image file")
+    (stray / "red" / "readme.md").unlink()
+    expect_error(capsys, ["cache", "--model", "ViT-B-61", "--data", stray, "--out", tmp_path / "c"],
+                 "open_clip does not know model 'ViT-B-61'; close matches: ViT-B-16")
+    assert not (tmp_path / "c").exists()
+
+
+def _rewrite_shard(cache_dir: Path, edit) -> None:
+    shard = cache_dir / "features-00000.safetensors"
+    tensors = load_file(shard)
+    edit(tensors["features"])
+    save_file(tensors, shard)
+    manifest = json.loads((cache_dir / "cache.json").read_text())
+    manifest["shards"][0]["sha256"] = sha256_file(shard)
+    (cache_dir / "cache.json").write_text(json.dumps(manifest))
+
+
+def test_nan_features_and_constant_logits_refused_without_partial_output(workspace, capsys, tmp_path):
+    w = workspace
+    args = ["extract", "--source-head", w / "h_src", "--teacher-cache", w / "c_ft", "--teacher-head", w / "h_ft",
+            "--epochs", 1, "--out", tmp_path / "a"]
+    nan_cache = tmp_path / "c_nan"
+    shutil.copytree(w / "c_src", nan_cache)
+    _rewrite_shard(nan_cache, lambda f: f[3].fill_(float("nan")))
+    expect_error(capsys, ["extract", "--source-cache", nan_cache, *args[1:]], "NaN")
+    flat_cache = tmp_path / "c_flat"
+    shutil.copytree(w / "c_src", flat_cache)
+    _rewrite_shard(flat_cache, lambda f: f[5].zero_())  # zero feature -> all logits 0 -> sigma = 0
+    expect_error(capsys, ["extract", "--source-cache", flat_cache, *args[1:]], "constant logits")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c_flat", "c_nan"]
+
+
+def test_console_script_help_and_exit_status(tmp_path):
+    exe = Path(sys.executable).parent / "transmiter"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "transmiter_deploy.cli"]
+    for sub in ["cache", "head", "extract", "transfer", "plus", "evaluate"]:
+        result = subprocess.run([*command, sub, "--help"], capture_output=True, text=True, check=True)
+        assert "Example:" in result.stdout, sub
+    result = subprocess.run([*command, "evaluate", "--cache", str(tmp_path / "x"), "--head", str(tmp_path / "y")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"transmiter: error: feature cache manifest not found: {tmp_path / 'x' / 'cache.json'}"
+    result = subprocess.run([*command, "--debug", "evaluate", "--cache", str(tmp_path / "x"), "--head", "y"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" in result.stderr
