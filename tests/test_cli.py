@@ -57,6 +57,9 @@ def test_full_flow_extract_transfer_plus_evaluate(workspace, capsys):
     assert manifest["stage"] == "transferred"
     assert manifest["target_model"]["name"] == "TM-Tiny-RN"
     assert manifest["provenance"]["transfer"]["lambda"] == 500.0
+    head_manifest = json.loads((w / "h_tgt" / "head.json").read_text())
+    assert manifest["provenance"]["transfer"]["target_head_sha256"] == head_manifest["files"]["head.safetensors"]["sha256"]
+    assert manifest["provenance"]["extraction"]["settings"]["epochs"] == 3
     assert manifest["config"]["logit_width"] == 32 and manifest["config"]["num_task_classes"] == 4
     assert len(manifest["auxiliary_names"]) == 28
     code, out, err = run(capsys, "plus", "--adapter", w / "a_tgt", "--cache", w / "c_tgt", "--head", w / "h_tgt",

@@ -83,6 +83,7 @@ def build_cache(
         pending_labels: list[torch.Tensor] = []
         pending_rows = 0
         index = 0
+        feature_dim = 0
 
         def flush(final: bool) -> None:
             nonlocal pending_features, pending_labels, pending_rows
@@ -100,6 +101,7 @@ def build_cache(
         with bar:
             for pixels, labels, digests in loader:
                 features = model.encode_images(pixels.to(device)).cpu()
+                feature_dim = features.shape[1]
                 if not torch.isfinite(features).all():
                     raise InputError(
                         f"model {model.identity.describe()} produced non-finite features for a batch "
@@ -123,7 +125,7 @@ def build_cache(
             "dataset": {**dataset.describe(), "fingerprint": fingerprint.hexdigest()},
             "class_names": dataset.class_names,
             "num_samples": len(dataset),
-            "feature_dim": int(pending_features[0].shape[1]) if shards else 0,
+            "feature_dim": int(feature_dim),
             "shards": shards,
             "versions": library_versions(),
             "created": utc_now(),

@@ -237,7 +237,9 @@ def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_
             "num_samples": len(src_cache),
             "loss_per_epoch": history,
             "source_cache_fingerprint": src_cache.fingerprint,
+            "source_head_sha256": src_head.weights_sha256,
             "teacher_model": ft_head.model.to_dict(),
+            "teacher_head_sha256": ft_head.weights_sha256,
         }},
     )
     save_adapter(artifact, out)
@@ -291,7 +293,12 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
         stage="transferred",
         source_model=artifact.source_model,
         target_model=tgt_head.model,
-        provenance={**artifact.provenance, "transfer": result.provenance()},
+        provenance={**artifact.provenance, "transfer": {
+            **result.provenance(),
+            "source_head_sha256": src_head.weights_sha256,
+            "target_head_sha256": tgt_head.weights_sha256,
+            "cache_fingerprint": src_cache.fingerprint,
+        }},
     )
     save_adapter(moved, out)
     click.echo(f"transferred {artifact.source_model.describe()} -> {tgt_head.model.describe()} "
@@ -358,6 +365,7 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
         provenance={**artifact.provenance, "plus": {
             "settings": settings.to_dict(), "shots": shots, "num_samples": int((labels >= 0).sum()),
             "loss_per_epoch": history, "cache_fingerprint": labelled.fingerprint,
+            "head_sha256": target_head.weights_sha256,
         }},
     )
     save_adapter(result, out)

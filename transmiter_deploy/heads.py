@@ -44,6 +44,7 @@ class ZeroShotHead:
     model: ModelIdentity
     templates: tuple[str, ...]
     logit_scale: float
+    weights_sha256: str | None = None  # set when loaded from disk, for provenance
 
     @property
     def num_task_classes(self) -> int:
@@ -154,4 +155,5 @@ def load_head(path: Path) -> ZeroShotHead:
         model=ModelIdentity.from_dict(manifest["model"], where),
         templates=tuple(manifest["templates"]),
         logit_scale=float(manifest["logit_scale"]),
+        weights_sha256=entry["sha256"],
     )
