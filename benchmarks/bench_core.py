@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=100, help="task classes K")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--orthogonal-map", default="cayley")
+    parser.add_argument("--orthogonal-map", default="cayley", choices=["cayley", "matrix_exp", "householder", "qr"])
     parser.add_argument("--floor", action="store_true",
                         help="also time the loop without the orthogonality constraint (reference floor)")
     parser.add_argument("--json", help="also write the figures to this JSON file")

@@ -71,6 +71,22 @@ def test_orthogonal_constraint_round_trip_keeps_basis():
     assert adapter.orthogonality_error() <= 1e-5
 
 
+def test_qr_retraction_restores_orthogonality_and_fixes_orthogonal_bases():
+    adapter = TransMiterAdapter(AdapterConfig(num_task_classes=4, logit_width=64, latent_dim=32))
+    before = adapter.basis.detach().clone()
+    hook = constrain_orthogonal(adapter, "qr")
+    assert torch.allclose(adapter.basis, before, atol=1e-5)  # already orthogonal: unchanged
+    with torch.no_grad():
+        adapter.basis.add_(0.01 * torch.randn(32, 64, generator=torch.Generator().manual_seed(0)))
+    assert adapter.orthogonality_error() > 1e-3
+    hook()
+    assert adapter.orthogonality_error() <= 1e-5
+    # the result is the Q of W^T = QR with positive diag(R): compare with Householder QR
+    perturbed = before + 0.01 * torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    q, r = torch.linalg.qr(perturbed.T.double())
+    assert torch.allclose(adapter.basis.double(), (q * torch.sign(torch.diagonal(r))).T, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

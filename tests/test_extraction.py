@@ -50,6 +50,16 @@ def test_basis_stays_orthogonal_after_extraction(extracted):
     assert not torch.equal(adapter.basis, TransMiterAdapter(adapter.config).basis)
 
 
+def test_cayley_parametrisation_path_also_keeps_basis_orthogonal(planted):
+    logits, teacher = planted
+    config = AdapterConfig(num_task_classes=K, logit_width=C, latent_dim=C)
+    settings = ExtractionSettings(epochs=3, batch_size=64, orthogonal_map="cayley")
+    adapter, history = extract(logits[:1000], teacher[:1000], config, settings, progress=False)
+    assert adapter.orthogonality_error() <= 1e-4
+    assert isinstance(adapter.basis, torch.nn.Parameter)  # parametrisation removed before returning
+    assert history[-1] < history[0]
+
+
 def test_same_seed_gives_bit_identical_adapters(planted):
     logits, teacher = planted
     config = AdapterConfig(num_task_classes=K, logit_width=C, latent_dim=C)

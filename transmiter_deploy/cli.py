@@ -190,8 +190,10 @@ def _classes_from(path: Path) -> tuple[list[str], list[str] | None]:
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-3, show_default=True)
 @click.option("--temperature", type=float, default=0.5, show_default=True, help="Teacher temperature tau.")
-@click.option("--orthogonal-map", type=click.Choice(["cayley", "matrix_exp", "householder"]), default="cayley",
-              show_default=True, help="PyTorch parametrisation keeping the basis orthogonal.")
+@click.option("--orthogonal-map", type=click.Choice(["qr", "cayley", "matrix_exp", "householder"]), default="qr",
+              show_default=True,
+              help="How the basis stays orthogonal: qr = retraction after each step (fast); "
+                   "cayley/matrix_exp/householder = PyTorch's parametrisations.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_dim, mlp_ratio, layers, epochs,
             batch_size, lr, weight_decay, temperature, orthogonal_map, seed):

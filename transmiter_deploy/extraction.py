@@ -33,7 +33,7 @@ class ExtractionSettings:
     teacher_temperature: float = 0.5
     noise_probability: float = 0.5
     noise_scale: float = 0.5
-    orthogonal_map: str = "cayley"
+    orthogonal_map: str = "qr"
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -81,7 +81,7 @@ def extract(
         raise InputError("teacher temperature must be positive")
 
     adapter = TransMiterAdapter(config, seed=settings.seed)
-    constrain_orthogonal(adapter, settings.orthogonal_map)
+    after_step = constrain_orthogonal(adapter, settings.orthogonal_map)
     source = source_logits.float()
     teacher = teacher_logits.float()
 
@@ -89,7 +89,7 @@ def extract(
         inputs = add_logit_noise(source[indices], settings.noise_probability, settings.noise_scale, generator)
         return distillation_loss(adapter.task_logits(inputs), teacher[indices], settings.teacher_temperature)
 
-    history = train_adapter(adapter, len(source), batch_loss, settings.optim(), "extract", progress)
+    history = train_adapter(adapter, len(source), batch_loss, settings.optim(), "extract", progress, after_step)
     release_orthogonal(adapter)
     return adapter, history
 

@@ -27,7 +27,7 @@ class PlusSettings:
     weight_decay: float = 1e-3
     warmup_fraction: float = 0.1
     keep_orthogonal: bool = True
-    orthogonal_map: str = "cayley"
+    orthogonal_map: str = "qr"
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -72,12 +72,13 @@ def train_plus(
     logits, targets = target_logits[keep].float(), labels[keep]
 
     refined = clone_adapter(adapter)
+    after_step = None
     if settings.keep_orthogonal:
-        constrain_orthogonal(refined, settings.orthogonal_map)
+        after_step = constrain_orthogonal(refined, settings.orthogonal_map)
 
     def batch_loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
         return F.cross_entropy(refined.task_logits(logits[indices]), targets[indices])
 
-    history = train_adapter(refined, len(logits), batch_loss, settings.optim(), "plus", progress)
+    history = train_adapter(refined, len(logits), batch_loss, settings.optim(), "plus", progress, after_step)
     release_orthogonal(refined)
     return refined, history

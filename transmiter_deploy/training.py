@@ -53,8 +53,12 @@ def train_adapter(
     settings: OptimSettings,
     desc: str,
     progress: bool = True,
+    after_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """Run the loop; ``batch_loss(indices, generator)`` returns the loss of one batch.
+
+    ``after_step`` runs after every optimiser step (e.g. a retraction that
+    keeps the basis orthogonal).
 
     Returns the mean loss of every epoch. A private generator drives shuffling
     and any augmentation, so the same seed gives bit-identical results on CPU.
@@ -79,6 +83,8 @@ def train_adapter(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
                 schedule.step()
                 running += float(loss.detach())
                 batches += 1
