@@ -44,7 +44,7 @@ def unconstrained_extraction_s(source, teacher, config, settings, progress) -> f
         return distillation_loss(adapter.task_logits(inputs), teacher[indices], settings.teacher_temperature)
 
     start = time.perf_counter()
-    train_adapter(adapter, len(source), batch_loss, settings.optim(), "unconstrained", progress)
+    train_adapter(adapter, len(source), batch_loss, settings, "unconstrained", progress)
     return time.perf_counter() - start
 
 

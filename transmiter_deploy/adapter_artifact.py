@@ -17,14 +17,12 @@ from typing import Any
 from .adapter import AdapterConfig, TransMiterAdapter, release_orthogonal
 from .artifacts import (
     atomic_directory,
-    check_format,
-    library_versions,
     load_tensors,
-    read_json,
+    read_manifest,
+    recorded_sha256,
     require_keys,
     save_tensors,
-    utc_now,
-    write_json,
+    write_manifest,
 )
 from .errors import IntegrityError
 from .models import ModelIdentity
@@ -66,8 +64,6 @@ def save_adapter(artifact: AdapterArtifact, out_dir: Path) -> Path:
         state = {name: t for name, t in artifact.adapter.state_dict().items()}
         digest = save_tensors(staging / WEIGHTS, state)
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
             "stage": artifact.stage,
             "config": artifact.adapter.config.to_dict(),
             "class_names": artifact.class_names,
@@ -76,20 +72,16 @@ def save_adapter(artifact: AdapterArtifact, out_dir: Path) -> Path:
             "target_model": artifact.target_model.to_dict() if artifact.target_model else None,
             "provenance": artifact.provenance,
             "files": {WEIGHTS: {"sha256": digest, "bytes": (staging / WEIGHTS).stat().st_size}},
-            "versions": library_versions(),
-            "created": utc_now(),
         }
-        write_json(staging / MANIFEST, manifest)
+        write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, manifest)
     return out_dir
 
 
 def load_adapter(path: Path) -> AdapterArtifact:
     """Load and verify an adapter directory (hash, keys, shapes)."""
     path = Path(path)
-    manifest_path = path / MANIFEST
-    manifest = read_json(manifest_path, "adapter manifest")
-    where = str(manifest_path)
-    check_format(manifest, FORMAT, FORMAT_VERSION, where)
+    manifest = read_manifest(path / MANIFEST, FORMAT, FORMAT_VERSION, "adapter manifest")
+    where = str(path / MANIFEST)
     require_keys(
         manifest,
         {
@@ -120,10 +112,7 @@ def load_adapter(path: Path) -> AdapterArtifact:
             f"disagrees with the class lists ({len(manifest['class_names'])} + "
             f"{len(manifest['auxiliary_names'])})"
         )
-    entry = manifest["files"].get(WEIGHTS)
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        raise IntegrityError(f"{where}: 'files' has no sha256 for {WEIGHTS}")
-    state = load_tensors(path / WEIGHTS, entry["sha256"], "adapter weights")
+    state = load_tensors(path / WEIGHTS, recorded_sha256(manifest, WEIGHTS, where), "adapter weights")
     adapter = TransMiterAdapter(config)
     try:
         adapter.load_state_dict(state, strict=True)
@@ -146,11 +135,6 @@ def load_adapter(path: Path) -> AdapterArtifact:
     )
 
 
-def adapter_weights_sha256(path: Path) -> str:
-    """The recorded hash of an adapter's weights (for provenance of later steps)."""
-    return read_json(Path(path) / MANIFEST, "adapter manifest")["files"][WEIGHTS]["sha256"]
-
-
 def clone_adapter(adapter: TransMiterAdapter) -> TransMiterAdapter:
     """A deep copy with plain (unconstrained) parameters."""
     copy = TransMiterAdapter(adapter.config)
@@ -158,4 +142,4 @@ def clone_adapter(adapter: TransMiterAdapter) -> TransMiterAdapter:
     return copy
 
 
-__all__ = ["AdapterArtifact", "save_adapter", "load_adapter", "clone_adapter", "adapter_weights_sha256"]
+__all__ = ["AdapterArtifact", "save_adapter", "load_adapter", "clone_adapter"]

@@ -135,6 +135,28 @@ def load_tensors(path: Path, expected_sha256: str | None, what: str) -> dict[str
         raise IntegrityError(f"{what} {path} is not a valid safetensors file: {exc}") from exc
 
 
+def write_manifest(path: Path, fmt: str, version: int, body: dict[str, Any]) -> None:
+    """Write an artifact manifest: format tag and version first, versions and date last."""
+    write_json(path, {"format": fmt, "format_version": version, **body,
+                      "versions": library_versions(), "created": utc_now()})
+
+
+def read_manifest(path: Path, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """Read a manifest and check its format tag and version."""
+    manifest = read_json(path, what)
+    check_format(manifest, fmt, version, str(path))
+    return manifest
+
+
+def recorded_sha256(manifest: dict[str, Any], filename: str, where: str) -> str:
+    """The sha256 a manifest's ``files`` section records for ``filename``."""
+    files = manifest.get("files")
+    entry = files.get(filename) if isinstance(files, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise IntegrityError(f"{where}: 'files' has no sha256 for {filename}")
+    return entry["sha256"]
+
+
 def require_keys(payload: dict[str, Any], spec: dict[str, type | tuple[type, ...]], where: str) -> None:
     """Check that a manifest has each key with the expected JSON type."""
     for key, kind in spec.items():

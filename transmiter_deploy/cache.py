@@ -24,14 +24,11 @@ from tqdm import tqdm
 
 from .artifacts import (
     atomic_directory,
-    check_format,
-    library_versions,
     load_tensors,
-    read_json,
+    read_manifest,
     require_keys,
     save_tensors,
-    utc_now,
-    write_json,
+    write_manifest,
 )
 from .datasets import ImageDataset, PreprocessedImages
 from .errors import InputError, IntegrityError
@@ -118,8 +115,6 @@ def build_cache(
                 bar.update(len(digests))
         flush(final=True)
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
             "model": model.identity.to_dict(),
             "preprocess": model.preprocess_config,
             "dataset": {**dataset.describe(), "fingerprint": fingerprint.hexdigest()},
@@ -127,19 +122,16 @@ def build_cache(
             "num_samples": len(dataset),
             "feature_dim": int(feature_dim),
             "shards": shards,
-            "versions": library_versions(),
-            "created": utc_now(),
         }
-        write_json(staging / MANIFEST, manifest)
+        write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, manifest)
     return out_dir
 
 
 def load_cache(path: Path) -> FeatureCache:
     """Read and verify a cache: hashes, shapes, labels in range, finite features."""
     path = Path(path)
-    manifest = read_json(path / MANIFEST, "feature cache manifest")
+    manifest = read_manifest(path / MANIFEST, FORMAT, FORMAT_VERSION, "feature cache manifest")
     where = str(path / MANIFEST)
-    check_format(manifest, FORMAT, FORMAT_VERSION, where)
     require_keys(
         manifest,
         {"model": dict, "dataset": dict, "class_names": list, "num_samples": int,

@@ -9,9 +9,9 @@ one line on stderr and exit with a documented status (see ``errors.py``):
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -270,7 +270,7 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
       transmiter transfer --adapter adapters/b16 --source-cache c/b16 --source-head h/b16 \\
           --target-cache c/l14 --target-head h/l14 --out adapters/l14
     """
-    from .adapter_artifact import AdapterArtifact, load_adapter, save_adapter
+    from .adapter_artifact import load_adapter, save_adapter
     from .cache import check_same_images, load_cache, zero_shot_logits
     from .heads import load_head
     from .transfer import transfer as run_transfer
@@ -288,12 +288,10 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
         regularisation=regularisation,
         lambda_mode=lambda_mode,
     )
-    moved = AdapterArtifact(
+    moved = replace(
+        artifact,
         adapter=result.adapter,
-        class_names=artifact.class_names,
-        auxiliary_names=artifact.auxiliary_names,
         stage="transferred",
-        source_model=artifact.source_model,
         target_model=tgt_head.model,
         provenance={**artifact.provenance, "transfer": {
             **result.provenance(),
@@ -341,7 +339,7 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
     Example:
       transmiter plus --adapter adapters/l14 --cache c/l14-fewshot --head h/l14 --shots 4 --out adapters/l14-plus
     """
-    from .adapter_artifact import AdapterArtifact, load_adapter, save_adapter
+    from .adapter_artifact import load_adapter, save_adapter
     from .cache import load_cache, zero_shot_logits
     from .heads import load_head
     from .plus import PlusSettings, few_shot_indices, train_plus
@@ -357,13 +355,10 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
     settings = PlusSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             keep_orthogonal=not free_basis, seed=seed)
     refined, history = train_plus(artifact.adapter, logits, labels, settings, progress=_progress())
-    result = AdapterArtifact(
+    result = replace(
+        artifact,
         adapter=refined,
-        class_names=artifact.class_names,
-        auxiliary_names=artifact.auxiliary_names,
         stage="plus",
-        source_model=artifact.source_model,
-        target_model=artifact.target_model,
         provenance={**artifact.provenance, "plus": {
             "settings": settings.to_dict(), "shots": shots, "num_samples": int((labels >= 0).sum()),
             "loss_per_epoch": history, "cache_fingerprint": labelled.fingerprint,

@@ -13,7 +13,7 @@ inputs, and the basis kept orthogonal by PyTorch's parametrisation.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,23 +24,12 @@ from .training import OptimSettings, train_adapter
 
 
 @dataclass(frozen=True)
-class ExtractionSettings:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    warmup_fraction: float = 0.05
+class ExtractionSettings(OptimSettings):
+    """Reference defaults: 10 epochs, batch 128, AdamW lr 1e-3, wd 1e-3, 5% warm-up."""
+
     teacher_temperature: float = 0.5
     noise_probability: float = 0.5
     noise_scale: float = 0.5
-    orthogonal_map: str = "qr"
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def optim(self) -> OptimSettings:
-        return OptimSettings(self.epochs, self.batch_size, self.lr, self.weight_decay, self.warmup_fraction, self.seed)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -68,7 +57,7 @@ def extract(
     progress: bool = True,
 ) -> tuple[TransMiterAdapter, list[float]]:
     """Train a fresh adapter on the source; returns it (basis materialised) and the loss per epoch."""
-    settings.optim().validate("extraction")
+    settings.validate("extraction")
     check_logits(source_logits, config.logit_width, "source logits")
     if teacher_logits.ndim != 2 or teacher_logits.shape != (source_logits.shape[0], config.num_task_classes):
         raise InputError(
@@ -89,7 +78,7 @@ def extract(
         inputs = add_logit_noise(source[indices], settings.noise_probability, settings.noise_scale, generator)
         return distillation_loss(adapter.task_logits(inputs), teacher[indices], settings.teacher_temperature)
 
-    history = train_adapter(adapter, len(source), batch_loss, settings.optim(), "extract", progress, after_step)
+    history = train_adapter(adapter, len(source), batch_loss, settings, "extract", progress, after_step)
     release_orthogonal(adapter)
     return adapter, history
 

@@ -17,14 +17,12 @@ from tqdm import tqdm
 
 from .artifacts import (
     atomic_directory,
-    check_format,
-    library_versions,
     load_tensors,
-    read_json,
+    read_manifest,
+    recorded_sha256,
     require_keys,
     save_tensors,
-    utc_now,
-    write_json,
+    write_manifest,
 )
 from .errors import InputError, IntegrityError
 from .models import LoadedModel, ModelIdentity
@@ -110,11 +108,11 @@ def save_head(head: ZeroShotHead, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         digest = save_tensors(staging / WEIGHTS, {"weight": head.weight})
-        write_json(
+        write_manifest(
             staging / MANIFEST,
+            FORMAT,
+            FORMAT_VERSION,
             {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
                 "model": head.model.to_dict(),
                 "class_names": head.class_names,
                 "auxiliary_names": head.auxiliary_names,
@@ -122,8 +120,6 @@ def save_head(head: ZeroShotHead, out_dir: Path) -> Path:
                 "logit_scale": head.logit_scale,
                 "shape": list(head.weight.shape),
                 "files": {WEIGHTS: {"sha256": digest}},
-                "versions": library_versions(),
-                "created": utc_now(),
             },
         )
     return out_dir
@@ -131,19 +127,16 @@ def save_head(head: ZeroShotHead, out_dir: Path) -> Path:
 
 def load_head(path: Path) -> ZeroShotHead:
     path = Path(path)
-    manifest = read_json(path / MANIFEST, "head manifest")
+    manifest = read_manifest(path / MANIFEST, FORMAT, FORMAT_VERSION, "head manifest")
     where = str(path / MANIFEST)
-    check_format(manifest, FORMAT, FORMAT_VERSION, where)
     require_keys(
         manifest,
         {"model": dict, "class_names": list, "auxiliary_names": list, "templates": list,
          "logit_scale": (int, float), "files": dict},
         where,
     )
-    entry = manifest["files"].get(WEIGHTS)
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        raise IntegrityError(f"{where}: 'files' has no sha256 for {WEIGHTS}")
-    tensors = load_tensors(path / WEIGHTS, entry["sha256"], "head weights")
+    digest = recorded_sha256(manifest, WEIGHTS, where)
+    tensors = load_tensors(path / WEIGHTS, digest, "head weights")
     weight = tensors.get("weight")
     width = len(manifest["class_names"]) + len(manifest["auxiliary_names"])
     if weight is None or weight.ndim != 2 or weight.shape[0] != width:
@@ -155,5 +148,5 @@ def load_head(path: Path) -> ZeroShotHead:
         model=ModelIdentity.from_dict(manifest["model"], where),
         templates=tuple(manifest["templates"]),
         logit_scale=float(manifest["logit_scale"]),
-        weights_sha256=entry["sha256"],
+        weights_sha256=digest,
     )

@@ -8,7 +8,7 @@ or dropped for more freedom.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,21 +20,14 @@ from .training import OptimSettings, train_adapter
 
 
 @dataclass(frozen=True)
-class PlusSettings:
+class PlusSettings(OptimSettings):
+    """lr 1e-4 and wd 1e-3 from the reference; epochs, batch and warm-up are this project's defaults."""
+
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-4
-    weight_decay: float = 1e-3
     warmup_fraction: float = 0.1
     keep_orthogonal: bool = True
-    orthogonal_map: str = "qr"
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def optim(self) -> OptimSettings:
-        return OptimSettings(self.epochs, self.batch_size, self.lr, self.weight_decay, self.warmup_fraction, self.seed)
 
 
 def few_shot_indices(labels: torch.Tensor, shots: int, seed: int, num_classes: int | None = None) -> torch.Tensor:
@@ -59,7 +52,7 @@ def train_plus(
     progress: bool = True,
 ) -> tuple[TransMiterAdapter, list[float]]:
     """Return a refined copy of ``adapter`` and the loss per epoch; unlabelled rows are ignored."""
-    settings.optim().validate("TransMiter+")
+    settings.validate("TransMiter+")
     config = adapter.config
     check_logits(target_logits, config.logit_width, "target logits")
     if labels.shape != (target_logits.shape[0],):
@@ -79,6 +72,6 @@ def train_plus(
     def batch_loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
         return F.cross_entropy(refined.task_logits(logits[indices]), targets[indices])
 
-    history = train_adapter(refined, len(logits), batch_loss, settings.optim(), "plus", progress, after_step)
+    history = train_adapter(refined, len(logits), batch_loss, settings, "plus", progress, after_step)
     release_orthogonal(refined)
     return refined, history

@@ -7,7 +7,7 @@ same schedule; they differ in their loss, given here as a per-batch callable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -19,12 +19,18 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class OptimSettings:
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_fraction: float
-    seed: int
+    """What every adapter-training phase sets; the phases subclass it with their own defaults."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_fraction: float = 0.05
+    orthogonal_map: str = "qr"
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     def validate(self, what: str) -> None:
         if self.epochs < 1 or self.batch_size < 1:
