@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -46,6 +47,17 @@ def unconstrained_extraction_s(source, teacher, config, settings, progress) -> f
     start = time.perf_counter()
     train_adapter(adapter, len(source), batch_loss, settings, "unconstrained", progress)
     return time.perf_counter() - start
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mib() -> float:
@@ -88,7 +100,8 @@ def main() -> int:
     result = {
         "date": utc_now(),
         "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": library_versions(),
         "samples": args.samples,

@@ -60,6 +60,20 @@ def test_cayley_parametrisation_path_also_keeps_basis_orthogonal(planted):
     assert history[-1] < history[0]
 
 
+def test_qr_retraction_matches_cayley_parametrisation_quality(planted, extracted):
+    # The default (QR retraction) and the design notes' parametrisation (Cayley)
+    # must learn equally well: compare held-out loss after the same training.
+    logits, teacher = planted
+    qr_adapter, _, config, settings = extracted
+    assert settings.orthogonal_map == "qr"
+    cayley_adapter, _ = extract(logits[:2000], teacher[:2000], config,
+                                ExtractionSettings(epochs=10, batch_size=64, seed=0, orthogonal_map="cayley"),
+                                progress=False)
+    qr_loss = mean_distillation_loss(qr_adapter, logits[2000:], teacher[2000:])
+    cayley_loss = mean_distillation_loss(cayley_adapter, logits[2000:], teacher[2000:])
+    assert qr_loss <= 1.25 * cayley_loss and cayley_loss <= 1.25 * qr_loss, (qr_loss, cayley_loss)
+
+
 def test_same_seed_gives_bit_identical_adapters(planted):
     logits, teacher = planted
     config = AdapterConfig(num_task_classes=K, logit_width=C, latent_dim=C)
