@@ -40,3 +40,26 @@ def clip_like_logits(samples: int, width: int, feature_dim: int = 32, seed: int 
     features = torch.nn.functional.normalize(torch.randn(samples, feature_dim, generator=generator), dim=1)
     head = torch.nn.functional.normalize(torch.randn(width, feature_dim, generator=generator), dim=1) * scale
     return features @ head.T, features, head
+
+
+def make_head_and_adapter(feature_dim: int, width: int, num_classes: int, latent_dim: int | None = None,
+                          model=None, seed: int = 0, scale: float = 100.0, mlp_scale: float = 0.05):
+    """A head of ``model`` (C x d, CLIP-like) and a non-trivial adapter that applies to it."""
+    from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
+    from transmiter_deploy.adapter_artifact import AdapterArtifact
+    from transmiter_deploy.heads import ZeroShotHead
+    from transmiter_deploy.models import ModelIdentity
+
+    identity = model.identity if model is not None else ModelIdentity("TM-Tiny-ViT", init_seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.nn.functional.normalize(torch.randn(width, feature_dim, generator=generator) + 0.3, dim=1) * scale
+    names = [f"class {i}" for i in range(width)]
+    head = ZeroShotHead(weight, names[:num_classes], names[num_classes:], identity, ("{}",), scale)
+    config = AdapterConfig(num_task_classes=num_classes, logit_width=width, latent_dim=latent_dim or width, num_layers=1)
+    adapter = TransMiterAdapter(config, seed=seed)
+    with torch.no_grad():  # a trained-looking MLP: the adapter is no longer the identity
+        for parameter in adapter.blocks.parameters():
+            parameter.add_(mlp_scale * torch.randn(parameter.shape, generator=generator))
+    artifact = AdapterArtifact(adapter, head.class_names, head.auxiliary_names, "transferred",
+                               ModelIdentity("TM-Tiny-RN", init_seed=0), identity)
+    return head, artifact

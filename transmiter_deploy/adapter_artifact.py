@@ -24,7 +24,7 @@ from .artifacts import (
     save_tensors,
     write_manifest,
 )
-from .errors import IntegrityError
+from .errors import InputError, IntegrityError
 from .models import ModelIdentity
 
 FORMAT = "transmiter-deploy/adapter"
@@ -54,6 +54,24 @@ class AdapterArtifact:
     @property
     def all_class_names(self) -> list[str]:
         return self.class_names + self.auxiliary_names
+
+
+def check_adapter_head(artifact: AdapterArtifact, head, what: str) -> None:
+    """An adapter applies only to the head of its own model with its exact class list."""
+    if head.model != artifact.model:
+        raise InputError(
+            f"{what} is for {head.model.describe()} but the adapter applies to {artifact.model.describe()}"
+        )
+    check_class_list(artifact, head, what)
+
+
+def check_class_list(artifact: AdapterArtifact, head, what: str) -> None:
+    if head.all_class_names != artifact.all_class_names:
+        raise InputError(
+            f"{what} class list ({len(head.class_names)} + {len(head.auxiliary_names)}) is not the adapter's "
+            f"({len(artifact.class_names)} + {len(artifact.auxiliary_names)}, same order); build it with "
+            "--classes-from the adapter"
+        )
 
 
 def save_adapter(artifact: AdapterArtifact, out_dir: Path) -> Path:
@@ -142,4 +160,4 @@ def clone_adapter(adapter: TransMiterAdapter) -> TransMiterAdapter:
     return copy
 
 
-__all__ = ["AdapterArtifact", "save_adapter", "load_adapter", "clone_adapter"]
+__all__ = ["AdapterArtifact", "save_adapter", "load_adapter", "clone_adapter", "check_adapter_head", "check_class_list"]

@@ -270,7 +270,7 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
       transmiter transfer --adapter adapters/b16 --source-cache c/b16 --source-head h/b16 \\
           --target-cache c/l14 --target-head h/l14 --out adapters/l14
     """
-    from .adapter_artifact import load_adapter, save_adapter
+    from .adapter_artifact import check_adapter_head, check_class_list, load_adapter, save_adapter
     from .cache import check_same_images, load_cache, zero_shot_logits
     from .heads import load_head
     from .transfer import transfer as run_transfer
@@ -278,8 +278,8 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
     artifact = load_adapter(adapter_dir)
     src_cache, src_head = load_cache(source_cache), load_head(source_head)
     tgt_cache, tgt_head = load_cache(target_cache), load_head(target_head)
-    _check_adapter_head(artifact, src_head, "source head")
-    _check_class_list(artifact, tgt_head, "target head")
+    check_adapter_head(artifact, src_head, "source head")
+    check_class_list(artifact, tgt_head, "target head")
     check_same_images(src_cache, tgt_cache)
     result = run_transfer(
         artifact.adapter,
@@ -305,21 +305,6 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
                f"({result.num_samples} samples, lambda {regularisation:g} [{lambda_mode}]) -> {out}")
 
 
-def _check_class_list(artifact, head, what: str) -> None:
-    if head.all_class_names != artifact.all_class_names:
-        raise InputError(
-            f"{what} class list ({len(head.class_names)} + {len(head.auxiliary_names)}) is not the adapter's "
-            f"({len(artifact.class_names)} + {len(artifact.auxiliary_names)}, same order); build it with "
-            "--classes-from the adapter"
-        )
-
-
-def _check_adapter_head(artifact, head, what: str) -> None:
-    if head.model != artifact.model:
-        raise InputError(f"{what} is for {head.model.describe()} but the adapter applies to {artifact.model.describe()}")
-    _check_class_list(artifact, head, what)
-
-
 @cli.command()
 @click.option("--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path), help="Transferred adapter.")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(path_type=Path), help="Labelled target cache.")
@@ -339,14 +324,14 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
     Example:
       transmiter plus --adapter adapters/l14 --cache c/l14-fewshot --head h/l14 --shots 4 --out adapters/l14-plus
     """
-    from .adapter_artifact import load_adapter, save_adapter
+    from .adapter_artifact import check_adapter_head, load_adapter, save_adapter
     from .cache import load_cache, zero_shot_logits
     from .heads import load_head
     from .plus import PlusSettings, few_shot_indices, train_plus
 
     artifact = load_adapter(adapter_dir)
     labelled, target_head = load_cache(cache_dir), load_head(head_dir)
-    _check_adapter_head(artifact, target_head, "head")
+    check_adapter_head(artifact, target_head, "head")
     logits = zero_shot_logits(labelled, target_head)
     labels = labelled.labels
     if shots is not None:
@@ -385,7 +370,7 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
     """
     import torch
 
-    from .adapter_artifact import load_adapter
+    from .adapter_artifact import check_adapter_head, load_adapter
     from .artifacts import write_json
     from .cache import load_cache, zero_shot_logits
     from .evaluation import base_to_novel
@@ -398,7 +383,7 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
     rows = [{"name": f"zero-shot {zs_head.model.describe()}", **base_to_novel(logits[:, : zs_head.num_task_classes], test.labels, num_base)}]
     for adapter_dir in adapter_dirs:
         artifact = load_adapter(adapter_dir)
-        _check_adapter_head(artifact, zs_head, "head")
+        check_adapter_head(artifact, zs_head, "head")
         with torch.no_grad():
             adapted = artifact.adapter.task_logits(logits)
         rows.append({"name": f"+ adapter {adapter_dir} ({artifact.stage})", **base_to_novel(adapted, test.labels, num_base)})
