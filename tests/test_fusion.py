@@ -32,7 +32,9 @@ def test_folded_head_matches_in_float64_to_rounding():
     head, artifact = make_head_and_adapter(feature_dim=32, width=64, num_classes=5)
     head.weight = head.weight.double()
     artifact.adapter.double()
-    folded, unfolded = FoldedHead(head, artifact), UnfoldedHead(head, artifact)
+    # Gram form: algebraically exact. (The norm shortcut is exact only up to the
+    # basis' own orthogonality error, about 1e-8 for a basis stored in fp32.)
+    folded, unfolded = FoldedHead(head, artifact, sigma_mode="gram"), UnfoldedHead(head, artifact)
     assert folded.push.dtype == torch.float64
     features = unit_features(64, 32).double()
     with torch.no_grad():
@@ -42,7 +44,7 @@ def test_folded_head_matches_in_float64_to_rounding():
 def test_auto_sigma_mode_and_refusals():
     head, artifact = make_head_and_adapter(feature_dim=16, width=32, num_classes=4, latent_dim=16)
     assert FoldedHead(head, artifact).sigma_mode == "gram"
-    with pytest.raises(InputError, match="square basis"):
+    with pytest.raises(InputError, match="square orthogonal basis"):
         FoldedHead(head, artifact, sigma_mode="norm")
     with pytest.raises(InputError, match="sigma mode"):
         FoldedHead(head, artifact, sigma_mode="exact")
@@ -50,6 +52,17 @@ def test_auto_sigma_mode_and_refusals():
     head.model = other
     with pytest.raises(InputError, match="adapter applies to TM-Tiny-ViT"):
         FoldedHead(head, artifact)
+
+
+def test_non_orthogonal_square_basis_falls_back_to_gram():
+    head, artifact = make_head_and_adapter(feature_dim=16, width=32, num_classes=4)
+    with torch.no_grad():
+        artifact.adapter.basis.mul_(1.01)  # as after TransMiter+ with a free basis
+    folded, unfolded = FoldedHead(head, artifact), UnfoldedHead(head, artifact)
+    assert folded.sigma_mode == "gram"
+    features = unit_features(32, 16)
+    with torch.no_grad():
+        assert float((folded(features) - unfolded(features)).abs().max()) <= 1e-3
 
 
 def test_class_list_mismatch_is_refused():

@@ -34,6 +34,7 @@ from .errors import InputError
 from .heads import ZeroShotHead
 
 SIGMA_MODES = ("auto", "norm", "gram")
+ORTHOGONALITY_TOLERANCE = 1e-5  # max |W W^T - I| for the norm shortcut
 
 
 class Statistics(nn.Module):
@@ -70,10 +71,15 @@ class FoldedHead(nn.Module):
         if sigma_mode not in SIGMA_MODES:
             raise InputError(f"sigma mode must be one of {', '.join(SIGMA_MODES)}, got {sigma_mode!r}")
         config = artifact.adapter.config
-        square = config.latent_dim == config.logit_width
-        if sigma_mode == "norm" and not square:
-            raise InputError("sigma mode 'norm' needs a square basis (latent_dim == logit_width)")
-        self.sigma_mode = ("norm" if square else "gram") if sigma_mode == "auto" else sigma_mode
+        # The norm shortcut is exact only for a square orthogonal basis (W^T W = I);
+        # TransMiter+ with --free-basis, or D < C, needs the Gram form.
+        orthogonal = (
+            config.latent_dim == config.logit_width
+            and artifact.adapter.orthogonality_error() <= ORTHOGONALITY_TOLERANCE
+        )
+        if sigma_mode == "norm" and not orthogonal:
+            raise InputError("sigma mode 'norm' needs a square orthogonal basis; use 'gram'")
+        self.sigma_mode = ("norm" if orthogonal else "gram") if sigma_mode == "auto" else sigma_mode
         # Fold in float64, then round once to the head's precision (fp32 normally).
         dtype = head.weight.dtype
         weight = head.weight.double()
