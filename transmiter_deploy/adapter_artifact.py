@@ -45,6 +45,7 @@ class AdapterArtifact:
     source_model: ModelIdentity
     target_model: ModelIdentity | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None  # set when loaded from disk; None for weights not yet saved
 
     @property
     def model(self) -> ModelIdentity:
@@ -130,7 +131,8 @@ def load_adapter(path: Path) -> AdapterArtifact:
             f"disagrees with the class lists ({len(manifest['class_names'])} + "
             f"{len(manifest['auxiliary_names'])})"
         )
-    state = load_tensors(path / WEIGHTS, recorded_sha256(manifest, WEIGHTS, where), "adapter weights")
+    digest = recorded_sha256(manifest, WEIGHTS, where)
+    state = load_tensors(path / WEIGHTS, digest, "adapter weights")
     adapter = TransMiterAdapter(config)
     try:
         adapter.load_state_dict(state, strict=True)
@@ -150,6 +152,7 @@ def load_adapter(path: Path) -> AdapterArtifact:
             else None
         ),
         provenance=manifest["provenance"],
+        weights_sha256=digest,
     )
 
 

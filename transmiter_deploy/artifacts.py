@@ -47,7 +47,8 @@ def utc_now() -> str:
 def library_versions() -> dict[str, str]:
     """Versions recorded in every manifest, so an artifact says what made it."""
     versions = {}
-    for dist in ("transmiter-deploy", "torch", "open_clip_torch", "numpy", "safetensors", "onnx"):
+    for dist in ("transmiter-deploy", "torch", "open_clip_torch", "numpy", "safetensors", "onnx",
+                 "onnxruntime-gpu", "onnxslim", "nvidia-modelopt"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -293,6 +293,7 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
         adapter=result.adapter,
         stage="transferred",
         target_model=tgt_head.model,
+        weights_sha256=None,
         provenance={**artifact.provenance, "transfer": {
             **result.provenance(),
             "source_head_sha256": src_head.weights_sha256,
@@ -344,6 +345,7 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
         artifact,
         adapter=refined,
         stage="plus",
+        weights_sha256=None,
         provenance={**artifact.provenance, "plus": {
             "settings": settings.to_dict(), "shots": shots, "num_samples": int((labels >= 0).sum()),
             "loss_per_epoch": history, "cache_fingerprint": labelled.fingerprint,
@@ -397,6 +399,54 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
         click.echo(f"{row['name']:{width}}  {fmt(row['base'])} {fmt(row['novel'])} {fmt(row['hm'])} {fmt(row['all'])}")
     if json_path:
         write_json(Path(json_path), {"cache": str(cache_dir), "head": str(head_dir), "rows": rows})
+
+
+@cli.command("export-onnx")
+@model_options
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path),
+              help="Adapter for this model (transferred or TransMiter+).")
+@click.option("--head", "head_dir", required=True, type=click.Path(path_type=Path), help="This model's zero-shot head.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export directory to write.")
+@click.option("--images", type=click.Path(path_type=Path),
+              help="Images for parity and fp16 calibration (directory or CSV); default: synthetic images.")
+@click.option("--samples", type=int, default=16, show_default=True, help="How many images to verify with.")
+@click.option("--opset", type=click.IntRange(17, 23), default=17, show_default=True)
+@click.option("--softmax", is_flag=True, help="Output probabilities instead of logits.")
+@click.option("--no-fp16", is_flag=True, help="Skip the mixed-precision graphs (no ModelOpt needed).")
+@click.option("--sigma-mode", type=click.Choice(["auto", "norm", "gram"]), default="auto", show_default=True,
+              help="How the folded head computes sigma: norm of the pushed vector or the Gram form.")
+def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_dir, head_dir, out, images, samples,
+                opset, softmax, no_fp16, sigma_mode):
+    """Fuse the adapter into the model and export verified ONNX (fp32 and mixed fp16).
+
+    Writes model.onnx (pixels -> task logits), head.onnx (features -> task
+    logits), their fp16 versions, manifest.json and parity.json. Exits with 4
+    (and writes nothing) if the fp32 graphs do not match PyTorch.
+
+    \b
+    Example:
+      transmiter export-onnx --model ViT-L-14 --pretrained openai --adapter a/l14 --head h/l14 \\
+          --images data/val --out export/l14
+    """
+    from .adapter_artifact import load_adapter
+    from .heads import load_head
+    from .onnx_export import ExportSettings, export_deployment, format_report, parity_pixels
+
+    artifact, target_head = load_adapter(adapter_dir), load_head(head_dir)
+    if device != "cpu":
+        raise InputError("export-onnx traces on the CPU; drop --device")
+    model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
+    if artifact.model != model.identity:
+        raise InputError(
+            f"adapter {adapter_dir} applies to {artifact.model.describe()}, not to the model named "
+            f"({model.identity.describe()})"
+        )
+    pixels = parity_pixels(model, images, count=samples)
+    settings = ExportSettings(opset=opset, softmax=softmax, fp16=not no_fp16, sigma_mode=sigma_mode)
+    report = export_deployment(model, target_head, artifact, out, pixels, settings,
+                               log=lambda line: click.echo(line, err=True))
+    click.echo(format_report(report))
+    click.echo(f"exported to {out}")
 
 
 # ----------------------------------------------------------------------------- entry point

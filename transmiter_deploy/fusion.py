@@ -12,10 +12,10 @@ the head (DESIGN.md section 3):
     y_K = (MLP(x) W[:, :K]) * sigma + mu
 
 so the auxiliary classes cost nothing at inference and only the K task
-columns of the pull are kept. Statistics (mean, sigma) and de-standardisation
-live in the ``stats`` and ``destandardise`` submodules, and the feature
-normalisation in ``normalise``, so reduced-precision exports can find those
-nodes by name and keep them in fp32.
+columns of the pull are kept. Statistics (mean, sigma, the division by sigma)
+and de-standardisation live in the ``stats`` and ``destandardise``
+submodules, and the feature normalisation in ``normalise``, so
+reduced-precision exports can find those nodes by name and keep them fp32.
 
 :class:`UnfoldedHead` is the reference (full C logits, then the adapter); the
 two must agree to float rounding.
@@ -38,23 +38,29 @@ ORTHOGONALITY_TOLERANCE = 1e-5  # max |W W^T - I| for the norm shortcut
 
 
 class Statistics(nn.Module):
-    """Per-sample mean and std of the (never materialised) C logits, from the features."""
+    """Mean and std of the (never materialised) C logits, and the standardised latent.
 
-    def __init__(self, mean_vector: torch.Tensor, gram: torch.Tensor | None, dof: int) -> None:
+    Returns ``(x, mu, sigma)`` with ``x = (f M) / (sigma + eps)``.
+    """
+
+    def __init__(self, mean_vector: torch.Tensor, gram: torch.Tensor | None, dof: int, eps: float) -> None:
         super().__init__()
         self.register_buffer("mean_vector", mean_vector)  # (d, 1)
         self.register_buffer("gram", gram)  # (d, d) or None for the norm shortcut
         self.dof = dof  # C - 1: the unbiased std over the C logits
+        self.eps = eps
 
-    def forward(self, features: torch.Tensor, pushed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Computed in the buffers' precision (fp32) whatever the GEMMs around use.
+    def forward(self, features: torch.Tensor, pushed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Computed in the buffers' precision (fp32) whatever the GEMMs around use:
+        # sums of squares of ~100-sized logits overflow fp16.
         features, pushed = features.to(self.mean_vector.dtype), pushed.to(self.mean_vector.dtype)
         mu = features @ self.mean_vector
         if self.gram is None:
             sum_squares = (pushed * pushed).sum(dim=-1, keepdim=True)
         else:
             sum_squares = ((features @ self.gram) * features).sum(dim=-1, keepdim=True)
-        return mu, torch.sqrt(sum_squares / self.dof)
+        sigma = torch.sqrt(sum_squares / self.dof)
+        return pushed / (sigma + self.eps), mu, sigma
 
 
 class Destandardise(nn.Module):
@@ -89,17 +95,14 @@ class FoldedHead(nn.Module):
         self.register_buffer("push", (centred.T @ basis.T).to(dtype))  # M (d x D)
         self.register_buffer("pull", basis[:, : config.num_task_classes].contiguous().to(dtype))  # (D x K)
         gram = (centred.T @ centred).to(dtype) if self.sigma_mode == "gram" else None
-        self.stats = Statistics(mean_vector.to(dtype).unsqueeze(1), gram, config.logit_width - 1)
+        self.stats = Statistics(mean_vector.to(dtype).unsqueeze(1), gram, config.logit_width - 1, config.eps)
         self.blocks = copy.deepcopy(artifact.adapter.blocks).to(dtype)
         self.destandardise = Destandardise()
-        self.eps = config.eps
         self.num_task_classes = config.num_task_classes
         self.eval()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        pushed = features @ self.push
-        mu, sigma = self.stats(features, pushed)
-        latent = pushed / (sigma + self.eps).to(pushed.dtype)
+        latent, mu, sigma = self.stats(features, features @ self.push)
         for block in self.blocks:
             latent = block(latent)
         return self.destandardise(latent @ self.pull, sigma, mu)
