@@ -163,3 +163,28 @@ def test_console_script_help_and_exit_status(tmp_path):
     result = subprocess.run([*command, "--debug", "evaluate", "--cache", str(tmp_path / "x"), "--head", "y"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_export_onnx_command_and_its_refusals(workspace, capsys, tmp_path):
+    w = workspace
+    if not (w / "a_tgt").exists():
+        test_full_flow_extract_transfer_plus_evaluate(w, capsys)
+    code, out, err = run(capsys, "export-onnx", "--model", "TM-Tiny-RN", "--adapter", w / "a_tgt", "--head",
+                         w / "h_tgt", "--images", w / "images", "--samples", 6, "--out", tmp_path / "export")
+    assert code == 0, err
+    assert "onnx_fp32_vs_torch" in out and "MACs at batch 1" in out
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["class_names"] == json.loads((w / "a_tgt" / "adapter.json").read_text())["class_names"]
+    assert manifest["adapter_sha256"] == json.loads((w / "a_tgt" / "adapter.json").read_text())["files"][
+        "adapter.safetensors"]["sha256"]
+    # the adapter applies to TM-Tiny-RN seed 0, not to another initialisation
+    expect_error(capsys, ["export-onnx", "--model", "TM-Tiny-RN", "--init-seed", 3, "--adapter", w / "a_tgt",
+                          "--head", w / "h_tgt", "--out", tmp_path / "other"], "not to the model named")
+    # a head whose class list is not the adapter's
+    expect_error(capsys, ["export-onnx", "--model", "TM-Tiny-RN", "--adapter", w / "a_tgt", "--head", w / "h_src",
+                          "--out", tmp_path / "other"], "the head is for TM-Tiny-ViT")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    expect_error(capsys, ["export-onnx", "--model", "TM-Tiny-RN", "--adapter", w / "a_tgt", "--head", w / "h_tgt",
+                          "--no-fp16", "--out", blocker / "sub"], "cannot write to output directory")
+    assert not (tmp_path / "other").exists()

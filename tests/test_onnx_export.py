@@ -120,3 +120,14 @@ def test_fp16_head_stays_finite_at_large_sigma_in_true_fp16(tmp_path):
     with np.errstate(over="ignore", invalid="ignore"):
         bad = ReferenceEvaluator(unprotected).run(None, {"image_features": features.numpy()})[0]
     assert not np.isfinite(bad).all()
+
+
+def test_untraceable_tower_is_an_input_error():
+    from transmiter_deploy.errors import InputError
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigh(x @ x.mT)[0]  # no ONNX symbolic for eigh
+
+    with pytest.raises(InputError, match="cannot export tower X to ONNX"):
+        to_onnx(Untraceable(), torch.randn(2, 4, 4), "x", "y", 17, "tower X")

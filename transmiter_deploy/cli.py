@@ -415,8 +415,11 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
 @click.option("--no-fp16", is_flag=True, help="Skip the mixed-precision graphs (no ModelOpt needed).")
 @click.option("--sigma-mode", type=click.Choice(["auto", "norm", "gram"]), default="auto", show_default=True,
               help="How the folded head computes sigma: norm of the pushed vector or the Gram form.")
+@click.option("--calibration-images", type=click.IntRange(1, None), default=2, show_default=True,
+              help="Images ModelOpt AutoCast runs through the fp32 model (memory grows with each; "
+                   "ViT-L-14 needs several GB per image).")
 def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_dir, head_dir, out, images, samples,
-                opset, softmax, no_fp16, sigma_mode):
+                opset, softmax, no_fp16, sigma_mode, calibration_images):
     """Fuse the adapter into the model and export verified ONNX (fp32 and mixed fp16).
 
     Writes model.onnx (pixels -> task logits), head.onnx (features -> task
@@ -442,7 +445,8 @@ def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_d
             f"({model.identity.describe()})"
         )
     pixels = parity_pixels(model, images, count=samples)
-    settings = ExportSettings(opset=opset, softmax=softmax, fp16=not no_fp16, sigma_mode=sigma_mode)
+    settings = ExportSettings(opset=opset, softmax=softmax, fp16=not no_fp16, sigma_mode=sigma_mode,
+                              calibration_images=calibration_images)
     report = export_deployment(model, target_head, artifact, out, pixels, settings,
                                log=lambda line: click.echo(line, err=True))
     click.echo(format_report(report))

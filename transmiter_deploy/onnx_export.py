@@ -55,6 +55,10 @@ class ExportSettings:
     softmax: bool = False
     fp16: bool = True
     sigma_mode: str = "auto"
+    # Images AutoCast runs through the fp32 model to find out-of-range nodes. Its
+    # reference run keeps every intermediate tensor: ViT-L-14 with 4 images
+    # needed over 24 GB. The statistic nodes are kept fp32 by name regardless.
+    calibration_images: int = 2
 
 
 @dataclass
@@ -106,7 +110,7 @@ def to_mixed_fp16(fp32_path: Path, calibration: dict[str, np.ndarray],
     statistic nodes are named explicitly.
     """
     try:
-        from modelopt.onnx.autocast import convert_to_mixed_precision
+        from modelopt.onnx.autocast import configure_logging, convert_to_mixed_precision
     except ImportError as exc:
         raise DependencyError(
             "the fp16 export needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]==0.47.*' "
@@ -114,18 +118,15 @@ def to_mixed_fp16(fp32_path: Path, calibration: dict[str, np.ndarray],
         ) from exc
     import onnxruntime
 
-    # AutoCast logs every node it visits and lowers ORT's log level process-wide;
-    # keep its warnings, restore ORT's level afterwards.
-    modelopt_logger = logging.getLogger("modelopt")
-    previous_level = modelopt_logger.level
-    modelopt_logger.setLevel(logging.ERROR)
+    # AutoCast logs every node it visits at INFO (its own logger; keep warnings)
+    # and lowers ONNX Runtime's log level process-wide (restored afterwards).
+    configure_logging(logging.WARNING)
     try:
         model = convert_to_mixed_precision(
             str(fp32_path), low_precision_type="fp16", keep_io_types=True,
             nodes_to_exclude=list(fp32_nodes), calibration_data=calibration, providers=["cpu"],
         )
     finally:
-        modelopt_logger.setLevel(previous_level)
         onnxruntime.set_default_logger_severity(2)
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -253,7 +254,7 @@ def export_deployment(
 
         files = ["model.onnx", "head.onnx"]
         if settings.fp16:
-            calibration = {"pixel_values": pixels.numpy()}
+            calibration = {"pixel_values": pixels[: settings.calibration_images].numpy()}
             onnx.save(to_mixed_fp16(staging / "model.onnx", calibration), staging / "model_fp16.onnx")
             onnx.save(to_mixed_fp16(staging / "head.onnx", {"image_features": features.numpy()}), staging / "head_fp16.onnx")
             files += ["model_fp16.onnx", "head_fp16.onnx"]
