@@ -42,6 +42,8 @@ def test_files_manifest_and_io_contract(exported):
     assert manifest["files"]["head.onnx"]["inputs"][0]["shape"] == ["batch", model.model.visual.output_dim]
     assert manifest["class_names"] == [f"class {i}" for i in range(K)]
     assert manifest["preprocess"]["image_size"] == [32, 32] and manifest["preprocess"]["color_order"] == "RGB"
+    assert manifest["preprocess"]["resize_mode"] == "shortest" and manifest["preprocess"]["crop"] == "center"
+    assert len(manifest["preprocess"]["mean"]) == 3 and manifest["preprocess"]["interpolation"] == "bicubic"
     assert manifest["target_model"]["name"] == model.identity.name
     assert manifest["opset"] >= 17 and manifest["versions"]["onnx"]
     assert onnx.load(out / "model.onnx").opset_import[0].version >= 17

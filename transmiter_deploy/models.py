@@ -37,6 +37,11 @@ def register_packaged_configs() -> None:
     open_clip.add_model_config(Path(str(directory)))
 
 
+# open_clip resize modes: shortest side to size then centre crop; longest side
+# to size then centre pad (fill_color); both sides to size (aspect not kept).
+CROP_AFTER_RESIZE = {"shortest": "center", "longest": "pad-center", "squash": "none"}
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     name: str
@@ -174,6 +179,11 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
         "std": list(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
+        # what follows the resize in open_clip's eval transform, spelled out for
+        # runtimes that reimplement it (C++, mobile)
+        "crop": CROP_AFTER_RESIZE.get(cfg.get("resize_mode", "shortest"), "center"),
+        "rescale_factor": 1 / 255,  # uint8 pixels to [0, 1], then (x - mean) / std per channel
+        "layout": "NCHW",
         "color_order": "RGB",
     }
     return LoadedModel(
