@@ -415,7 +415,7 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
 @click.option("--no-fp16", is_flag=True, help="Skip the mixed-precision graphs (no ModelOpt needed).")
 @click.option("--sigma-mode", type=click.Choice(["auto", "norm", "gram"]), default="auto", show_default=True,
               help="How the folded head computes sigma: norm of the pushed vector or the Gram form.")
-@click.option("--calibration-images", type=click.IntRange(1, None), default=2, show_default=True,
+@click.option("--calibration-images", type=click.IntRange(1, None), default=1, show_default=True,
               help="Images ModelOpt AutoCast runs through the fp32 model (memory grows with each; "
                    "ViT-L-14 needs several GB per image).")
 def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_dir, head_dir, out, images, samples,
