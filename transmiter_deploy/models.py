@@ -134,6 +134,15 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(previous)
 
 
+def tokenizer_for(name: str) -> Callable:
+    """open_clip's tokenizer, except for the demo world's models (a word-level vocabulary)."""
+    if name.startswith("TM-Demo-"):
+        from .demo.tokenizer import demo_tokenizer
+
+        return demo_tokenizer()
+    return open_clip.get_tokenizer(name)
+
+
 def load_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
     """Build an open_clip model in eval mode, with its preprocessing and tokenizer."""
     check_model_name(spec.name)
@@ -189,7 +198,7 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
     return LoadedModel(
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(spec.name),
+        tokenizer=tokenizer_for(spec.name),
         identity=identity,
         preprocess_config=preprocess_config,
     )

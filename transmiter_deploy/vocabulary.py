@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 from importlib import resources
+from typing import Sequence
 
 from .errors import InputError
 
@@ -27,13 +28,20 @@ def _normalised(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-def select_auxiliary(task_names: list[str], width: int, seed: int) -> list[str]:
-    """``width - len(task_names)`` vocabulary nouns, none equal to a task class."""
+def select_auxiliary(
+    task_names: list[str], width: int, seed: int, vocabulary: Sequence[str] | None = None
+) -> list[str]:
+    """``width - len(task_names)`` names from the vocabulary (default: the built-in nouns), none a task class.
+
+    A model whose text tower cannot read ordinary nouns (the demo world's
+    word-level tokenizer) passes its own vocabulary.
+    """
     count = width - len(task_names)
     if count < 0:
         raise InputError(f"{len(task_names)} task classes do not fit in a logit width of {width}")
     taken = {_normalised(name) for name in task_names}
-    pool = sorted(word for word in builtin_vocabulary() if _normalised(word) not in taken)
+    words = builtin_vocabulary() if vocabulary is None else vocabulary
+    pool = sorted({word for word in words if _normalised(word) not in taken})
     if count > len(pool):
         raise InputError(
             f"logit width {width} needs {count} auxiliary classes but the vocabulary has only {len(pool)}"
