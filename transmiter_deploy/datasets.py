@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from io import BytesIO
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
 
@@ -153,7 +153,6 @@ def decode_image(path: Path) -> tuple[Image.Image, str]:
     if not data:
         raise InputError(f"image file is empty: {path}")
     try:
-
         with Image.open(BytesIO(data)) as image:
             image.load()
             rgb = image.convert("RGB")
