@@ -27,6 +27,8 @@ def test_auxiliary_selection_is_seeded_and_avoids_task_names():
         select_auxiliary(task, 2, seed=0)
     with pytest.raises(InputError, match="only"):
         select_auxiliary(task, 100_000, seed=0)
+    own = select_auxiliary(task, 6, seed=0, vocabulary=["red star", "dog", "blue ring", "bicycle", "cyan cross"])
+    assert sorted(own) == ["blue ring", "cyan cross", "red star"]
 
 
 def test_templates_builtin_and_file(tmp_path):

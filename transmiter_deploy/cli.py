@@ -25,7 +25,8 @@ EXIT_CODE_HELP = "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODE
 
 
 def _progress() -> bool:
-    return _STATE["progress"] and sys.stderr.isatty() or _STATE["progress"] == "always"
+    mode = _STATE["progress"]
+    return mode == "always" or (mode is True and sys.stderr.isatty())
 
 
 @click.group(
@@ -123,11 +124,13 @@ def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_f
 @click.option("--width", type=int, default=1024, show_default=True, help="Logit width C (task + auxiliary classes).")
 @click.option("--no-auxiliary", is_flag=True, help="Task classes only (for the fine-tuned teacher's head).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the auxiliary class sample.")
+@click.option("--auxiliary-vocabulary", type=click.Path(path_type=Path),
+              help="Draw auxiliary classes from this file (one name per line) instead of the built-in nouns.")
 @click.option("--templates", default="simple", show_default=True,
               help="Prompt templates: simple, openai, photo, or a file with one '{}' template per line.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Head directory to write.")
 def head(model_name, pretrained, checkpoint, init_seed, device, classes_file, classes_from, width, no_auxiliary,
-         seed, templates, out):
+         seed, auxiliary_vocabulary, templates, out):
     """Build a zero-shot head from a model's text tower.
 
     Rows are the task classes, then auxiliary classes from the built-in
@@ -152,7 +155,8 @@ def head(model_name, pretrained, checkpoint, init_seed, device, classes_file, cl
     if no_auxiliary:
         auxiliary = []
     elif auxiliary is None:
-        auxiliary = select_auxiliary(task, width, seed)
+        vocabulary = _read_class_file(auxiliary_vocabulary) if auxiliary_vocabulary else None
+        auxiliary = select_auxiliary(task, width, seed, vocabulary)
     model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
     built = build_head(model, task, auxiliary, resolve_templates(templates), progress=_progress())
     save_head(built, out)
