@@ -4,12 +4,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install test export bench clean
+.PHONY: help install test export bench demo-weights demo-accuracy clean
 
 help:
 	@echo "make export   run the default export recipe (installs dependencies first)"
 	@echo "make test     run the test suite (installs dependencies first)"
 	@echo "make bench    run the core speed benchmark"
+	@echo "make demo-weights   retrain the demo world's CLIP models from scratch (~15 min on 2 cores)"
+	@echo "make demo-accuracy  the method's accuracy table on the demo world (DEMO_WEIGHTS=dir)"
 	@echo "make clean    remove the virtual environment and caches"
 
 $(STAMP): pyproject.toml
@@ -31,6 +33,15 @@ export: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
+
+DEMO_WEIGHTS ?= build/demo-weights
+
+demo-weights: $(STAMP)
+	$(PY) -m transmiter_deploy.demo.train --out $(DEMO_WEIGHTS)
+
+demo-accuracy: $(STAMP)
+	$(PY) benchmarks/demo_accuracy.py --weights $(DEMO_WEIGHTS) \
+	    --json benchmarks/results/demo_accuracy.json --markdown benchmarks/results/demo_accuracy.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,7 +29,7 @@ from .tasks import DemoTask, auxiliary_phrases, write_split
 
 @dataclass(frozen=True)
 class ExperimentSettings:
-    train_per_class: int = 100
+    train_per_class: int = 200
     test_per_class: int = 50
     shots: int = 4
     logit_width: int = 128

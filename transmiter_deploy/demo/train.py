@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ..artifacts import atomic_directory
 from ..models import LoadedModel, ModelSpec, load_model
 from .tasks import TASKS, DemoTask
 from .world import CAPTION_TEMPLATES, STYLES, render, sample_scene
 
-STYLE_MIX = {"photo": 0.85, "sketch": 0.05, "noisy": 0.05, "dim": 0.05}
+STYLE_MIX = {"photo": 0.91, "sketch": 0.03, "noisy": 0.03, "dim": 0.03}
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,10 @@ class PretrainSettings:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    per_class: int = 64
-    epochs: int = 6
+    per_class: int = 200
+    epochs: int = 8
     batch_size: int = 64
-    lr: float = 2e-4
+    lr: float = 5e-4
     weight_decay: float = 0.05
     seed: int = 0
 
@@ -141,7 +142,6 @@ def finetune(model: LoadedModel, task: DemoTask, settings: FinetuneSettings, log
 
 def save_weights(model: LoadedModel, path: Path) -> None:
     state = {name: tensor.detach().half().contiguous() for name, tensor in model.model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
 
 
@@ -156,21 +156,23 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    log_lines: dict = {"seed": args.seed}
+    log_lines: dict = {"seed": args.seed, "style_mix": STYLE_MIX, "finetune": asdict(FinetuneSettings(seed=args.seed))}
     scenes, images = pretraining_set(args.pretrain_images, args.seed)
     print(f"rendered {len(scenes)} pretraining images in {time.perf_counter() - started:.0f} s", flush=True)
-    for name, seconds in (("TM-Demo-Source", args.source_seconds), ("TM-Demo-Target", args.target_seconds)):
-        model = load_model(ModelSpec(name, init_seed=args.seed))
-        settings = PretrainSettings(seconds=seconds, seed=args.seed)
-        log_lines[name] = {"settings": asdict(settings), **pretrain(model, scenes, images, settings,
-                                                                    log=lambda s: print(s, flush=True))}
-        save_weights(model, args.out / f"{name}.safetensors")
-        if name == "TM-Demo-Source":
-            for task in TASKS.values():
-                tuned = finetune(model, task, FinetuneSettings(seed=args.seed), log=lambda s: print(s, flush=True))
-                save_weights(tuned, args.out / f"TM-Demo-Source-ft-{task.name}.safetensors")
-    log_lines["total_seconds"] = time.perf_counter() - started
-    (args.out / "training_log.json").write_text(json.dumps(log_lines, indent=2) + "\n")
+    # all weights appear together or not at all (the previous set survives a failure)
+    with atomic_directory(args.out, "training_log.json") as staging:
+        for name, seconds in (("TM-Demo-Source", args.source_seconds), ("TM-Demo-Target", args.target_seconds)):
+            model = load_model(ModelSpec(name, init_seed=args.seed))
+            settings = PretrainSettings(seconds=seconds, seed=args.seed)
+            log_lines[name] = {"settings": asdict(settings), **pretrain(model, scenes, images, settings,
+                                                                        log=lambda s: print(s, flush=True))}
+            save_weights(model, staging / f"{name}.safetensors")
+            if name == "TM-Demo-Source":
+                for task in TASKS.values():
+                    tuned = finetune(model, task, FinetuneSettings(seed=args.seed), log=lambda s: print(s, flush=True))
+                    save_weights(tuned, staging / f"TM-Demo-Source-ft-{task.name}.safetensors")
+        log_lines["total_seconds"] = time.perf_counter() - started
+        (staging / "training_log.json").write_text(json.dumps(log_lines, indent=2) + "\n")
     print(f"done in {log_lines['total_seconds']:.0f} s -> {args.out}")
     return 0
 

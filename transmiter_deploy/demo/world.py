@@ -61,7 +61,7 @@ class Scene:
 def sample_scene(rng: np.random.Generator, style: str = "photo", **fixed: str) -> Scene:
     """A random scene; keyword arguments pin attributes (e.g. ``shape="star"``)."""
     size = fixed.get("size") or str(rng.choice(SIZES))
-    margin = 0.3 if size == "large" else 0.2
+    margin = 0.34 if size == "large" else 0.22
     return Scene(
         shape=fixed.get("shape") or str(rng.choice(SHAPES)),
         colour=fixed.get("colour") or str(rng.choice(list(COLOURS))),
@@ -134,16 +134,16 @@ def render(scene: Scene, size: int = 48) -> Image.Image:
     side = size * RENDER_SCALE
     background = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
     canvas = np.broadcast_to(background, (side, side, 3)).copy()
-    radius = side * (0.28 if scene.size == "large" else 0.16)
+    radius = side * (0.32 if scene.size == "large" else 0.2)
     cx, cy = scene.x * side, scene.y * side
     points = _outline(scene.shape, cx, cy, radius, scene.rotation)
     mask_image = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask_image)
     if scene.style == "sketch":
-        draw.line(points + [points[0]], fill=255, width=max(2, side // 32))
+        draw.line(points + [points[0]], fill=255, width=max(3, side // 20))
         if scene.shape == "ring":
             inner = _outline("circle", cx, cy, radius * 0.5, scene.rotation)
-            draw.line(inner + [inner[0]], fill=255, width=max(2, side // 32))
+            draw.line(inner + [inner[0]], fill=255, width=max(3, side // 20))
     else:
         draw.polygon(points, fill=255)
         if scene.shape == "ring":
@@ -155,8 +155,8 @@ def render(scene: Scene, size: int = 48) -> Image.Image:
     if scene.style == "noisy":
         canvas = canvas + rng.normal(0, 60, size=canvas.shape)
     elif scene.style == "dim":
-        cast = np.array([0.55, 0.45, 0.75], dtype=np.float32)[rng.permutation(3)]
-        canvas = canvas * cast * 0.7
+        cast = np.array([0.35, 0.6, 0.9], dtype=np.float32)[rng.permutation(3)]
+        canvas = canvas * cast * 0.5 + 20
     else:
         canvas = canvas + rng.normal(0, 6, size=canvas.shape)
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
