@@ -25,7 +25,7 @@ def test_rendering_is_deterministic_per_scene():
 
 def test_styles_change_the_image_of_the_same_scene():
     rng = np.random.default_rng(0)
-    scene = sample_scene(rng, "photo", shape="star", colour="red", texture="solid", size="large", background="black")
+    scene = sample_scene(rng, "photo", shape="star", colour="red", texture="solid", size="large", background="white")
     photo = np.asarray(render(scene)).astype(float)
     sketch = np.asarray(render(scene.__class__(**{**scene.__dict__, "style": "sketch"}))).astype(float)
     dim = np.asarray(render(scene.__class__(**{**scene.__dict__, "style": "dim"}))).astype(float)
@@ -74,3 +74,29 @@ def test_demo_configs_fit_the_tokenizer():
         model = load_model(ModelSpec(name))
         features = model.encode_texts(["a sketch of a star", "a red circle"])
         assert features.shape[0] == 2 and torch.isfinite(features).all()
+
+
+def test_training_and_experiment_pipeline_smoke(tmp_path):
+    # Seconds of training: this checks the code path end to end (pretraining,
+    # fine-tuning, fp16 weights, then cache -> heads -> extract -> transfer ->
+    # TransMiter+ -> evaluate on the rendered task), not the accuracy.
+    from transmiter_deploy.demo.experiment import ExperimentSettings, run_task
+    from transmiter_deploy.demo.train import FinetuneSettings, PretrainSettings, finetune, pretrain, pretraining_set, save_weights
+
+    scenes, images = pretraining_set(64, seed=0)
+    task = get_task("shapes-sketch")
+    for name in ("TM-Demo-Source", "TM-Demo-Target"):
+        model = load_model(ModelSpec(name))
+        stats = pretrain(model, scenes, images, PretrainSettings(seconds=0.5, batch_size=16, warmup_steps=1), log=lambda _: None)
+        assert stats["steps"] >= 1 and np.isfinite(stats["final_loss"])
+        save_weights(model, tmp_path / f"{name}.safetensors")
+        if name == "TM-Demo-Source":
+            tuned = finetune(model, task, FinetuneSettings(per_class=2, epochs=1), log=lambda _: None)
+            assert not torch.equal(tuned.model.visual.conv1.weight, model.model.visual.conv1.weight)
+            save_weights(tuned, tmp_path / f"TM-Demo-Source-ft-{task.name}.safetensors")
+    settings = ExperimentSettings(train_per_class=4, test_per_class=2, shots=2, logit_width=32,
+                                  extraction_epochs=1, plus_epochs=1)
+    rows = run_task(task, tmp_path, tmp_path / "work", settings)
+    assert [r["model"] for r in rows] == ["source zero-shot", "source fine-tuned", "target zero-shot",
+                                          "target + TransMiter", "target + TransMiter+"]
+    assert all(0 <= r["base"] <= 100 and 0 <= r["novel"] <= 100 for r in rows)

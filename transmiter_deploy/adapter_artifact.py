@@ -21,6 +21,7 @@ from .artifacts import (
     read_manifest,
     recorded_sha256,
     require_keys,
+    require_string_lists,
     save_tensors,
     write_manifest,
 )
@@ -117,9 +118,7 @@ def load_adapter(path: Path) -> AdapterArtifact:
     )
     if manifest["stage"] not in STAGES:
         raise IntegrityError(f"{where}: unknown stage '{manifest['stage']}'")
-    for key in ("class_names", "auxiliary_names"):
-        if not all(isinstance(name, str) for name in manifest[key]):
-            raise IntegrityError(f"{where}: '{key}' must be a list of strings")
+    require_string_lists(manifest, ("class_names", "auxiliary_names"), where)
     try:
         config = AdapterConfig(**manifest["config"])
     except TypeError as exc:

@@ -173,6 +173,12 @@ def require_keys(payload: dict[str, Any], spec: dict[str, type | tuple[type, ...
             )
 
 
+def require_string_lists(payload: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    for key in keys:
+        if not all(isinstance(item, str) for item in payload[key]):
+            raise IntegrityError(f"{where}: '{key}' must be a list of strings")
+
+
 def check_format(payload: dict[str, Any], expected_format: str, supported_version: int, where: str) -> None:
     require_keys(payload, {"format": str, "format_version": int}, where)
     if payload["format"] != expected_format:

@@ -21,6 +21,7 @@ from .artifacts import (
     read_manifest,
     recorded_sha256,
     require_keys,
+    require_string_lists,
     save_tensors,
     write_manifest,
 )
@@ -135,6 +136,7 @@ def load_head(path: Path) -> ZeroShotHead:
          "logit_scale": (int, float), "files": dict},
         where,
     )
+    require_string_lists(manifest, ("class_names", "auxiliary_names", "templates"), where)
     digest = recorded_sha256(manifest, WEIGHTS, where)
     tensors = load_tensors(path / WEIGHTS, digest, "head weights")
     weight = tensors.get("weight")

@@ -135,7 +135,7 @@ def finetune(model: LoadedModel, task: DemoTask, settings: FinetuneSettings, log
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        log(f"  fine-tune {task.name} epoch {epoch + 1} loss {float(loss):.3f}")
+        log(f"  fine-tune {task.name} epoch {epoch + 1} loss {float(loss.detach()):.3f}")
     visual.eval()
     return tuned
 
