@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from ..artifacts import atomic_directory
 from ..models import LoadedModel, ModelSpec, load_model
 from .tasks import TASKS, DemoTask
-from .world import CAPTION_TEMPLATES, STYLES, render, sample_scene
+from .world import CAPTION_TEMPLATES, render, sample_scene
 
 STYLE_MIX = {"photo": 0.91, "sketch": 0.03, "noisy": 0.03, "dim": 0.03}
 
