@@ -12,7 +12,15 @@ from transmiter_deploy.artifacts import sha256_file
 from transmiter_deploy.fusion import FoldedHead, UnfoldedHead
 from transmiter_deploy.graph_cost import count_macs
 from transmiter_deploy.models import ModelSpec, load_model
-from transmiter_deploy.onnx_export import FP32_NODES, export_deployment, parity_pixels, to_mixed_fp16, to_onnx
+from transmiter_deploy.onnx_export import (
+    FP32_NODES,
+    ExportSettings,
+    export_deployment,
+    ort_session,
+    parity_pixels,
+    to_mixed_fp16,
+    to_onnx,
+)
 
 from conftest import make_head_and_adapter
 
@@ -133,3 +141,18 @@ def test_untraceable_tower_is_an_input_error():
 
     with pytest.raises(InputError, match="cannot export tower X to ONNX"):
         to_onnx(Untraceable(), torch.randn(2, 4, 4), "x", "y", 17, "tower X")
+
+
+def test_softmax_export_outputs_probabilities(tmp_path):
+    model = load_model(ModelSpec("TM-Tiny-ViT", init_seed=0))
+    head, artifact = make_head_and_adapter(model.model.visual.output_dim, 64, K, model=model)
+    pixels = parity_pixels(model, None, count=4)
+    report = export_deployment(model, head, artifact, tmp_path / "out", pixels,
+                               ExportSettings(softmax=True, fp16=False), log=lambda _: None)
+    assert report.passed
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["output"] == "probabilities" and set(manifest["files"]) == {"model.onnx", "head.onnx"}
+    assert manifest["files"]["model.onnx"]["outputs"][0]["name"] == "probabilities"
+    session = ort_session(tmp_path / "out" / "model.onnx")
+    probabilities = session.run(None, {"pixel_values": pixels.numpy()})[0]
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)

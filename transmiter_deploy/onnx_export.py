@@ -212,14 +212,19 @@ def export_deployment(
         raise InputError("parity needs a batch of at least 2 preprocessed images")
     timings: dict[str, float] = {}
     folded = FoldedHead(head, artifact, settings.sigma_mode)
+    unfolded = UnfoldedHead(head, artifact)
     fused = DeployedClassifier(model.model.visual, folded, softmax=settings.softmax)
-    reference = DeployedClassifier(model.model.visual, UnfoldedHead(head, artifact), softmax=settings.softmax)
     output = "probabilities" if settings.softmax else "logits"
     with torch.no_grad():
+        # The backbone runs once; the PyTorch references are composed from its
+        # features independently of DeployedClassifier, which the export traces.
         features = torch.nn.functional.normalize(model.model.visual(pixels).float(), dim=-1)
-        torch_fused = fused(pixels).numpy()
-        torch_unfolded = reference(pixels).numpy()
-        torch_head = folded(features).numpy()
+        head_logits, unfolded_logits = folded(features), unfolded(features)
+        if settings.softmax:
+            head_outputs, unfolded_logits = head_logits.softmax(dim=-1), unfolded_logits.softmax(dim=-1)
+        else:
+            head_outputs = head_logits
+        torch_fused, torch_unfolded, torch_head = head_outputs.numpy(), unfolded_logits.numpy(), head_logits.numpy()
 
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
@@ -228,8 +233,7 @@ def export_deployment(
         onnx.save(model_onnx, staging / "model.onnx")
         head_onnx = to_onnx(folded, features[:2], "image_features", "logits", settings.opset, "folded head")
         onnx.save(head_onnx, staging / "head.onnx")
-        unfolded_onnx = to_onnx(UnfoldedHead(head, artifact), features[:2], "image_features", "logits",
-                                settings.opset, "unfolded head")
+        unfolded_onnx = to_onnx(unfolded, features[:2], "image_features", "logits", settings.opset, "unfolded head")
         timings["export_fp32_s"] = time.perf_counter() - start
         log(f"exported model.onnx and head.onnx (opset {settings.opset}) in {timings['export_fp32_s']:.1f} s")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import AdapterConfig
-from ..cache import build_cache, load_cache, zero_shot_logits
+from ..cache import build_cache, check_same_images, load_cache, zero_shot_logits
 from ..datasets import open_dataset
 from ..evaluation import base_to_novel
 from ..extraction import ExtractionSettings, extract
@@ -71,14 +71,14 @@ def run_task(task: DemoTask, weights_dir: Path, work_dir: Path,
         "teacher": build_head(teacher, classes, [], task.templates, progress=progress),
         "target": build_head(target, classes, auxiliary, task.templates, progress=progress),
     }
-    logits = {
-        (tag, split): zero_shot_logits(cache(model, split, tag), heads[tag])
-        for tag, model in (("source", source), ("teacher", teacher), ("target", target))
-        for split in ("train", "test")
-    }
-    logits[("target", "fewshot")] = zero_shot_logits(cache(target, "fewshot", "target"), heads["target"])
-    test_labels = load_cache(work_dir / "caches" / "target-test").labels
-    fewshot_labels = load_cache(work_dir / "caches" / "target-fewshot").labels
+    models = {"source": source, "teacher": teacher, "target": target}
+    caches = {(tag, split): cache(model, split, tag) for tag, model in models.items() for split in ("train", "test")}
+    caches[("target", "fewshot")] = cache(target, "fewshot", "target")
+    for tag in ("teacher", "target"):  # extraction and transfer pair rows: same images, same order
+        check_same_images(caches[("source", "train")], caches[(tag, "train")])
+    logits = {key: zero_shot_logits(features, heads[key[0]]) for key, features in caches.items()}
+    test_labels = caches[("target", "test")].labels
+    fewshot_labels = caches[("target", "fewshot")].labels
     k = len(classes)
 
     config = AdapterConfig(num_task_classes=k, logit_width=settings.logit_width, latent_dim=settings.logit_width)
