@@ -24,6 +24,7 @@ import torch
 from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
 from transmiter_deploy.artifacts import library_versions, utc_now
 from transmiter_deploy.extraction import ExtractionSettings, add_logit_noise, distillation_loss, extract
+from transmiter_deploy.host import cpu_model
 from transmiter_deploy.training import train_adapter
 from transmiter_deploy.transfer import transfer
 
@@ -47,17 +48,6 @@ def unconstrained_extraction_s(source, teacher, config, settings, progress) -> f
     start = time.perf_counter()
     train_adapter(adapter, len(source), batch_loss, settings, "unconstrained", progress)
     return time.perf_counter() - start
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_mib() -> float:

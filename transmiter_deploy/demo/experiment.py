@@ -20,17 +20,22 @@ from ..datasets import open_dataset
 from ..evaluation import base_to_novel
 from ..extraction import ExtractionSettings, extract
 from ..heads import build_head
-from ..models import ModelSpec, load_model
+from ..models import load_model
 from ..plus import PlusSettings, few_shot_indices, train_plus
 from ..transfer import transfer
 from ..vocabulary import select_auxiliary
 from .tasks import DemoTask, auxiliary_phrases, write_split
+from .weights import SOURCE, TARGET, demo_model_spec, finetuned_name
 
 
 @dataclass(frozen=True)
 class ExperimentSettings:
-    train_per_class: int = 200
-    test_per_class: int = 50
+    train_per_class: int = 500
+    test_per_class: int = 100
+    eval_split: str = "test"  # "val" while choosing settings
+    # The reference runs base-to-novel with --use_all_train: the unlabelled images show every
+    # class (no labels are read). False restricts them to base classes.
+    unlabelled_all_classes: bool = True
     shots: int = 4
     logit_width: int = 128
     extraction_epochs: int = 10
@@ -39,24 +44,21 @@ class ExperimentSettings:
     seed: int = 0
 
 
-def weights_path(weights_dir: Path, name: str) -> Path:
-    return Path(weights_dir) / f"{name}.safetensors"
-
-
 def run_task(task: DemoTask, weights_dir: Path, work_dir: Path,
              settings: ExperimentSettings = ExperimentSettings(), progress: bool = False) -> list[dict]:
     work_dir = Path(work_dir)
     splits = {}
-    for split, per_class in (("train", settings.train_per_class), ("fewshot", settings.shots),
-                             ("test", settings.test_per_class)):
+    for split, per_class, base_only in (("train", settings.train_per_class, not settings.unlabelled_all_classes),
+                                        ("fewshot", settings.shots, False),
+                                        (settings.eval_split, settings.test_per_class, False)):
         folder = work_dir / "data" / split
         if not folder.exists():
-            write_split(task, split, folder, per_class, seed=settings.seed)
+            write_split(task, split, folder, per_class, seed=settings.seed, base_only=base_only)
         splits[split] = open_dataset(folder, list(task.classes))
 
-    source = load_model(ModelSpec("TM-Demo-Source", checkpoint=weights_path(weights_dir, "TM-Demo-Source")))
-    teacher = load_model(ModelSpec("TM-Demo-Source", checkpoint=weights_path(weights_dir, f"TM-Demo-Source-ft-{task.name}")))
-    target = load_model(ModelSpec("TM-Demo-Target", checkpoint=weights_path(weights_dir, "TM-Demo-Target")))
+    source = load_model(demo_model_spec(weights_dir, SOURCE))
+    teacher = load_model(demo_model_spec(weights_dir, finetuned_name(task.name)))
+    target = load_model(demo_model_spec(weights_dir, TARGET))
 
     def cache(model, split, tag):
         out = work_dir / "caches" / f"{tag}-{split}"
@@ -72,12 +74,13 @@ def run_task(task: DemoTask, weights_dir: Path, work_dir: Path,
         "target": build_head(target, classes, auxiliary, task.templates, progress=progress),
     }
     models = {"source": source, "teacher": teacher, "target": target}
-    caches = {(tag, split): cache(model, split, tag) for tag, model in models.items() for split in ("train", "test")}
+    caches = {(tag, split): cache(model, split, tag) for tag, model in models.items() for split in ("train", settings.eval_split)}
     caches[("target", "fewshot")] = cache(target, "fewshot", "target")
     for tag in ("teacher", "target"):  # extraction and transfer pair rows: same images, same order
         check_same_images(caches[("source", "train")], caches[(tag, "train")])
     logits = {key: zero_shot_logits(features, heads[key[0]]) for key, features in caches.items()}
-    test_labels = caches[("target", "test")].labels
+    test = settings.eval_split
+    test_labels = caches[("target", test)].labels
     fewshot_labels = caches[("target", "fewshot")].labels
     k = len(classes)
 
@@ -92,11 +95,11 @@ def run_task(task: DemoTask, weights_dir: Path, work_dir: Path,
 
     with torch.no_grad():
         rows = {
-            "source zero-shot": logits[("source", "test")][:, :k],
-            "source fine-tuned": logits[("teacher", "test")],
-            "target zero-shot": logits[("target", "test")][:, :k],
-            "target + TransMiter": moved.task_logits(logits[("target", "test")]),
-            "target + TransMiter+": plus.task_logits(logits[("target", "test")]),
+            "source zero-shot": logits[("source", test)][:, :k],
+            "source fine-tuned": logits[("teacher", test)],
+            "target zero-shot": logits[("target", test)][:, :k],
+            "target + TransMiter": moved.task_logits(logits[("target", test)]),
+            "target + TransMiter+": plus.task_logits(logits[("target", test)]),
         }
     return [{"task": task.name, "model": name, **base_to_novel(task_logits, test_labels)}
             for name, task_logits in rows.items()]

@@ -39,8 +39,16 @@ class WordTokenizer:
 
 CONTEXT_LENGTH = 20  # = text_cfg.context_length of the TM-Demo-* configs
 
+# Frozen, because a word's id is its place in this list: changing it silently changes what
+# the shipped text towers read. A test checks that every caption and prompt word is here.
+DEMO_WORDS = (
+    "a", "background", "black", "blue", "checkered", "circle", "cross", "cyan", "dark", "diamond",
+    "dotted", "drawing", "green", "grey", "hatched", "hexagon", "is", "large", "noisy", "of", "on",
+    "orange", "pattern", "photo", "pink", "purple", "red", "ring", "ringed", "sand", "shape", "sketch",
+    "small", "solid", "something", "square", "star", "striped", "that", "triangle", "white", "with",
+    "yellow",
+)
+
 
 def demo_tokenizer() -> WordTokenizer:
-    from .tasks import demo_words
-
-    return WordTokenizer(demo_words(), CONTEXT_LENGTH)
+    return WordTokenizer(list(DEMO_WORDS), CONTEXT_LENGTH)

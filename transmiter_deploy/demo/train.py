@@ -1,13 +1,15 @@
 """Train the demo world's CLIP models from scratch: ``make demo-weights``.
 
 1. Render a pretraining set: random scenes, mostly ``photo`` style with a
-   small share of every shifted style (so zero-shot on the tasks starts above
-   chance), each with captions from several templates.
+   small share of sketches, sensor noise and random colour casts, each with
+   captions from several templates. The tasks' own shifts (fog, dusk light, a
+   white-balance fault) never appear in pretraining.
 2. Train the weak source (TM-Demo-Source) and the stronger target
-   (TM-Demo-Target) contrastively (open_clip's ClipLoss), each for a time budget.
+   (TM-Demo-Target) contrastively (open_clip's ClipLoss) for fixed step counts.
 3. Fine-tune the source's image tower per task on labelled base-class images
-   (cross-entropy against its own frozen zero-shot head): the cheap step the
-   paper assumes the user already did; its logits are the distillation teacher.
+   (cross-entropy against its own frozen zero-shot head), then mix the result
+   with the zero-shot weights (WiSE-FT): the cheap step the paper assumes the
+   user already did; its logits are the distillation teacher.
 4. Write every model as fp16 safetensors plus a JSON log of settings and timings.
 """
 
@@ -30,14 +32,16 @@ from safetensors.torch import save_file
 from ..artifacts import atomic_directory
 from ..models import LoadedModel, ModelSpec, load_model
 from .tasks import TASKS, DemoTask
-from .world import CAPTION_TEMPLATES, render, sample_scene
+from .weights import SOURCE, TARGET, finetuned_name, write_weights_manifest
+from .world import CAPTION_TEMPLATES, sample_scene
+from .zero_shot import class_head, reference_accuracy, render_many, to_pixels
 
 STYLE_MIX = {"photo": 0.91, "sketch": 0.03, "noisy": 0.03, "dim": 0.03}
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    seconds: float = 300.0
+    steps: int = 300  # a step count, not a time budget: the same on every machine
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -52,12 +56,10 @@ class FinetuneSettings:
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05
+    # WiSE-FT (Wortsman et al., 2022): the teacher is this mix of fine-tuned and zero-shot
+    # weights; 1.0 keeps the plain fine-tuned weights. Mixing keeps novel classes alive.
+    weight_mix: float = 0.4
     seed: int = 0
-
-
-def render_many(scenes, size: int) -> torch.Tensor:
-    """uint8 (N, H, W, 3)."""
-    return torch.from_numpy(np.stack([np.asarray(render(scene, size)) for scene in scenes]))
 
 
 def pretraining_set(count: int, seed: int, size: int = 48):
@@ -67,13 +69,6 @@ def pretraining_set(count: int, seed: int, size: int = 48):
     return scenes, render_many(scenes, size)
 
 
-def to_pixels(images: torch.Tensor, model: LoadedModel) -> torch.Tensor:
-    """The model's own eval preprocessing for images already at its input size."""
-    mean = torch.tensor(model.preprocess_config["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.preprocess_config["std"]).view(1, 3, 1, 1)
-    return (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-
-
 def pretrain(model: LoadedModel, scenes, images: torch.Tensor, settings: PretrainSettings, log=print) -> dict:
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -81,10 +76,9 @@ def pretrain(model: LoadedModel, scenes, images: torch.Tensor, settings: Pretrai
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     loss_fn = open_clip.ClipLoss()
-    start, step, losses = time.perf_counter(), 0, []
-    while (elapsed := time.perf_counter() - start) < settings.seconds:
-        # time-based cosine: the budget, not a step count, is what is fixed
-        progress = elapsed / settings.seconds
+    start, losses = time.perf_counter(), []
+    for step in range(settings.steps):
+        progress = step / settings.steps
         warm = min(1.0, (step + 1) / settings.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
@@ -98,20 +92,11 @@ def pretrain(model: LoadedModel, scenes, images: torch.Tensor, settings: Pretrai
         with torch.no_grad():
             net.logit_scale.clamp_(0, math.log(100))
         losses.append(float(loss.detach()))
-        step += 1
-        if step % 50 == 0:
-            log(f"  {model.identity.name} step {step} loss {np.mean(losses[-50:]):.3f} ({elapsed:.0f} s)")
+        if (step + 1) % 50 == 0:
+            log(f"  {model.identity.name} step {step + 1}/{settings.steps} loss {np.mean(losses[-50:]):.3f} "
+                f"({time.perf_counter() - start:.0f} s)")
     net.eval()
-    return {"steps": step, "seconds": time.perf_counter() - start, "final_loss": float(np.mean(losses[-50:]))}
-
-
-@torch.no_grad()
-def class_head(model: LoadedModel, task: DemoTask, classes: tuple[str, ...]) -> torch.Tensor:
-    rows = []
-    for name in classes:
-        embedding = model.encode_texts([template.format(name) for template in task.templates]).mean(0)
-        rows.append(F.normalize(embedding, dim=-1))
-    return torch.stack(rows) * model.logit_scale
+    return {"steps": settings.steps, "seconds": time.perf_counter() - start, "final_loss": float(np.mean(losses[-50:]))}
 
 
 def finetune(model: LoadedModel, task: DemoTask, settings: FinetuneSettings, log=print) -> LoadedModel:
@@ -137,6 +122,11 @@ def finetune(model: LoadedModel, task: DemoTask, settings: FinetuneSettings, log
             optimizer.step()
         log(f"  fine-tune {task.name} epoch {epoch + 1} loss {float(loss.detach()):.3f}")
     visual.eval()
+    if settings.weight_mix != 1.0:
+        start_state = model.model.visual.state_dict()
+        mixed = {name: torch.lerp(start_state[name].float(), value.float(), settings.weight_mix).to(value.dtype)
+                 if value.is_floating_point() else value for name, value in visual.state_dict().items()}
+        visual.load_state_dict(mixed)
     return tuned
 
 
@@ -145,35 +135,56 @@ def save_weights(model: LoadedModel, path: Path) -> None:
     save_file(state, str(path))
 
 
+def round_to_fp16(model: LoadedModel) -> None:
+    """Give the in-memory model the values its fp16 file holds, so that fine-tuning from
+    memory and fine-tuning from the shipped file (``--towers``) start from the same weights."""
+    with torch.no_grad():
+        for tensor in model.model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--source-seconds", type=float, default=270.0)
-    parser.add_argument("--target-seconds", type=float, default=540.0)
+    parser.add_argument("--source-steps", type=int, default=300)
+    parser.add_argument("--target-steps", type=int, default=400)
     parser.add_argument("--pretrain-images", type=int, default=40_000)
+    parser.add_argument("--towers", type=Path,
+                        help="reuse the pretrained source and target from this weights directory; "
+                             "only the per-task fine-tunes are redone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    log_lines: dict = {"seed": args.seed, "style_mix": STYLE_MIX, "finetune": asdict(FinetuneSettings(seed=args.seed))}
-    scenes, images = pretraining_set(args.pretrain_images, args.seed)
-    print(f"rendered {len(scenes)} pretraining images in {time.perf_counter() - started:.0f} s", flush=True)
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    finetune_settings = FinetuneSettings(seed=args.seed)
+    log_lines: dict = {"seed": args.seed, "threads": args.threads, "style_mix": STYLE_MIX,
+                       "finetune": asdict(finetune_settings), "torch": torch.__version__}
+    if args.towers is None:
+        scenes, images = pretraining_set(args.pretrain_images, args.seed)
+        say(f"rendered {len(scenes)} pretraining images in {time.perf_counter() - started:.0f} s")
     # all weights appear together or not at all (the previous set survives a failure)
-    with atomic_directory(args.out, "training_log.json") as staging:
-        for name, seconds in (("TM-Demo-Source", args.source_seconds), ("TM-Demo-Target", args.target_seconds)):
-            model = load_model(ModelSpec(name, init_seed=args.seed))
-            settings = PretrainSettings(seconds=seconds, seed=args.seed)
-            log_lines[name] = {"settings": asdict(settings), **pretrain(model, scenes, images, settings,
-                                                                        log=lambda s: print(s, flush=True))}
+    with atomic_directory(args.out, "manifest.json") as staging:
+        for name, steps in ((SOURCE, args.source_steps), (TARGET, args.target_steps)):
+            if args.towers is not None:
+                model = load_model(ModelSpec(name, checkpoint=args.towers / f"{name}.safetensors"))
+                log_lines[name] = {"reused": str(args.towers / f"{name}.safetensors")}
+            else:
+                model = load_model(ModelSpec(name, init_seed=args.seed))
+                settings = PretrainSettings(steps=steps, seed=args.seed)
+                log_lines[name] = {"settings": asdict(settings), **pretrain(model, scenes, images, settings, log=say)}
+                round_to_fp16(model)
             save_weights(model, staging / f"{name}.safetensors")
-            if name == "TM-Demo-Source":
+            if name == SOURCE:
                 for task in TASKS.values():
-                    tuned = finetune(model, task, FinetuneSettings(seed=args.seed), log=lambda s: print(s, flush=True))
-                    save_weights(tuned, staging / f"TM-Demo-Source-ft-{task.name}.safetensors")
+                    tuned = finetune(model, task, finetune_settings, log=say)
+                    save_weights(tuned, staging / f"{finetuned_name(task.name)}.safetensors")
         log_lines["total_seconds"] = time.perf_counter() - started
         (staging / "training_log.json").write_text(json.dumps(log_lines, indent=2) + "\n")
-    print(f"done in {log_lines['total_seconds']:.0f} s -> {args.out}")
+        write_weights_manifest(staging, list(TASKS), reference_accuracy(staging, list(TASKS.values())))
+    say(f"done in {log_lines['total_seconds']:.0f} s -> {args.out}")
     return 0
 
 

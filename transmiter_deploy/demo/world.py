@@ -24,7 +24,7 @@ COLOURS = {
 TEXTURES = ("solid", "striped", "dotted", "checkered", "hatched", "ringed")
 SIZES = ("small", "large")
 BACKGROUNDS = {"black": (15, 15, 15), "white": (235, 235, 235), "grey": (120, 120, 120), "sand": (200, 180, 140)}
-STYLES = ("photo", "sketch", "noisy", "dim")
+STYLES = ("photo", "sketch", "noisy", "dim", "dusk", "tinted", "foggy")
 
 CAPTION_TEMPLATES = (
     "a {style} of a {size} {colour} {texture} {shape} on a {background} background",
@@ -33,8 +33,13 @@ CAPTION_TEMPLATES = (
     "a {style} of a {texture} {colour} {shape}",
     "a {colour} {texture} {shape}",
 )
-STYLE_WORDS = {"photo": "photo", "sketch": "sketch", "noisy": "noisy photo", "dim": "dark photo"}
+STYLE_WORDS = {"photo": "photo", "sketch": "sketch", "noisy": "noisy photo", "dim": "dark photo",
+               "dusk": "dark photo", "tinted": "photo", "foggy": "photo"}
 
+HUE_SHIFT = 12  # of 256 (about 17 degrees): a white-balance fault
+FOG = 0.5  # share of the fog's grey in every pixel
+DUSK_CAST = (0.7, 0.6, 0.4)  # per-channel gain of warm low light
+TINT_NOISE = 6.0
 RENDER_SCALE = 2  # draw at twice the size, then downsample: cheap anti-aliasing
 
 
@@ -128,6 +133,22 @@ def _texture(texture: str, colour: tuple[int, int, int], side: int, rng: np.rand
     return np.where(on[..., None], base, pale).astype(np.uint8)
 
 
+def _light(canvas: np.ndarray, style: str, rng: np.random.Generator) -> np.ndarray:
+    """The camera and lighting of a style, applied to the drawn scene (float RGB)."""
+    if style == "noisy":
+        return canvas + rng.normal(0, 60, size=canvas.shape)
+    if style == "dim":  # a random cast per image: lighting variety for pretraining
+        cast = np.array([0.35, 0.6, 0.9], dtype=np.float32)[rng.permutation(3)]
+        return canvas * cast * 0.5 + 20
+    if style == "dusk":  # one warm cast for every image: errors are systematic, as a real shift's are
+        return canvas * np.array(DUSK_CAST, dtype=np.float32) + 12 + rng.normal(0, TINT_NOISE, size=canvas.shape)
+    if style == "foggy":
+        return (1 - FOG) * canvas + FOG * 170.0 + rng.normal(0, 4, size=canvas.shape)
+    if style == "tinted":
+        return canvas + rng.normal(0, TINT_NOISE, size=canvas.shape)
+    return canvas + rng.normal(0, 6, size=canvas.shape)
+
+
 def render(scene: Scene, size: int = 48) -> Image.Image:
     """Render a scene to an RGB image of ``size`` x ``size`` pixels."""
     rng = np.random.default_rng(scene.seed)
@@ -152,12 +173,10 @@ def render(scene: Scene, size: int = 48) -> Image.Image:
     colour = COLOURS[scene.colour]
     fill = np.array(colour, dtype=np.float32) if scene.style == "sketch" else _texture(scene.texture, colour, side, rng).astype(np.float32)
     canvas = canvas * (1 - mask) + fill * mask
-    if scene.style == "noisy":
-        canvas = canvas + rng.normal(0, 60, size=canvas.shape)
-    elif scene.style == "dim":
-        cast = np.array([0.35, 0.6, 0.9], dtype=np.float32)[rng.permutation(3)]
-        canvas = canvas * cast * 0.5 + 20
-    else:
-        canvas = canvas + rng.normal(0, 6, size=canvas.shape)
+    canvas = _light(canvas, scene.style, rng)
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    if scene.style == "tinted":
+        hsv = np.asarray(image.convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + HUE_SHIFT) % 256
+        image = Image.fromarray(hsv, "HSV").convert("RGB")
     return image.resize((size, size), Image.Resampling.BILINEAR)
