@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import traceback
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -208,48 +207,20 @@ def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_
       transmiter extract --source-cache c/b16 --source-head h/b16 \\
           --teacher-cache c/b16-ft --teacher-head h/b16-ft --out adapters/b16
     """
-    from .adapter import AdapterConfig
-    from .adapter_artifact import AdapterArtifact, save_adapter
-    from .cache import check_same_images, load_cache, zero_shot_logits
-    from .extraction import ExtractionSettings, extract as run_extract
+    from .adapter_artifact import save_adapter
+    from .cache import load_cache
+    from .extraction import ExtractionSettings
     from .heads import load_head
+    from .phases import extract_adapter
 
-    src_cache, src_head = load_cache(source_cache), load_head(source_head)
-    ft_cache, ft_head = load_cache(teacher_cache), load_head(teacher_head)
-    check_same_images(src_cache, ft_cache)
-    if ft_head.class_names != src_head.class_names:
-        raise InputError("the teacher head's classes differ from the source head's task classes")
-    source_logits = zero_shot_logits(src_cache, src_head)
-    teacher_logits = zero_shot_logits(ft_cache, ft_head)[:, : ft_head.num_task_classes]
-    width = len(src_head.all_class_names)
-    config = AdapterConfig(
-        num_task_classes=src_head.num_task_classes,
-        logit_width=width,
-        latent_dim=latent_dim or width,
-        mlp_ratio=mlp_ratio,
-        num_layers=layers,
-    )
+    src_cache = load_cache(source_cache)
     settings = ExtractionSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                   teacher_temperature=temperature, orthogonal_map=orthogonal_map, seed=seed)
-    adapter, history = run_extract(source_logits, teacher_logits, config, settings, progress=_progress())
-    artifact = AdapterArtifact(
-        adapter=adapter,
-        class_names=src_head.class_names,
-        auxiliary_names=src_head.auxiliary_names,
-        stage="extracted",
-        source_model=src_head.model,
-        provenance={"extraction": {
-            "settings": settings.to_dict(),
-            "num_samples": len(src_cache),
-            "loss_per_epoch": history,
-            "source_cache_fingerprint": src_cache.fingerprint,
-            "source_head_sha256": src_head.weights_sha256,
-            "teacher_model": ft_head.model.to_dict(),
-            "teacher_head_sha256": ft_head.weights_sha256,
-        }},
-    )
+    artifact, history = extract_adapter(src_cache, load_head(source_head), load_cache(teacher_cache),
+                                        load_head(teacher_head), latent_dim, mlp_ratio, layers, settings,
+                                        progress=_progress())
     save_adapter(artifact, out)
-    click.echo(f"extracted adapter on {src_head.model.describe()} ({len(src_cache)} samples, "
+    click.echo(f"extracted adapter on {artifact.source_model.describe()} ({len(src_cache)} samples, "
                f"final loss {history[-1]:.4f}) -> {out}")
 
 
@@ -274,39 +245,16 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
       transmiter transfer --adapter adapters/b16 --source-cache c/b16 --source-head h/b16 \\
           --target-cache c/l14 --target-head h/l14 --out adapters/l14
     """
-    from .adapter_artifact import check_adapter_head, check_class_list, load_adapter, save_adapter
-    from .cache import check_same_images, load_cache, zero_shot_logits
+    from .adapter_artifact import load_adapter, save_adapter
+    from .cache import load_cache
     from .heads import load_head
-    from .transfer import transfer as run_transfer
+    from .phases import transfer_adapter
 
     artifact = load_adapter(adapter_dir)
-    src_cache, src_head = load_cache(source_cache), load_head(source_head)
-    tgt_cache, tgt_head = load_cache(target_cache), load_head(target_head)
-    check_adapter_head(artifact, src_head, "source head")
-    check_class_list(artifact, tgt_head, "target head")
-    check_same_images(src_cache, tgt_cache)
-    result = run_transfer(
-        artifact.adapter,
-        zero_shot_logits(src_cache, src_head),
-        zero_shot_logits(tgt_cache, tgt_head),
-        regularisation=regularisation,
-        lambda_mode=lambda_mode,
-    )
-    moved = replace(
-        artifact,
-        adapter=result.adapter,
-        stage="transferred",
-        target_model=tgt_head.model,
-        weights_sha256=None,
-        provenance={**artifact.provenance, "transfer": {
-            **result.provenance(),
-            "source_head_sha256": src_head.weights_sha256,
-            "target_head_sha256": tgt_head.weights_sha256,
-            "cache_fingerprint": src_cache.fingerprint,
-        }},
-    )
+    moved, result = transfer_adapter(artifact, load_cache(source_cache), load_head(source_head),
+                                     load_cache(target_cache), load_head(target_head), regularisation, lambda_mode)
     save_adapter(moved, out)
-    click.echo(f"transferred {artifact.source_model.describe()} -> {tgt_head.model.describe()} "
+    click.echo(f"transferred {artifact.source_model.describe()} -> {moved.target_model.describe()} "
                f"({result.num_samples} samples, lambda {regularisation:g} [{lambda_mode}]) -> {out}")
 
 
@@ -329,35 +277,18 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
     Example:
       transmiter plus --adapter adapters/l14 --cache c/l14-fewshot --head h/l14 --shots 4 --out adapters/l14-plus
     """
-    from .adapter_artifact import check_adapter_head, load_adapter, save_adapter
-    from .cache import load_cache, zero_shot_logits
+    from .adapter_artifact import load_adapter, save_adapter
+    from .cache import load_cache
     from .heads import load_head
-    from .plus import PlusSettings, few_shot_indices, train_plus
+    from .phases import plus_adapter
+    from .plus import PlusSettings
 
-    artifact = load_adapter(adapter_dir)
-    labelled, target_head = load_cache(cache_dir), load_head(head_dir)
-    check_adapter_head(artifact, target_head, "head")
-    logits = zero_shot_logits(labelled, target_head)
-    labels = labelled.labels
-    if shots is not None:
-        chosen = few_shot_indices(labels, shots, seed, num_classes=len(artifact.class_names))
-        logits, labels = logits[chosen], labels[chosen]
     settings = PlusSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             keep_orthogonal=not free_basis, seed=seed)
-    refined, history = train_plus(artifact.adapter, logits, labels, settings, progress=_progress())
-    result = replace(
-        artifact,
-        adapter=refined,
-        stage="plus",
-        weights_sha256=None,
-        provenance={**artifact.provenance, "plus": {
-            "settings": settings.to_dict(), "shots": shots, "num_samples": int((labels >= 0).sum()),
-            "loss_per_epoch": history, "cache_fingerprint": labelled.fingerprint,
-            "head_sha256": target_head.weights_sha256,
-        }},
-    )
+    result, history, num_samples = plus_adapter(load_adapter(adapter_dir), load_cache(cache_dir), load_head(head_dir),
+                                                shots, settings, progress=_progress())
     save_adapter(result, out)
-    click.echo(f"TransMiter+ on {int((labels >= 0).sum())} labelled samples, final loss {history[-1]:.4f} -> {out}")
+    click.echo(f"TransMiter+ on {num_samples} labelled samples, final loss {history[-1]:.4f} -> {out}")
 
 
 @cli.command()
@@ -455,6 +386,38 @@ def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_d
                                log=lambda line: click.echo(line, err=True))
     click.echo(format_report(report))
     click.echo(f"exported to {out}")
+
+
+@cli.command("export")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory (default: export/out/<recipe name>).")
+@click.option("--force", is_flag=True, help="Redo every step, even those whose inputs are unchanged.")
+@click.option("--check", is_flag=True, help="Only validate the recipe (and its files), then stop.")
+def export(recipe_path, out, force, check):
+    """Run a recipe end to end: caches, adapter (extract, transfer, TransMiter+), fused ONNX
+    (fp32, fp16), parity, TensorRT engines where possible, and report.md / report.json.
+
+    Re-running skips every step whose inputs are unchanged. See docs/recipes.md.
+
+    \b
+    Example:
+      transmiter export export/recipes/demo.yaml
+    """
+    from .export_pipeline import run_export
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if check:
+        click.echo(f"recipe {recipe_path} is valid")
+        return
+    out = out or Path("export") / "out" / recipe.name
+    outcome = run_export(recipe, out, force=force, progress=_progress(),
+                         log=lambda line: click.echo(line, err=True))
+    for step in outcome.steps:
+        if step.status == "unavailable":
+            click.echo(f"skipped {step.name}: {step.detail}", err=True)
+    click.echo(f"artifacts: {outcome.export_dir}")
+    click.echo(f"report:    {out / 'report.md'}")
 
 
 # ----------------------------------------------------------------------------- entry point

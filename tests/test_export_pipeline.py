@@ -1,0 +1,104 @@
+"""`transmiter export`: the demo recipe end to end on CPU, incremental re-runs, the lock."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from transmiter_deploy.cli import main
+from transmiter_deploy.errors import InputError
+from transmiter_deploy.export_pipeline import _exclusive, run_export
+from transmiter_deploy.recipe import load_recipe
+
+SMALL_DEMO = """\
+name: small-demo
+source: {name: TM-Demo-Source, demo_weights: TM-Demo-Source}
+finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-colours-tinted}
+target: {name: TM-Demo-Target, demo_weights: TM-Demo-Target}
+data: {demo_task: colours-tinted, train_per_class: 40, test_per_class: 8}
+head: {logit_width: 64}
+extraction: {epochs: 3}
+transfer: {regularisation: 500}
+plus: {shots: 2, epochs: 2}
+export: {precisions: [fp32, fp16], batch: {min: 1, opt: 4, max: 8}}
+"""
+
+TENSORRT_HERE = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def small_recipe(tmp_path: Path, text: str = SMALL_DEMO):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
+def statuses(outcome) -> dict[str, str]:
+    return {step.name: step.status for step in outcome.steps}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("export")
+    recipe = small_recipe(tmp_path)
+    return recipe, run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
+
+
+def test_the_demo_recipe_runs_to_the_end_on_cpu(first_run):
+    recipe, outcome = first_run
+    out = outcome.out_dir
+    ran = statuses(outcome)
+    assert all(ran[name] == "ran" for name in ("data", "cache-target-train", "extract", "transfer", "plus", "onnx"))
+    manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx", "head.onnx", "model_fp16.onnx", "head_fp16.onnx"}
+    assert manifest["adapter"]["stage"] == "plus" and manifest["class_names"][0] == "red"
+    report = json.loads((out / "report.json").read_text())
+    assert [row["model"] for row in report["accuracy"]] == ["source zero-shot", "source fine-tuned", "target zero-shot",
+                                                           "target + TransMiter", "target + TransMiter+"]
+    assert all(c["passed"] for c in report["parity"]["checks"].values() if c["required"])
+    markdown = (out / "report.md").read_text()
+    assert "## Accuracy" in markdown and "## Parity" in markdown and "| onnx | ran |" in markdown
+    plan = json.loads((out / "engines" / "trtexec.json").read_text())
+    if not TENSORRT_HERE:
+        assert ran["tensorrt"] == "unavailable" and plan["reason_not_built"]
+        command = plan["commands"]["model_fp16.engine"]
+        assert "--stronglyTyped" in command and "--maxShapes=pixel_values:8x3x48x48" in command
+
+
+def test_a_rerun_skips_every_step_and_a_changed_setting_redoes_only_what_depends_on_it(first_run, tmp_path):
+    recipe, outcome = first_run
+    again = run_export(recipe, outcome.out_dir, progress=False, log=lambda _: None)
+    assert {status for name, status in statuses(again).items() if name != "tensorrt"} == {"skipped"}
+    assert again.accuracy == outcome.accuracy
+
+    changed = small_recipe(tmp_path, SMALL_DEMO.replace("regularisation: 500", "regularisation: 50"))
+    redo = statuses(run_export(changed, outcome.out_dir, progress=False, log=lambda _: None))
+    assert {name for name, status in redo.items() if status == "ran"} == {"transfer", "plus", "evaluate", "onnx"}
+    assert redo["extract"] == redo["cache-source-train"] == redo["head-target"] == "skipped"
+
+
+def test_force_redoes_a_step_whose_inputs_are_unchanged(first_run):
+    recipe, outcome = first_run
+    forced = run_export(recipe, outcome.out_dir, force=True, progress=False, log=lambda _: None)
+    assert statuses(forced)["extract"] == "ran"
+
+
+def test_a_second_concurrent_export_to_the_same_directory_is_refused(tmp_path):
+    recipe = small_recipe(tmp_path)
+    with _exclusive(tmp_path / "out"):
+        with pytest.raises(InputError, match="another transmiter export is writing to"):
+            run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
+
+
+def test_cli_validates_recipes_and_reports_bad_ones_in_one_line(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(SMALL_DEMO)
+    assert main(["export", str(good), "--check"]) == 0
+    assert "is valid" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMALL_DEMO.replace("extraction: {epochs: 3}", "extraction: {epoch: 3}"))
+    assert main(["export", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "extraction.epoch: unknown key (did you mean 'epochs'?)" in err
+    assert not (Path("export") / "out" / "small-demo").exists()
