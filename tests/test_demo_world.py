@@ -7,7 +7,6 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from transmiter_deploy.demo.tasks import TASKS, auxiliary_phrases, demo_words, get_task, write_split
 from transmiter_deploy.demo.tokenizer import CONTEXT_LENGTH, DEMO_WORDS, demo_tokenizer

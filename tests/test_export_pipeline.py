@@ -57,24 +57,32 @@ def test_the_demo_recipe_runs_to_the_end_on_cpu(first_run):
     assert [row["model"] for row in report["accuracy"]] == ["source zero-shot", "source fine-tuned", "target zero-shot",
                                                            "target + TransMiter", "target + TransMiter+"]
     assert all(c["passed"] for c in report["parity"]["checks"].values() if c["required"])
+    validated = {(row["candidate"], row["graph"]): row for row in report["validation"]}
+    assert {("onnxruntime-cpu", "model.onnx"), ("onnxruntime-cpu", "model_fp16.onnx")} <= set(validated)
+    assert all(row["passed"] for row in validated.values())
+    assert validated["onnxruntime-cpu", "model.onnx"]["max_abs"] <= 1e-4
     markdown = (out / "report.md").read_text()
-    assert "## Accuracy" in markdown and "## Parity" in markdown and "| onnx | ran |" in markdown
-    plan = json.loads((out / "engines" / "trtexec.json").read_text())
+    assert "## Accuracy" in markdown and "## Parity" in markdown and "## Runtimes" in markdown
+    assert "| onnx | ran |" in markdown
+    plan = json.loads((out / "engines" / "model_fp16.engine.json").read_text())
+    assert plan["onnx_sha256"] == manifest["files"]["model_fp16.onnx"]["sha256"]
+    assert plan["input"]["shapes"] == {"min": [1, 3, 48, 48], "opt": [4, 3, 48, 48], "max": [8, 3, 48, 48]}
     if not TENSORRT_HERE:
-        assert ran["tensorrt"] == "unavailable" and plan["reason_not_built"]
-        command = plan["commands"]["model_fp16.engine"]
-        assert "--stronglyTyped" in command and "--maxShapes=pixel_values:8x3x48x48" in command
+        assert ran["tensorrt-model_fp16.onnx"] == ran["tensorrt-model.onnx"] == "unavailable"
+        assert plan["built"] is False and plan["reason_not_built"]
+        assert "--stronglyTyped" in plan["trtexec"] and "--maxShapes=pixel_values:8x3x48x48" in plan["trtexec"]
 
 
 def test_a_rerun_skips_every_step_and_a_changed_setting_redoes_only_what_depends_on_it(first_run, tmp_path):
     recipe, outcome = first_run
     again = run_export(recipe, outcome.out_dir, progress=False, log=lambda _: None)
-    assert {status for name, status in statuses(again).items() if name != "tensorrt"} == {"skipped"}
+    assert {status for name, status in statuses(again).items() if not name.startswith("tensorrt")} == {"skipped"}
     assert again.accuracy == outcome.accuracy
 
     changed = small_recipe(tmp_path, SMALL_DEMO.replace("regularisation: 500", "regularisation: 50"))
     redo = statuses(run_export(changed, outcome.out_dir, progress=False, log=lambda _: None))
-    assert {name for name, status in redo.items() if status == "ran"} == {"transfer", "plus", "evaluate", "onnx"}
+    assert {name for name, status in redo.items() if status == "ran"} == {"transfer", "plus", "evaluate", "onnx",
+                                                                          "validate"}
     assert redo["extract"] == redo["cache-source-train"] == redo["head-target"] == "skipped"
 
 

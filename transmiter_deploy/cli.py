@@ -420,6 +420,32 @@ def export(recipe_path, out, force, check):
     click.echo(f"report:    {out / 'report.md'}")
 
 
+@cli.command("build-engine")
+@click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file to write (its manifest: OUT.json).")
+@click.option("--min-batch", type=int, default=1, show_default=True)
+@click.option("--opt-batch", type=int, default=8, show_default=True)
+@click.option("--max-batch", type=int, default=32, show_default=True)
+@click.option("--workspace-mib", type=click.IntRange(1, None), default=4096, show_default=True)
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Persistent timing cache (default: beside the engine).")
+def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, workspace_mib, timing_cache):
+    """Build a strongly typed TensorRT engine from an exported graph (model.onnx -> fp32 engine,
+    model_fp16.onnx -> fp16 engine) with one optimisation profile over the batch range.
+
+    Without TensorRT or a GPU: exits with status 3 and writes OUT.json with the equivalent
+    trtexec command, to build the engine elsewhere.
+
+    \b
+    Example:
+      transmiter build-engine export/out/demo/onnx/model_fp16.onnx --out engines/demo_fp16.engine --max-batch 64
+    """
+    from .tensorrt_engine import BatchProfile, build_engine
+
+    manifest = build_engine(onnx_path, out, BatchProfile(min_batch, opt_batch, max_batch), workspace_mib, timing_cache,
+                            log=lambda line: click.echo(line, err=True))
+    click.echo(f"built {out} (TensorRT {manifest['tensorrt_version']}, {manifest['gpu']['name']})")
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

@@ -28,6 +28,7 @@ import torch
 from .artifacts import atomic_directory, read_json, sha256_file, write_json
 from .errors import DependencyError, InputError
 from .recipe import ModelRef, Recipe
+from .runners import tensorrt_available
 
 REPORT_FORMAT = "transmiter-export-report"
 
@@ -45,6 +46,8 @@ class ExportOutcome:
     out_dir: Path
     steps: list[StepRecord] = field(default_factory=list)
     accuracy: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    validation_skipped: list[str] = field(default_factory=list)
     export_dir: Path | None = None
 
 
@@ -316,7 +319,7 @@ def _run_steps(recipe: Recipe, out: Path, steps: Steps, outcome: ExportOutcome, 
         fp16 = False
     onnx_dir = out / "onnx"
     images = splits.get("test") or splits["train"]
-    steps.run(
+    onnx_key = steps.run(
         "onnx", {"adapter": final_key, "target": keys["target"], "head": head_keys["target"], "opset": export.opset,
                  "softmax": export.softmax, "fp16": fp16, "images": split_keys.get("test") or split_keys["train"]},
         [onnx_dir / "manifest.json"],
@@ -326,52 +329,94 @@ def _run_steps(recipe: Recipe, out: Path, steps: Steps, outcome: ExportOutcome, 
                                   log=log))
     outcome.export_dir = onnx_dir
 
-    # ---- TensorRT engines, where TensorRT and a GPU exist
-    _engines(recipe, out, onnx_dir, steps)
+    # ---- TensorRT engines, where TensorRT and a GPU exist (else their manifests hold trtexec commands)
+    engine_keys = _engines(recipe, out, onnx_dir, steps)
+
+    # ---- every available runtime against PyTorch, on the same images
+    def validate() -> None:
+        from .fusion import DeployedClassifier, FoldedHead
+        from .runners import InputSpec, OnnxRuntimeRunner, TorchRunner, compare, onnxruntime_providers
+
+        model = models["target"]
+        size = model.preprocess_config["image_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        classifier = DeployedClassifier(model.model.visual, FoldedHead(head("target"), load_adapter(adapters / final_stage)),
+                                        softmax=export.softmax)
+        reference = TorchRunner(classifier, InputSpec("pixel_values", (None, 3, height, width)))
+        pixels = parity_pixels(model, images, count=16).numpy()
+        graphs = sorted(name for name in read_json(onnx_dir / "manifest.json", "export manifest")["files"]
+                        if name.startswith("model"))
+        candidates, skipped = [], []
+        if "pytorch" in recipe.runtimes:
+            if torch.cuda.is_available():
+                import copy
+
+                candidates.append(TorchRunner(copy.deepcopy(classifier), reference.input_spec, device="cuda"))
+            else:
+                skipped.append("pytorch-cuda: no CUDA GPU is visible")
+        if "onnxruntime" in recipe.runtimes:
+            available = onnxruntime_providers()
+            for provider, ort_name in OnnxRuntimeRunner.PROVIDERS.items():
+                # ORT's TensorRT provider needs ORT >= 1.27 for TensorRT 11 (DESIGN.md section 4): the
+                # engines are validated through our own TensorRT runner instead
+                if provider == "tensorrt" or ort_name not in available:
+                    continue
+                for graph in graphs:
+                    try:
+                        candidates.append(OnnxRuntimeRunner(onnx_dir / graph, provider))
+                    except DependencyError as exc:
+                        skipped.append(f"onnxruntime-{provider}: {exc}")
+                        log(f"[skip] validate on onnxruntime-{provider}: {exc}")
+                        break
+        if "tensorrt" in recipe.runtimes:
+            if tensorrt_available() is None:
+                from .tensorrt_engine import TensorRTRunner
+
+                candidates += [TensorRTRunner(out / "engines" / graph.replace(".onnx", ".engine")) for graph in graphs]
+            else:
+                skipped.append(f"tensorrt: {tensorrt_available()}")
+        rows = [{"graph": c.graph, **compare(reference, c, pixels)} for c in candidates]
+        write_json(out / "validation.json", {"images": int(pixels.shape[0]), "rows": rows, "skipped": skipped})
+
+    steps.run("validate", {"onnx": onnx_key, "engines": engine_keys, "runtimes": list(recipe.runtimes),
+                           "providers": _providers()}, [out / "validation.json"], validate)
+    validation = read_json(out / "validation.json", "validation table")
+    outcome.validation, outcome.validation_skipped = validation["rows"], validation.get("skipped", [])
 
 
-def trtexec_commands(onnx_dir: Path, recipe: Recipe) -> dict[str, str]:
-    """The equivalent ``trtexec`` command per exported graph, for building elsewhere."""
-    manifest = read_json(onnx_dir / "manifest.json", "export manifest")
-    size = manifest["preprocess"]["image_size"]
-    height, width = (size, size) if isinstance(size, int) else size
-    batch = recipe.export.batch
-    shape = lambda n: f"pixel_values:{n}x3x{height}x{width}"  # noqa: E731
-    commands = {}
-    for name in manifest["files"]:
-        if not name.startswith("model"):
-            continue
-        engine = name.replace(".onnx", ".engine")
-        commands[engine] = (
-            f"trtexec --onnx={onnx_dir / name} --saveEngine={onnx_dir.parent / 'engines' / engine} --stronglyTyped "
-            f"--minShapes={shape(batch.min)} --optShapes={shape(batch.opt)} --maxShapes={shape(batch.max)} "
-            f"--memPoolSize=workspace:{recipe.export.workspace_mib}M --timingCacheFile={onnx_dir.parent / 'engines' / 'timing.cache'}"
-        )
-    return commands
+def _providers() -> list[str]:
+    from .runners import onnxruntime_providers
+
+    return onnxruntime_providers()
 
 
-def tensorrt_unavailable_reason() -> str | None:
-    """Why engines cannot be built on this host, or None when they can."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible"
-    return None
+def _engines(recipe: Recipe, out: Path, onnx_dir: Path, steps: Steps) -> list[str]:
+    """One engine per exported pixels graph (fp32 and mixed fp16), over the recipe's batch range;
+    returns the engine steps' keys (empty where none could be built)."""
+    from .tensorrt_engine import BatchProfile, build_engine, manifest_path
 
-
-def _engines(recipe: Recipe, out: Path, onnx_dir: Path, steps: Steps) -> None:
     if "tensorrt" not in recipe.runtimes:
-        return
-    commands = trtexec_commands(onnx_dir, recipe)
-    plan = out / "engines" / "trtexec.json"
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    reason = tensorrt_unavailable_reason()
-    write_json(plan, {"reason_not_built": reason, "commands": commands})
-    if reason is not None:
-        steps.unavailable("tensorrt", f"{reason}; the equivalent trtexec commands are in {plan}")
-        return
-    raise DependencyError("building TensorRT engines from `transmiter export` is not implemented yet; "
-                          f"build them with the trtexec commands in {plan}")
+        return []
+    keys = []
+    batch = recipe.export.batch
+    profile = BatchProfile(batch.min, batch.opt, batch.max)
+    export_manifest = read_json(onnx_dir / "manifest.json", "export manifest")
+    for graph in sorted(name for name in export_manifest["files"] if name.startswith("model")):
+        engine = out / "engines" / graph.replace(".onnx", ".engine")
+        reason = tensorrt_available()
+        if reason is not None:
+            try:
+                build_engine(onnx_dir / graph, engine, profile, recipe.export.workspace_mib)
+            except DependencyError:
+                pass  # expected here: the manifest now holds the trtexec command
+            steps.unavailable(f"tensorrt-{graph}", f"{reason}; trtexec command in {manifest_path(engine)}")
+            continue
+        keys.append(steps.run(f"tensorrt-{graph}", {"onnx": export_manifest["files"][graph]["sha256"], "profile": asdict(profile),
+                                        "workspace_mib": recipe.export.workspace_mib},
+                  [engine, manifest_path(engine)],
+                  lambda graph=graph, engine=engine: build_engine(onnx_dir / graph, engine, profile,
+                                                                  recipe.export.workspace_mib)))
+    return keys
 
 
 def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
@@ -381,6 +426,7 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
     payload = {
         "format": REPORT_FORMAT, "format_version": 1, "recipe": str(recipe.path), "name": recipe.name,
         "steps": [asdict(step) for step in outcome.steps], "accuracy": outcome.accuracy, "parity": parity,
+        "validation": outcome.validation, "validation_skipped": outcome.validation_skipped,
     }
     write_json(out / "report.json", payload)
     lines = [f"# Export report: {recipe.name}", "", f"Recipe: `{recipe.path}`. Artifacts: `{outcome.export_dir}`.", ""]
@@ -402,6 +448,13 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
                   f"| head + adapter (folded) | {macs['model'].get('head+adapter', 0):,} |",
                   f"| head + adapter, unfolded reference | {macs['head_unfolded']:,} |",
                   f"| overhead | {macs['overhead_percent']:.4f}% of the backbone |", ""]
+    if outcome.validation:
+        lines += ["## Runtimes against PyTorch (same images)", "",
+                  "| runtime | graph | precision | max abs | top-1 agreement | result |",
+                  "| --- | --- | --- | ---: | ---: | --- |"]
+        lines += [f"| {r['candidate']} | {r['graph']} | {r['precision']} | {r['max_abs']:.2e} | "
+                  f"{r['top1_agreement']:.2%} | {'pass' if r['passed'] else 'FAIL'} |" for r in outcome.validation]
+        lines += ["", *(f"Not run here: {reason}." for reason in outcome.validation_skipped), ""]
     lines += ["## Steps", "", "| step | status | seconds | detail |", "| --- | --- | ---: | --- |"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail} |" for s in outcome.steps]
     staging = out / ".report.md.tmp"

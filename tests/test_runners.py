@@ -1,0 +1,146 @@
+"""Runners and the comparator on real runtimes (PyTorch, ONNX Runtime CPU), the engine manifest
+check with hand-written manifests, and `build-engine` where TensorRT is missing. TensorRT's own
+tests run only where TensorRT and a GPU exist."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_head_and_adapter
+
+from transmiter_deploy.cli import main
+from transmiter_deploy.errors import DependencyError, InputError, IntegrityError
+from transmiter_deploy.fusion import DeployedClassifier, FoldedHead
+from transmiter_deploy.models import ModelSpec, load_model
+from transmiter_deploy.onnx_export import export_deployment, parity_pixels
+from transmiter_deploy.runners import InputSpec, OnnxRuntimeRunner, TorchRunner, compare, tensorrt_available
+from transmiter_deploy.tensorrt_engine import (
+    ENGINE_FORMAT,
+    BatchProfile,
+    build_engine,
+    check_engine_manifest,
+    manifest_path,
+)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    model = load_model(ModelSpec("TM-Tiny-ViT", init_seed=0))
+    head, artifact = make_head_and_adapter(model.model.visual.output_dim, 64, 6, model=model)
+    out = tmp_path_factory.mktemp("runners") / "export"
+    pixels = parity_pixels(model, None, count=6)
+    export_deployment(model, head, artifact, out, pixels, log=lambda _: None)
+    size = model.preprocess_config["image_size"][0]
+    torch_runner = TorchRunner(DeployedClassifier(model.model.visual, FoldedHead(head, artifact)),
+                               InputSpec("pixel_values", (None, 3, size, size)))
+    return out, torch_runner, pixels.numpy()
+
+
+def test_onnx_runtime_matches_pytorch_within_each_precision(export):
+    out, torch_runner, pixels = export
+    fp32 = compare(torch_runner, OnnxRuntimeRunner(out / "model.onnx"), pixels)
+    assert fp32["passed"] and fp32["precision"] == "fp32" and fp32["max_abs"] <= 1e-4
+    fp16 = compare(torch_runner, OnnxRuntimeRunner(out / "model_fp16.onnx"), pixels)
+    assert fp16["passed"] and fp16["precision"] == "fp16" and fp16["top1_agreement"] >= 0.995
+    assert fp16["max_abs"] > fp32["max_abs"]  # the fp16 graph really computes in reduced precision
+
+
+def test_comparator_fails_a_candidate_that_computes_something_else(export):
+    out, torch_runner, pixels = export
+
+    class Negated:  # same shapes, different numbers
+        name, graph, precision, input_spec = "negated", "-", "fp32", torch_runner.input_spec
+
+        def infer(self, batch):
+            return -torch_runner.infer(batch)
+
+    assert not compare(torch_runner, Negated(), pixels)["passed"]
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda p: p.astype(np.float64), "must be float32, got float64"),
+    (lambda p: p[0], "must have rank 4"),
+    (lambda p: p[:, :, :-1], r"must be \(N, 3, \d+, \d+\), got .* \(axis 2\)"),
+    (lambda p: p[:0], "batch 0 is outside 1..8"),
+    (lambda p: np.concatenate([p, p]), "batch 12 is outside 1..8"),
+    (lambda p: p.tolist(), "must be a numpy array"),
+])
+def test_every_runner_refuses_malformed_input_in_one_line(export, make_input, message):
+    out, torch_runner, pixels = export
+    for runner in (OnnxRuntimeRunner(out / "model.onnx", max_batch=8),
+                   TorchRunner(torch_runner.module, InputSpec("pixel_values", torch_runner.input_spec.shape, max_batch=8))):
+        with pytest.raises(InputError, match=message):
+            runner.infer(make_input(pixels))
+
+
+def test_unknown_provider_and_corrupt_graph_are_refused(export, tmp_path):
+    out, _, _ = export
+    if not torch.cuda.is_available():  # onnxruntime-gpu lists CUDA here but would run on the CPU
+        with pytest.raises(DependencyError, match="needs a CUDA GPU"):
+            OnnxRuntimeRunner(out / "model.onnx", provider="cuda")
+    with pytest.raises(InputError, match="unknown ONNX Runtime provider 'rocm'"):
+        OnnxRuntimeRunner(out / "model.onnx", provider="rocm")
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes((out / "model.onnx").read_bytes()[:1000])
+    with pytest.raises(InputError, match="ONNX Runtime cannot load"):
+        OnnxRuntimeRunner(broken)
+
+
+def hand_written_manifest(**changes):
+    manifest = {"format": ENGINE_FORMAT, "format_version": 1, "built": True, "tensorrt_version": "10.13.0.35",
+                "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+                "input": {"name": "pixel_values", "shapes": {}}, "onnx_sha256": "0" * 64}
+    manifest.update(changes)
+    return manifest
+
+
+def test_engine_manifest_must_match_the_running_tensorrt_and_gpu():
+    here = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    check_engine_manifest(hand_written_manifest(), "10.13.0.35", here, "m.json")
+    with pytest.raises(IntegrityError, match="built by TensorRT 10.13.0.35, this is TensorRT 11.0.0"):
+        check_engine_manifest(hand_written_manifest(), "11.0.0", here, "m.json")
+    with pytest.raises(IntegrityError, match=r"built for NVIDIA H100 80GB HBM3 \(sm 9.0\), this GPU is NVIDIA L4 \(sm 8.9\)"):
+        check_engine_manifest(hand_written_manifest(), "10.13.0.35", {"name": "NVIDIA L4", "compute_capability": "8.9"},
+                              "m.json")
+    with pytest.raises(InputError, match="no engine was built here"):
+        check_engine_manifest(hand_written_manifest(built=False, reason_not_built="no GPU"), "10.13.0.35", here, "m.json")
+    with pytest.raises(IntegrityError, match="newer than this"):
+        check_engine_manifest(hand_written_manifest(format_version=2), "10.13.0.35", here, "m.json")
+    broken = hand_written_manifest()
+    del broken["gpu"]
+    with pytest.raises(IntegrityError, match="missing key 'gpu'"):
+        check_engine_manifest(broken, "10.13.0.35", here, "m.json")
+
+
+def test_batch_profile_is_validated():
+    with pytest.raises(InputError, match="1 <= min <= opt <= max"):
+        BatchProfile(4, 2, 8)
+
+
+@pytest.mark.skipif(tensorrt_available() is None, reason="TensorRT and a GPU are present")
+def test_build_engine_without_tensorrt_exits_3_and_leaves_the_trtexec_command(export, tmp_path, capsys):
+    out, _, _ = export
+    engine = tmp_path / "engines" / "model.engine"
+    status = main(["build-engine", str(out / "model.onnx"), "--out", str(engine), "--max-batch", "16"])
+    err = capsys.readouterr().err.strip()
+    assert status == 3 and err.count("\n") == 0 and "no engine built" in err
+    assert not engine.exists()
+    manifest = json.loads(manifest_path(engine).read_text())
+    assert manifest["built"] is False and manifest["input"]["shapes"]["max"][0] == 16
+    assert manifest["trtexec"].startswith(f"trtexec --onnx={out / 'model.onnx'} --saveEngine={engine} --stronglyTyped")
+    assert main(["build-engine", str(tmp_path / "missing.onnx"), "--out", str(engine)]) == 2
+
+
+@pytest.mark.skipif(tensorrt_available() is not None, reason=f"needs TensorRT and a GPU ({tensorrt_available()})")
+def test_tensorrt_engine_matches_onnx_runtime(export, tmp_path):  # pragma: no cover - GPU hosts only
+    from transmiter_deploy.tensorrt_engine import TensorRTRunner
+
+    out, torch_runner, pixels = export
+    for graph in ("model.onnx", "model_fp16.onnx"):
+        engine = tmp_path / graph.replace(".onnx", ".engine")
+        build_engine(out / graph, engine, BatchProfile(1, 4, 8))
+        runner = TensorRTRunner(engine)
+        assert compare(torch_runner, runner, pixels)["passed"]
+        with pytest.raises(InputError, match="batch 12 is outside 1..8"):
+            runner.infer(np.concatenate([pixels, pixels]))
