@@ -110,3 +110,15 @@ def test_cli_validates_recipes_and_reports_bad_ones_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "extraction.epoch: unknown key (did you mean 'epochs'?)" in err
     assert not (Path("export") / "out" / "small-demo").exists()
+
+
+def test_a_failed_step_leaves_the_completed_ones_usable(tmp_path):
+    # 1,000 classes need more auxiliary names than the demo world has phrases: the head step fails
+    too_wide = small_recipe(tmp_path, SMALL_DEMO.replace("head: {logit_width: 64}", "head: {logit_width: 1000}"))
+    with pytest.raises(InputError, match="auxiliary"):
+        run_export(too_wide, tmp_path / "out", progress=False, log=lambda _: None)
+    assert not (tmp_path / "out" / "heads").exists() and not (tmp_path / "out" / "report.md").exists()
+    fixed = run_export(small_recipe(tmp_path), tmp_path / "out", progress=False, log=lambda _: None)
+    done = statuses(fixed)
+    assert done["data"] == done["cache-source-train"] == done["cache-target-test"] == "skipped"
+    assert done["head-source"] == done["onnx"] == "ran"

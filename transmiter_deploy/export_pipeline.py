@@ -148,7 +148,7 @@ class _Models:
         return self.loaded[tag]
 
 
-def _prepare_data(recipe: Recipe, out: Path, steps: Steps) -> tuple[dict[str, Path], dict[str, str], list[str],
+def _prepare_data(recipe: Recipe, out: Path, steps: Steps, progress: bool) -> tuple[dict[str, Path], dict[str, str], list[str],
                                                                      tuple[str, ...] | None, list[str] | None]:
     """Split locations, their content keys, the class names, the demo templates and vocabulary."""
     data = recipe.data
@@ -166,7 +166,7 @@ def _prepare_data(recipe: Recipe, out: Path, steps: Steps) -> tuple[dict[str, Pa
         def render() -> None:
             with atomic_directory(root, "data.json") as staging:
                 for split, per_class in sizes.items():
-                    write_split(task, split, staging / split, per_class)
+                    write_split(task, split, staging / split, per_class, progress=progress)
                 write_json(staging / "data.json", {"demo_task": task.name, "per_class": sizes})
 
         key = steps.run("data", {"task": task.name, "sizes": sizes, "renderer": renderer}, [root / "data.json"], render)
@@ -206,7 +206,7 @@ def _run_steps(recipe: Recipe, out: Path, steps: Steps, outcome: ExportOutcome, 
     from .templates import resolve_templates
     from .vocabulary import select_auxiliary
 
-    splits, split_keys, classes, task_templates, demo_vocabulary = _prepare_data(recipe, out, steps)
+    splits, split_keys, classes, task_templates, demo_vocabulary = _prepare_data(recipe, out, steps, progress)
     models = _Models(recipe)
     keys = {tag: model_key(ref) for tag, ref in models.refs.items()}
 

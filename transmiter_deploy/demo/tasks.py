@@ -72,10 +72,14 @@ def get_task(name: str) -> DemoTask:
 
 
 def write_split(task: DemoTask, split: str, out_dir: Path, per_class: int, size: int = 48, seed: int = 0,
-                base_only: bool = False) -> Path:
+                base_only: bool = False, progress: bool = False) -> Path:
     """Render a split as an ImageFolder tree (class directories in task order via a classes.txt)."""
+    from tqdm import tqdm
+
     out_dir = Path(out_dir)
-    for index, (scene, label) in enumerate(task.scenes(split, per_class, seed, base_only)):
+    scenes = task.scenes(split, per_class, seed, base_only)
+    for index, (scene, label) in enumerate(tqdm(scenes, desc=f"render {task.name} {split}", unit="img",
+                                                disable=not progress)):
         class_dir = out_dir / task.classes[label]
         class_dir.mkdir(parents=True, exist_ok=True)
         render(scene, size).save(class_dir / f"{index:05d}.png")
