@@ -148,8 +148,8 @@ class _Models:
         return self.loaded[tag]
 
 
-def _prepare_data(recipe: Recipe, out: Path, steps: Steps, progress: bool) -> tuple[dict[str, Path], dict[str, str], list[str],
-                                                                     tuple[str, ...] | None, list[str] | None]:
+def _prepare_data(recipe: Recipe, out: Path, steps: Steps, progress: bool) -> tuple[
+        dict[str, Path], dict[str, str], list[str], tuple[str, ...] | None, list[str] | None]:
     """Split locations, their content keys, the class names, the demo templates and vocabulary."""
     data = recipe.data
     if data.demo_task is not None:
@@ -199,7 +199,6 @@ def _run_steps(recipe: Recipe, out: Path, steps: Steps, outcome: ExportOutcome, 
     from .cache import build_cache, load_cache, zero_shot_logits
     from .datasets import open_dataset
     from .evaluation import base_to_novel
-    from .extraction import ExtractionSettings
     from .heads import build_head, load_head, save_head
     from .phases import extract_adapter, plus_adapter, transfer_adapter
     from .plus import PlusSettings
@@ -262,7 +261,7 @@ def _run_steps(recipe: Recipe, out: Path, steps: Steps, outcome: ExportOutcome, 
         lambda: save_adapter(extract_adapter(
             cache("source", "train"), head("source"), cache("teacher", "train"), head("teacher"),
             recipe.adapter.latent_dim, recipe.adapter.mlp_ratio, recipe.adapter.num_layers,
-            ExtractionSettings(**extraction.to_dict()), progress=progress)[0], adapters / "extracted"))
+            extraction, progress=progress)[0], adapters / "extracted"))
     transfer_key = steps.run(
         "transfer", {"extract": extract_key, "caches": [cache_keys["source", "train"], cache_keys["target", "train"]],
                      "heads": [head_keys["source"], head_keys["target"]], "settings": asdict(recipe.transfer)},
