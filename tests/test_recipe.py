@@ -67,6 +67,8 @@ def test_relative_paths_resolve_against_the_recipe_file(tmp_path):
      r"target: give exactly one .* \(got pretrained, init_seed\)"),
     (("{name: TM-Demo-Target, demo_weights: TM-Demo-Target}", "{name: TM-Demo-Target, checkpoint: gone.safetensors}"),
      r"target\.checkpoint: file not found"),
+    (("TM-Demo-Source-ft-colours-tinted}", "TM-Demo-Source-ft-cars}"),
+     r"finetuned\.demo_weights: not a shipped demo model: 'TM-Demo-Source-ft-cars' \(known: .*colours-tinted"),
     (("demo_task: colours-tinted", "demo_task: cars"), r"data\.demo_task: unknown demo task 'cars'"),
     (("data: {demo_task: colours-tinted}", "data: {}"), r"data: give data\.demo_task or data\.train"),
     (("source: {name: TM-Demo-Source, demo_weights: TM-Demo-Source}\n", ""), r"source: missing key"),

@@ -249,10 +249,12 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
         if check_files and ref.checkpoint is not None and not ref.checkpoint.is_file():
             raise reader.fail(f"{key}.checkpoint", f"file not found: {ref.checkpoint}")
         if ref.demo_weights is not None:
-            from .demo.weights import SOURCE, TARGET
+            from .demo.weights import shipped_weights_dir
 
-            if not ref.demo_weights.startswith((SOURCE, TARGET)):
-                raise reader.fail(f"{key}.demo_weights", f"not a demo model: '{ref.demo_weights}'")
+            shipped = sorted(p.stem for p in shipped_weights_dir().glob("*.safetensors"))
+            if ref.demo_weights not in shipped:
+                raise reader.fail(f"{key}.demo_weights", f"not a shipped demo model: '{ref.demo_weights}' "
+                                  f"(known: {', '.join(shipped)})")
     data = recipe.data
     if data.demo_task is not None:
         from .demo.tasks import TASKS
