@@ -20,6 +20,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -155,6 +156,11 @@ def decode_image(path: Path) -> tuple[Image.Image, str]:
     try:
         with Image.open(BytesIO(data)) as image:
             image.load()
+            if image.mode.startswith("I;16") or image.mode == "I":
+                # 16-bit greyscale: PIL's RGB conversion clips at 255 (an almost white image);
+                # keep the top 8 bits instead
+                wide = np.asarray(image, dtype=np.int64)
+                image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot decode image {path}: {exc}") from exc
