@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,15 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def _remove_stale_staging(out: Path, log: Callable[[str], None]) -> None:
+    """Staging directories left by a run that was killed (SIGKILL, power loss) never became
+    artifacts; under the lock no other export can be using them, so they go."""
+    for stale in sorted([*out.rglob(".*.partial"), *out.rglob(".*.old")], reverse=True):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            log(f"removed {stale} (left by an interrupted run)")
+
+
 def model_spec(ref: ModelRef):
     from .demo.weights import demo_model_spec, shipped_weights_dir, verify_weights
     from .models import ModelSpec
@@ -185,6 +195,7 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
     """Run a validated recipe; returns what ran, what was skipped and why, and the accuracy table."""
     out = Path(out_dir)
     with _exclusive(out):
+        _remove_stale_staging(out, log)
         steps = Steps(out, force, log)
         outcome = ExportOutcome(out)
         _run_steps(recipe, out, steps, outcome, progress, log)

@@ -1,0 +1,59 @@
+"""A `transmiter export` killed mid-write (SIGKILL: no cleanup code runs) damages nothing, and the
+next run clears its leftovers and completes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from transmiter_deploy.artifacts import sha256_file
+from transmiter_deploy.export_pipeline import run_export
+from transmiter_deploy.recipe import load_recipe
+
+RECIPE = """\
+name: killed
+source: {name: TM-Demo-Source, demo_weights: TM-Demo-Source}
+finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-colours-tinted}
+target: {name: TM-Demo-Target, demo_weights: TM-Demo-Target}
+data: {demo_task: colours-tinted, train_per_class: TRAIN, test_per_class: 4}
+head: {logit_width: 32}
+extraction: {epochs: 1}
+plus: {shots: 2, epochs: 1}
+export: {precisions: [fp32]}
+"""
+
+
+def snapshot(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out).parts)}
+
+
+def test_sigkill_mid_write_leaves_the_previous_export_intact(tmp_path):
+    first = tmp_path / "first.yaml"
+    first.write_text(RECIPE.replace("TRAIN", "10"))
+    out = tmp_path / "out"
+    run_export(load_recipe(first), out, progress=False, log=lambda _: None)
+    before = snapshot(out)
+
+    bigger = tmp_path / "bigger.yaml"  # more images: the data step re-renders for several seconds
+    bigger.write_text(RECIPE.replace("TRAIN", "400"))
+    process = subprocess.Popen([sys.executable, "-m", "transmiter_deploy.cli", "--quiet", "export", str(bigger),
+                                "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        if "[run ] data" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)  # inside the render: its staging directory exists and is half full
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert list(out.glob(".data.*.partial"))  # the half-written staging directory it left
+    assert snapshot(out) == before  # every artifact of the previous run is byte for byte intact
+    assert json.loads((out / "report.json").read_text())["name"] == "killed"
+
+    outcome = run_export(load_recipe(bigger), out, progress=False, log=lambda _: None)
+    assert not list(out.rglob(".*.partial"))
+    assert {step.name: step.status for step in outcome.steps}["data"] == "ran"
+    assert len(list((out / "data" / "train").rglob("*.png"))) == 400 * 8  # 400 per class, 8 colours
