@@ -4,6 +4,7 @@ awkward class names, extreme logits, broken graphs handed to the engine builder.
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -138,3 +139,29 @@ def test_nan_and_inf_logits_are_refused_naming_the_row(adapter_dir, bad):
     logits[1, 2] = bad
     with pytest.raises(InputError, match=r"test logits: 1 samples have NaN/inf logits \(first: row 1\)"):
         check_logits(logits, 8, "test logits")
+
+
+def test_constant_logits_sigma_zero_are_refused(adapter_dir):
+    from transmiter_deploy.adapter import check_logits
+
+    logits = torch.randn(4, 8)
+    logits[2] = 7.0  # every class equal: the standardisation would divide by zero
+    with pytest.raises(InputError, match="constant"):
+        check_logits(logits, 8, "test logits")
+
+
+def test_fp16_graph_stays_finite_on_extreme_pixels_where_fp32_does(tmp_path):
+    from transmiter_deploy.models import ModelSpec, load_model
+    from transmiter_deploy.onnx_export import export_deployment, parity_pixels
+    from transmiter_deploy.runners import OnnxRuntimeRunner
+
+    from conftest import make_head_and_adapter
+
+    model = load_model(ModelSpec("TM-Tiny-ViT", init_seed=0))
+    head, artifact = make_head_and_adapter(model.model.visual.output_dim, 64, 6, model=model)
+    export_deployment(model, head, artifact, tmp_path / "export", parity_pixels(model, None, count=4), log=lambda _: None)
+    extreme = (np.random.default_rng(0).standard_normal((4, 3, 32, 32)) * 50).astype(np.float32)
+    extreme[0] = 0.0  # a black frame (after normalisation): all features tiny
+    fp32 = OnnxRuntimeRunner(tmp_path / "export" / "model.onnx").infer(extreme)
+    fp16 = OnnxRuntimeRunner(tmp_path / "export" / "model_fp16.onnx").infer(extreme)
+    assert np.isfinite(fp32).all() and np.isfinite(fp16).all()
