@@ -115,20 +115,22 @@ def _remove_stale_staging(out: Path, log: Callable[[str], None]) -> None:
             log(f"removed {stale} (left by an interrupted run)")
 
 
-def model_spec(ref: ModelRef):
+def model_specs(recipe: Recipe) -> dict[str, Any]:
+    """The ModelSpec of source, teacher and target; the shipped demo weights are verified once."""
     from .demo.weights import demo_model_spec, shipped_weights_dir, verify_weights
     from .models import ModelSpec
 
-    if ref.demo_weights is not None:
+    refs: dict[str, ModelRef] = {"source": recipe.source, "teacher": recipe.finetuned, "target": recipe.target}
+    if any(ref.demo_weights is not None for ref in refs.values()):
         verify_weights(shipped_weights_dir())
-        return demo_model_spec(shipped_weights_dir(), ref.demo_weights)
-    return ModelSpec(ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
-                     init_seed=ref.init_seed if ref.init_seed is not None else 0)
+    return {tag: demo_model_spec(shipped_weights_dir(), ref.demo_weights) if ref.demo_weights is not None
+            else ModelSpec(ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
+                           init_seed=ref.init_seed if ref.init_seed is not None else 0)
+            for tag, ref in refs.items()}
 
 
-def model_key(ref: ModelRef) -> dict[str, Any]:
+def model_key(spec) -> dict[str, Any]:
     """What identifies a model's weights: the tag, or the checkpoint's content."""
-    spec = model_spec(ref)
     return {"name": spec.name, "pretrained": spec.pretrained, "init_seed": spec.init_seed,
             "checkpoint_sha256": sha256_file(spec.checkpoint) if spec.checkpoint else None}
 
@@ -146,15 +148,15 @@ def _tree_sha256(path: Path) -> str:
 class _Models:
     """Loads each model on first use only: a fully incremental re-run loads none."""
 
-    def __init__(self, recipe: Recipe) -> None:
-        self.refs = {"source": recipe.source, "teacher": recipe.finetuned, "target": recipe.target}
+    def __init__(self, specs: dict[str, Any]) -> None:
+        self.specs = specs
         self.loaded: dict[str, Any] = {}
 
     def __getitem__(self, tag: str):
         from .models import load_model
 
         if tag not in self.loaded:
-            self.loaded[tag] = load_model(model_spec(self.refs[tag]))
+            self.loaded[tag] = load_model(self.specs[tag])
         return self.loaded[tag]
 
 
@@ -217,8 +219,9 @@ def _run_steps(recipe: Recipe, out: Path, steps: Steps, outcome: ExportOutcome, 
     from .vocabulary import select_auxiliary
 
     splits, split_keys, classes, task_templates, demo_vocabulary = _prepare_data(recipe, out, steps, progress)
-    models = _Models(recipe)
-    keys = {tag: model_key(ref) for tag, ref in models.refs.items()}
+    specs = model_specs(recipe)
+    models = _Models(specs)
+    keys = {tag: model_key(spec) for tag, spec in specs.items()}
 
     # ---- feature caches: the models see each image once
     needed = [("source", "train"), ("teacher", "train"), ("target", "train")]

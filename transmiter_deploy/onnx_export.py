@@ -133,8 +133,8 @@ def to_mixed_fp16(fp32_path: Path, calibration: dict[str, np.ndarray],
     return model
 
 
-def ort_session(path: Path, reduced_precision: bool = False):
-    """A CPU ONNX Runtime session; the graph optimiser is off for fp16 graphs.
+def ort_session(path: Path, reduced_precision: bool = False, provider: str = "CPUExecutionProvider"):
+    """An ONNX Runtime session (CPU by default); the graph optimiser is off for fp16 graphs.
 
     ORT's CPU optimiser has crashed on AutoCast fp16 CLIP graphs (DESIGN.md section 4);
     without it the same graphs run correctly.
@@ -144,7 +144,7 @@ def ort_session(path: Path, reduced_precision: bool = False):
     options = ort.SessionOptions()
     if reduced_precision:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=[provider])
 
 
 def _run(session, array: np.ndarray) -> np.ndarray:

@@ -97,7 +97,6 @@ class OnnxRuntimeRunner:
                  "tensorrt": "TensorrtExecutionProvider"}
 
     def __init__(self, path: Path, provider: str = "cpu", max_batch: int | None = None) -> None:
-        import onnxruntime as ort
 
         if provider not in self.PROVIDERS:
             raise InputError(f"unknown ONNX Runtime provider '{provider}' (known: {', '.join(self.PROVIDERS)})")
@@ -109,12 +108,11 @@ class OnnxRuntimeRunner:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"ONNX graph not found: {path}")
-        options = ort.SessionOptions()
+        from .onnx_export import ort_session
+
         self.precision = "fp16" if "fp16" in path.name else "fp32"
-        if self.precision == "fp16":  # ORT's CPU optimiser has crashed on AutoCast graphs (DESIGN.md section 4)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=[self.PROVIDERS[provider]])
+            self.session = ort_session(path, self.precision == "fp16", self.PROVIDERS[provider])
         except Exception as exc:  # ORT raises its own exception types for corrupt graphs
             raise InputError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
         if self.PROVIDERS[provider] not in self.session.get_providers():
