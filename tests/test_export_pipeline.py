@@ -51,7 +51,8 @@ def test_the_demo_recipe_runs_to_the_end_on_cpu(first_run):
     ran = statuses(outcome)
     assert all(ran[name] == "ran" for name in ("data", "cache-target-train", "extract", "transfer", "plus", "onnx"))
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "head.onnx", "model_fp16.onnx", "head_fp16.onnx"}
+    assert set(manifest["files"]) == {"model.onnx", "head.onnx", "model_fp16.onnx", "head_fp16.onnx",
+                                 "head.safetensors"}
     assert manifest["adapter"]["stage"] == "plus" and manifest["class_names"][0] == "red"
     report = json.loads((out / "report.json").read_text())
     assert [row["model"] for row in report["accuracy"]] == ["source zero-shot", "source fine-tuned", "target zero-shot",

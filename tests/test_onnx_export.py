@@ -39,10 +39,11 @@ def exported(request, tmp_path_factory):
 def test_files_manifest_and_io_contract(exported):
     model, out, report = exported
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "head.onnx", "model_fp16.onnx", "head_fp16.onnx"}
+    assert set(manifest["files"]) == {"model.onnx", "head.onnx", "model_fp16.onnx", "head_fp16.onnx", "head.safetensors"}
     for name, entry in manifest["files"].items():
-        assert entry["sha256"] == sha256_file(out / name)
-        onnx.checker.check_model(onnx.load(out / name), full_check=True)
+        assert entry["sha256"] == sha256_file(out / name) and entry["bytes"] == (out / name).stat().st_size
+        if name.endswith(".onnx"):
+            onnx.checker.check_model(onnx.load(out / name), full_check=True)
     main = manifest["files"]["model.onnx"]
     assert main["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 32, 32]}]
     assert main["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", K]}]
@@ -151,8 +152,29 @@ def test_softmax_export_outputs_probabilities(tmp_path):
                                ExportSettings(softmax=True, fp16=False), log=lambda _: None)
     assert report.passed
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["output"] == "probabilities" and set(manifest["files"]) == {"model.onnx", "head.onnx"}
+    assert manifest["output"] == "probabilities" and set(manifest["files"]) == {"model.onnx", "head.onnx", "head.safetensors"}
     assert manifest["files"]["model.onnx"]["outputs"][0]["name"] == "probabilities"
     session = ort_session(tmp_path / "out" / "model.onnx")
     probabilities = session.run(None, {"pixel_values": pixels.numpy()})[0]
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_head_safetensors_alone_reproduces_the_folded_head(exported):
+    from transmiter_deploy.errors import IntegrityError
+    from transmiter_deploy.head_weights import head_logits_numpy, read_head_metadata
+
+    model, out, report = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    meta = read_head_metadata(out / "head.safetensors")
+    assert meta["format"] == "transmiter-deploy/head" and int(meta["num_task_classes"]) == K
+    assert int(meta["feature_dim"]) == manifest["feature_dim"] and meta["sigma_mode"] == manifest["adapter"]["sigma_mode"]
+    assert report.parity["checks"]["head_safetensors_vs_torch"]["passed"]
+    head, artifact = make_head_and_adapter(model.model.visual.output_dim, 64, K, model=model)
+    features = torch.randn(5, manifest["feature_dim"], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = FoldedHead(head, artifact)(torch.nn.functional.normalize(features, dim=-1)).numpy()
+    # raw (unnormalised) features: the file's consumer normalises them first
+    got = head_logits_numpy(out / "head.safetensors", 7.5 * features.numpy(), manifest["files"]["head.safetensors"]["sha256"])
+    assert np.abs(got - expected).max() <= 1e-4
+    with pytest.raises(IntegrityError, match="sha256"):
+        head_logits_numpy(out / "head.safetensors", features.numpy(), "0" * 64)

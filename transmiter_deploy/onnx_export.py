@@ -8,6 +8,8 @@ Artifacts written into one directory, atomically:
   strongly typed networks: fp16 weights and GEMMs, fp32 for the feature normalisation, the
   statistics (mean, sigma, the division by sigma) and the de-standardisation, fp32 I/O.
   Converted by NVIDIA ModelOpt AutoCast with those nodes named explicitly;
+- ``head.safetensors``: the folded head as plain tensors (:mod:`.head_weights`) for runtimes that
+  have the features and no ONNX interpreter (the C++ head backend in ``cpp/``);
 - ``manifest.json``: the I/O contract, preprocessing, class names, identities, hashes;
 - ``parity.json``: every comparison and the MAC table.
 
@@ -35,6 +37,7 @@ from .artifacts import atomic_directory, sha256_file, write_json, write_manifest
 from .errors import DependencyError, InputError, VerificationError
 from .fusion import DeployedClassifier, FoldedHead, UnfoldedHead
 from .graph_cost import count_macs
+from .head_weights import HEAD_FILE, HEAD_FORMAT, HEAD_FORMAT_VERSION, head_logits_numpy, write_head_safetensors
 from .heads import ZeroShotHead
 from .models import LoadedModel
 from .parity import compare_outputs
@@ -242,6 +245,8 @@ def export_deployment(
         ort_fp32 = _run(session, pixels.numpy())
         ort_fp32_odd = _run(session, pixels[:3].numpy())  # a second batch size: the axis is really dynamic
         ort_head = _run(ort_session(staging / "head.onnx"), features.numpy())
+        write_head_safetensors(folded, staging / HEAD_FILE)
+        tensors_head = head_logits_numpy(staging / HEAD_FILE, features.numpy())
         checks: dict[str, dict] = {}
 
         def check(name: str, result: dict, passed: bool, required: bool, criterion: str) -> None:
@@ -256,6 +261,10 @@ def export_deployment(
         check("onnx_fp32_dynamic_batch", result, result["max_abs"] <= FP32_LOGIT_ATOL, True, "batch 3 = batch N rows")
         result = compare_outputs(torch_head, ort_head)
         check("head_onnx_vs_torch", result, result["max_abs"] <= FP32_LOGIT_ATOL, True, f"max_abs <= {FP32_LOGIT_ATOL}")
+        # head.safetensors read back and computed in float64 numpy: the file alone defines the head
+        result = compare_outputs(torch_head, tensors_head.astype(np.float32))
+        check("head_safetensors_vs_torch", result, result["max_abs"] <= FP32_LOGIT_ATOL, True,
+              f"max_abs <= {FP32_LOGIT_ATOL}")
 
         files = ["model.onnx", "head.onnx"]
         if settings.fp16:
@@ -282,6 +291,12 @@ def export_deployment(
         write_json(staging / "parity.json", parity)
         config = artifact.adapter.config
         contract = {name: _io_contract(onnx.load(staging / name, load_external_data=False)) for name in files}
+        contract[HEAD_FILE] = {"tensor_format": HEAD_FORMAT, "tensor_format_version": HEAD_FORMAT_VERSION,
+                               "input": "image features [batch, feature_dim], raw or L2-normalised "
+                                        "(the runtime L2-normalises them, as model.onnx does)",
+                               "outputs": [{"name": "logits", "dtype": "float32",
+                                            "shape": ["batch", len(artifact.class_names)]}]}
+        files.append(HEAD_FILE)
         write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, {
             "files": {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size,
                              "precision": "mixed-fp16" if "fp16" in name else "fp32", **contract[name]}
