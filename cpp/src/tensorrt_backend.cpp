@@ -1,0 +1,173 @@
+// The TensorRT backend: a serialised engine (transmiter build-engine / the export's
+// engines/) on pixels, through the TensorRT 10+ name-based tensor API.
+//
+// Compiled only where NvInfer.h and the CUDA runtime are found (TRANSMITER_WITH_TENSORRT);
+// the project's own machines have neither, so this file is not compiled or run in its CI.
+// An engine runs only on the TensorRT version and GPU model that built it: the engine
+// manifest (<engine>.json, written by transmiter_deploy/tensorrt_engine.py) records both and
+// the engine's sha256, and loading refuses any mismatch (exit status 2), as Python does.
+#include <NvInfer.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
+
+#include "backends.hpp"
+#include "detail.hpp"
+
+namespace transmiter {
+namespace {
+
+class Logger final : public nvinfer1::ILogger {
+  void log(Severity severity, const char* message) noexcept override {
+    if (severity <= Severity::kERROR) std::fprintf(stderr, "TensorRT: %s\n", message);
+  }
+};
+
+void cuda_check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    detail::fail(ErrorKind::Dependency, std::string(what) + ": " + cudaGetErrorString(status));
+  }
+}
+
+std::string runtime_version() {
+  const int v = getInferLibVersion();  // major * 10000 + minor * 100 + patch (TensorRT 10)
+  return std::to_string(v / 10000) + "." + std::to_string((v / 100) % 100) + "." + std::to_string(v % 100);
+}
+
+// Python records trt.__version__ ("10.3.0" or "10.3.0.26"): compare major.minor.patch.
+bool same_version(const std::string& recorded, const std::string& here) {
+  return recorded == here || recorded.rfind(here + ".", 0) == 0;
+}
+
+template <typename T>
+struct Destroy {
+  void operator()(T* p) const { delete p; }
+};
+
+class TensorRTClassifier final : public Classifier {
+ public:
+  TensorRTClassifier(Manifest manifest, const Options& options) : Classifier(std::move(manifest)) {
+    const std::string engine_path =
+        options.engine.empty() ? manifest_.directory + "/../engines/model.engine" : options.engine;
+    const std::string manifest_path = engine_path + ".json";
+    std::vector<std::uint8_t> text = detail::read_file(manifest_path, "engine manifest", 1 << 24);
+    detail::EngineManifest engine_manifest =
+        detail::parse_engine_manifest(std::string(text.begin(), text.end()), manifest_path);
+    if (!engine_manifest.built) {
+      detail::input_error(manifest_path + ": no engine was built (" + engine_manifest.reason_not_built +
+                          "); build it with the trtexec command in that manifest");
+    }
+    if (!same_version(engine_manifest.tensorrt_version, runtime_version())) {
+      detail::input_error(manifest_path + ": engine built by TensorRT " + engine_manifest.tensorrt_version +
+                          ", this is TensorRT " + runtime_version() + "; rebuild it here");
+    }
+    int device = 0;
+    cuda_check(cudaGetDevice(&device), "no CUDA device");
+    cudaDeviceProp properties{};
+    cuda_check(cudaGetDeviceProperties(&properties, device), "cannot query the CUDA device");
+    const std::string capability = std::to_string(properties.major) + "." + std::to_string(properties.minor);
+    if (engine_manifest.gpu_name != properties.name || engine_manifest.compute_capability != capability) {
+      detail::input_error(manifest_path + ": engine built for " + engine_manifest.gpu_name + " (sm " +
+                          engine_manifest.compute_capability + "), this GPU is " + properties.name + " (sm " + capability +
+                          "); rebuild it here");
+    }
+    auto model = manifest_.files.find("model.onnx");
+    auto model_fp16 = manifest_.files.find("model_fp16.onnx");
+    const bool from_this_export = (model != manifest_.files.end() && model->second.sha256 == engine_manifest.onnx_sha256) ||
+                                  (model_fp16 != manifest_.files.end() && model_fp16->second.sha256 == engine_manifest.onnx_sha256);
+    if (!from_this_export) detail::input_error(manifest_path + ": the engine was not built from this export's graphs");
+    std::vector<std::uint8_t> plan = detail::read_file(engine_path, "TensorRT engine");
+    if (sha256_hex(plan.data(), plan.size()) != engine_manifest.engine_sha256) {
+      detail::input_error(engine_path + " does not match the sha256 in its manifest (truncated or modified)");
+    }
+    runtime_.reset(nvinfer1::createInferRuntime(logger_));
+    if (!runtime_) detail::fail(ErrorKind::Dependency, "cannot create a TensorRT runtime");
+    engine_.reset(runtime_->deserializeCudaEngine(plan.data(), plan.size()));
+    if (!engine_) detail::input_error("TensorRT cannot deserialise " + engine_path);
+    context_.reset(engine_->createExecutionContext());
+    if (!context_) detail::fail(ErrorKind::Dependency, "cannot create a TensorRT execution context");
+    for (int i = 0; i < engine_->getNbIOTensors(); ++i) {
+      const char* name = engine_->getIOTensorName(i);
+      (engine_->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT ? input_ : output_) = name;
+    }
+    if (input_.empty() || output_.empty() || input_ != engine_manifest.input_name) {
+      detail::input_error(engine_path + ": expected one input named '" + engine_manifest.input_name + "' and one output");
+    }
+    min_batch_ = engine_manifest.min_shape[0];
+    max_batch_ = engine_manifest.max_shape[0];
+    cuda_check(cudaStreamCreate(&stream_), "cannot create a CUDA stream");
+  }
+
+  ~TensorRTClassifier() override {
+    if (input_buffer_) cudaFree(input_buffer_);
+    if (output_buffer_) cudaFree(output_buffer_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  InputKind input_kind() const override { return InputKind::Pixels; }
+  Backend backend() const override { return Backend::TensorRT; }
+
+  Tensor classify(const Tensor& batch) override {
+    check_pixels(batch, manifest_);
+    const std::int64_t n = batch.shape[0];
+    if (n < min_batch_ || n > max_batch_) {
+      detail::input_error("batch " + std::to_string(n) + " is outside the engine's profile [" + std::to_string(min_batch_) +
+                          ", " + std::to_string(max_batch_) + "]");
+    }
+    nvinfer1::Dims dims{};
+    dims.nbDims = 4;
+    for (int i = 0; i < 4; ++i) dims.d[i] = batch.shape[i];
+    if (!context_->setInputShape(input_.c_str(), dims)) detail::input_error("TensorRT rejected input shape " + shape_string(batch.shape));
+    const nvinfer1::Dims out_dims = context_->getTensorShape(output_.c_str());
+    const std::int64_t k = static_cast<std::int64_t>(manifest_.class_names.size());
+    if (out_dims.nbDims != 2 || out_dims.d[0] != n || out_dims.d[1] != k) {
+      detail::fail(ErrorKind::Verification, "the engine's output shape does not match (batch, " + std::to_string(k) + ")");
+    }
+    Tensor out({n, k});
+    reserve(batch.data.size() * sizeof(float), out.data.size() * sizeof(float));
+    cuda_check(cudaMemcpyAsync(input_buffer_, batch.data.data(), batch.data.size() * sizeof(float), cudaMemcpyHostToDevice, stream_),
+               "copy to the GPU");
+    context_->setTensorAddress(input_.c_str(), input_buffer_);
+    context_->setTensorAddress(output_.c_str(), output_buffer_);
+    if (!context_->enqueueV3(stream_)) detail::fail(ErrorKind::Verification, "TensorRT execution failed");
+    cuda_check(cudaMemcpyAsync(out.data.data(), output_buffer_, out.data.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+               "copy from the GPU");
+    cuda_check(cudaStreamSynchronize(stream_), "TensorRT execution");
+    return out;  // logits, or probabilities when the exported graph ends in a softmax
+  }
+
+ private:
+  void reserve(std::size_t input_bytes, std::size_t output_bytes) {
+    if (input_bytes > input_capacity_) {
+      if (input_buffer_) cudaFree(input_buffer_);
+      input_buffer_ = nullptr;
+      cuda_check(cudaMalloc(&input_buffer_, input_bytes), "cudaMalloc");
+      input_capacity_ = input_bytes;
+    }
+    if (output_bytes > output_capacity_) {
+      if (output_buffer_) cudaFree(output_buffer_);
+      output_buffer_ = nullptr;
+      cuda_check(cudaMalloc(&output_buffer_, output_bytes), "cudaMalloc");
+      output_capacity_ = output_bytes;
+    }
+  }
+
+  Logger logger_;
+  std::unique_ptr<nvinfer1::IRuntime, Destroy<nvinfer1::IRuntime>> runtime_;
+  std::unique_ptr<nvinfer1::ICudaEngine, Destroy<nvinfer1::ICudaEngine>> engine_;
+  std::unique_ptr<nvinfer1::IExecutionContext, Destroy<nvinfer1::IExecutionContext>> context_;
+  std::string input_, output_;
+  std::int64_t min_batch_ = 1, max_batch_ = 1;
+  cudaStream_t stream_ = nullptr;
+  void* input_buffer_ = nullptr;
+  void* output_buffer_ = nullptr;
+  std::size_t input_capacity_ = 0, output_capacity_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Classifier> make_tensorrt_classifier(const Manifest& manifest, const Options& options) {
+  return std::unique_ptr<Classifier>(new TensorRTClassifier(manifest, options));
+}
+
+}  // namespace transmiter
