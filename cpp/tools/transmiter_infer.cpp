@@ -22,6 +22,7 @@ const char* kUsage =
     "                        [--backend head|onnxruntime|tensorrt] [--threads N] [--engine PATH]\n"
     "                        [--onnxruntime-library PATH] [--logits-out FILE.npy] [--pixels-out FILE.npy]\n"
     "                        [--preprocess-only] [--quiet]\n"
+    "       transmiter_infer --backends   (lists the backends built in)\n"
     "\n"
     "  --image FILE...       PNG/JPEG images, preprocessed as the manifest says (default backend: onnxruntime)\n"
     "  --features FILE.npy   image features (N, feature_dim), float32/float64, raw or L2-normalised (head backend)\n"
@@ -61,6 +62,14 @@ Arguments parse(int argc, char** argv) {
     };
     if (flag == "--help" || flag == "-h") {
       std::fputs(kUsage, stdout);
+      std::exit(0);
+    } else if (flag == "--backends") {  // the backends built into this binary, one line
+      using transmiter::Backend;
+      std::string line;
+      for (Backend b : {Backend::Head, Backend::OnnxRuntime, Backend::TensorRT}) {
+        if (transmiter::backend_built(b)) line += std::string(line.empty() ? "" : " ") + transmiter::backend_name(b);
+      }
+      std::printf("%s\n", line.c_str());
       std::exit(0);
     } else if (flag == "--manifest") {
       args.manifest = value();
