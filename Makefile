@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install test export bench demo-weights demo-accuracy clean
+.PHONY: help install test export bench bench-core demo-weights demo-accuracy clean
 
 .PHONY: cpp cpp-asan cpp-deps cpp-test
 
@@ -12,7 +12,8 @@ help:
 	@echo "make export   run the default export recipe (installs dependencies first)"
 	@echo "make test     run the test suite (installs dependencies first; builds and checks the C++ runtime)"
 	@echo "make cpp      build the C++ runtime (cpp/) into build/cpp; make cpp-deps installs its Debian packages (root)"
-	@echo "make bench    run the core speed benchmark"
+	@echo "make bench    latency/FLOPs/accuracy benchmark -> benchmarks/results/<host>/ (BENCH=full for the long sweep)"
+	@echo "make bench-core     speed of extraction and transfer on cached logits"
 	@echo "make demo-weights   retrain the demo world's CLIP models from scratch into DEMO_WEIGHTS (~17 min on 2 cores)"
 	@echo "make demo-accuracy  the method's accuracy table and checks on the demo world (DEMO_WEIGHTS=dir)"
 	@echo "make clean    remove the virtual environment and caches"
@@ -69,7 +70,12 @@ RECIPE ?= export/recipes/demo.yaml
 export: $(STAMP)
 	$(VENV)/bin/transmiter export $(RECIPE)
 
+BENCH ?= quick
+
 bench: $(STAMP)
+	$(VENV)/bin/transmiter bench --profile $(BENCH)
+
+bench-core: $(STAMP)
 	$(PY) benchmarks/bench_core.py
 
 # The shipped weights live in transmiter_deploy/demo/weights; regenerating writes elsewhere by

@@ -17,26 +17,9 @@ import time
 
 import torch
 
-from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
-from transmiter_deploy.adapter_artifact import AdapterArtifact
-from transmiter_deploy.heads import ZeroShotHead
-from transmiter_deploy.models import ModelIdentity, ModelSpec, load_model
+from transmiter_deploy.benchmark.variants import synthetic_head_and_adapter
+from transmiter_deploy.models import ModelSpec, load_model
 from transmiter_deploy.onnx_export import ExportSettings, export_deployment, format_report, parity_pixels
-
-
-def synthetic_head_and_adapter(model, width: int, classes: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    d = model.model.visual.output_dim
-    weight = torch.nn.functional.normalize(torch.randn(width, d, generator=generator), dim=1) * 100.0
-    names = [f"class {i}" for i in range(width)]
-    head = ZeroShotHead(weight, names[:classes], names[classes:], model.identity, ("{}",), 100.0)
-    adapter = TransMiterAdapter(AdapterConfig(num_task_classes=classes, logit_width=width, latent_dim=width), seed=seed)
-    with torch.no_grad():
-        for parameter in adapter.blocks.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
-    artifact = AdapterArtifact(adapter, head.class_names, head.auxiliary_names, "transferred",
-                               ModelIdentity("synthetic-source"), model.identity)
-    return head, artifact
 
 
 def main() -> int:

@@ -125,7 +125,7 @@ def test_training_and_experiment_pipeline_smoke(tmp_path):
                                   extraction_epochs=1, plus_epochs=1)
     rows = run_task(task, tmp_path, tmp_path / "work", settings)
     assert [r["model"] for r in rows] == ["source zero-shot", "source fine-tuned", "target zero-shot",
-                                          "target + TransMiter", "target + TransMiter+"]
+                                          "target + TransMiter", "target + TransMiter+", "target + EFT"]
     assert all(0 <= r["base"] <= 100 and 0 <= r["novel"] <= 100 for r in rows)
 
     weights = tmp_path / f"{finetuned_name(task.name)}.safetensors"

@@ -446,6 +446,50 @@ def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, worksp
     click.echo(f"built {out} (TensorRT {manifest['tensorrt_version']}, {manifest['gpu']['name']})")
 
 
+@cli.command("bench")
+@click.option("--profile", "profile_name", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="quick: batches 1 and 8 on CPU, fits 15 min on 2 cores; full: the long sweep.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Results folder (default: benchmarks/results/<host label>, e.g. cpu-2core).")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("build/bench"), show_default=True,
+              help="Exported graphs, rendered images and caches, reused between runs.")
+@click.option("--threads", type=click.IntRange(1, None), help="torch and ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--part", "parts", multiple=True, type=click.Choice(["latency", "flops", "accuracy"]),
+              help="Measure only these (repeatable; default: all three).")
+@click.option("--runtime", "runtimes", multiple=True,
+              type=click.Choice(["pytorch-cpu", "onnxruntime-cpu", "pytorch-cuda", "pytorch-cuda-graphs",
+                                 "onnxruntime-cuda", "tensorrt"]),
+              help="Time only these runtimes (repeatable; default: every one available here).")
+@click.option("--pair", "pairs", multiple=True,
+              type=click.Choice(["demo", "vit-b-32_to_vit-b-16", "rn50_to_vit-b-16", "vit-b-16_to_vit-l-14"]),
+              help="Only these source -> target pairs (repeatable; default: all).")
+@click.option("--no-plots", is_flag=True, help="Write RESULTS.md without the PNG plots (no matplotlib needed).")
+@click.option("--report-only", is_flag=True, help="Only rewrite RESULTS.md and plots from the JSON already in --out.")
+def bench(profile_name, out, work, threads, parts, runtimes, pairs, no_plots, report_only):
+    """Latency per runtime (backbone alone, fused TransMiter, unfolded, EFT, head alone), MACs per
+    component and the demo world's accuracy table: latency.json, flops.json, accuracy.json,
+    RESULTS.md and plots. Random weights for speed; GPU runtimes only where a GPU is visible.
+
+    \b
+    Examples:
+      transmiter bench                              # quick profile, everything
+      transmiter bench --profile full --part latency
+    """
+    import os
+
+    from .benchmark.report import write_report
+    from .benchmark.runtimes import RUNTIMES
+    from .benchmark.suite import PARTS, host_label, run_benchmark
+
+    out = out or Path("benchmarks") / "results" / host_label()
+    command = "transmiter " + " ".join(sys.argv[1:]) if sys.argv and "transmiter" in sys.argv[0] else "transmiter bench"
+    if not report_only:
+        run_benchmark(profile_name, out, work, threads or os.cpu_count() or 1, tuple(parts) or PARTS,
+                      tuple(runtimes) or RUNTIMES, tuple(pairs) or None,
+                      log=lambda line: click.echo(line, err=True), progress=_progress())
+    click.echo(f"results: {write_report(out, command, plots=not no_plots)}")
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

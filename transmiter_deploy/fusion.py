@@ -122,6 +122,19 @@ class UnfoldedHead(nn.Module):
         return self.adapter.task_logits(features @ self.weight.T)
 
 
+class ZeroShotTaskHead(nn.Module):
+    """Image features (N, d) -> the K task logits of the plain zero-shot head: the target
+    model without any adapter, the baseline every deployed overhead is measured against."""
+
+    def __init__(self, head: ZeroShotHead) -> None:
+        super().__init__()
+        self.register_buffer("weight", head.weight[: head.num_task_classes].clone())
+        self.eval()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight.T
+
+
 class Normalise(nn.Module):
     """L2 normalisation of the image feature, kept fp32 in every export."""
 

@@ -136,15 +136,26 @@ def to_mixed_fp16(fp32_path: Path, calibration: dict[str, np.ndarray],
     return model
 
 
-def ort_session(path: Path, reduced_precision: bool = False, provider: str = "CPUExecutionProvider"):
+def ort_session(path: Path, reduced_precision: bool = False, provider: str = "CPUExecutionProvider",
+                threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime session (CPU by default); the graph optimiser is off for fp16 graphs.
 
     ORT's CPU optimiser has crashed on AutoCast fp16 CLIP graphs (DESIGN.md section 4);
-    without it the same graphs run correctly.
+    without it the same graphs run correctly. ``threads`` sets the intra-op pool (one
+    sequential inter-op thread); None leaves ONNX Runtime's default (one per core).
+    ``spinning=False`` stops idle pool threads from busy-waiting after a run: needed
+    when several sessions take turns in one process, where one session's spinning
+    threads would steal the cores the next one runs on.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if reduced_precision:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=[provider])

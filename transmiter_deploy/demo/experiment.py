@@ -4,7 +4,8 @@ Renders the task's splits to image folders, caches features for the weak
 source, its fine-tuned copy and the target, builds heads, then runs
 extraction, transfer, TransMiter+ and base-to-novel evaluation, returning one
 row per model: zero-shot source, fine-tuned source, zero-shot target,
-target + TransMiter, target + TransMiter+.
+target + TransMiter, target + TransMiter+, and target + EFT (logit
+arithmetic with both source towers at inference, the method compared against).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from ..adapter import AdapterConfig
 from ..cache import build_cache, check_same_images, load_cache, zero_shot_logits
 from ..datasets import open_dataset
+from ..eft import eft_logits
 from ..evaluation import base_to_novel
 from ..extraction import ExtractionSettings, extract
 from ..heads import build_head
@@ -100,6 +102,9 @@ def run_task(task: DemoTask, weights_dir: Path, work_dir: Path,
             "target zero-shot": logits[("target", test)][:, :k],
             "target + TransMiter": moved.task_logits(logits[("target", test)]),
             "target + TransMiter+": plus.task_logits(logits[("target", test)]),
+            # the alternative transfer: needs both source towers at inference (see eft.py)
+            "target + EFT": eft_logits(logits[("target", test)][:, :k], logits[("teacher", test)],
+                                       logits[("source", test)][:, :k]),
         }
     return [{"task": task.name, "model": name, **base_to_novel(task_logits, test_labels)}
             for name, task_logits in rows.items()]

@@ -1,0 +1,82 @@
+"""ONNX graphs of every benchmark part, exported once and reused between runs.
+
+Each graph is exported through the same path as the deployed artifacts
+(:func:`transmiter_deploy.onnx_export.to_onnx`: TorchScript exporter, dynamic batch,
+onnxslim, full checker), so ONNX Runtime times exactly what ``transmiter export``
+ships. Exporting ViT-L-14 takes minutes, so graphs are cached under
+``<work>/graphs/<key>.onnx`` with a JSON record of the code and library versions
+that made them and the graph's MACs at batch 1; a record that does not match the
+current code, or a file whose sha256 differs from its record, is exported again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from ..artifacts import library_versions, sha256_file, write_json
+from ..graph_cost import count_macs
+from ..onnx_export import DEFAULT_OPSET, to_onnx
+from .variants import TargetGroup
+
+# Modules whose code shapes the exported graphs: a change to any of them re-exports.
+_GRAPH_SOURCES = ("fusion.py", "adapter.py", "onnx_export.py", "eft.py", "benchmark/variants.py")
+
+
+def code_digest() -> str:
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for name in _GRAPH_SOURCES:
+        digest.update(name.encode() + b"\0" + (package / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _record(key: str, opset: int) -> dict:
+    versions = library_versions()
+    return {"key": key, "opset": opset, "code_sha256": code_digest(),
+            "torch": versions.get("torch"), "onnx": versions.get("onnx"), "onnxslim": versions.get("onnxslim")}
+
+
+def _cached(path: Path, record_path: Path, expected: dict) -> dict | None:
+    if not (path.is_file() and record_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if any(record.get(name) != value for name, value in expected.items()):
+        return None
+    return record if record.get("sha256") == sha256_file(path) else None
+
+
+def export_graphs(group: TargetGroup, work_dir: Path, opset: int = DEFAULT_OPSET,
+                  progress: bool = False) -> tuple[dict[str, Path], dict[str, dict]]:
+    """``({graph key: ONNX path}, {graph key: MACs by component at batch 1})`` for every part."""
+    folder = Path(work_dir) / "graphs"
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for variant in group.variants.values():
+        for part in variant.parts:
+            parts.setdefault(part.graph_key, (variant.takes, part.module))
+    paths, macs = {}, {}
+    for key, (takes, module) in tqdm(parts.items(), desc=f"ONNX graphs {group.target}", unit="graph",
+                                     disable=not progress):
+        path, record_path = folder / f"{key}.onnx", folder / f"{key}.json"
+        expected = _record(key, opset)
+        record = _cached(path, record_path, expected)
+        if record is None:
+            input_name = "pixel_values" if takes == "pixels" else "image_features"
+            model = to_onnx(module, group.example(takes, 2), input_name, "logits", opset, key)
+            staging = path.with_name(f".{path.name}.partial")
+            onnx.save(model, staging)
+            os.replace(staging, path)
+            record = {**expected, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                      "macs_batch1": count_macs(model)}
+            write_json(record_path, record)
+        paths[key], macs[key] = path, record["macs_batch1"]
+    return paths, macs
