@@ -63,3 +63,35 @@ def make_head_and_adapter(feature_dim: int, width: int, num_classes: int, latent
     artifact = AdapterArtifact(adapter, head.class_names, head.auxiliary_names, "transferred",
                                ModelIdentity("TM-Tiny-RN", init_seed=0), identity)
     return head, artifact
+
+
+# The demo recipe at a size the test suite can afford: the shipped demo models, a small task.
+SMALL_DEMO = """\
+name: small-demo
+source: {name: TM-Demo-Source, demo_weights: TM-Demo-Source}
+finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-colours-tinted}
+target: {name: TM-Demo-Target, demo_weights: TM-Demo-Target}
+data: {demo_task: colours-tinted, train_per_class: 40, test_per_class: 8}
+head: {logit_width: 64}
+extraction: {epochs: 3}
+transfer: {regularisation: 500}
+plus: {shots: 2, epochs: 2}
+export: {precisions: [fp32, fp16], batch: {min: 1, opt: 4, max: 8}}
+"""
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory):
+    """``(recipe, outcome)`` of the small demo recipe, exported once per session.
+
+    Shared by the export-pipeline tests and the C++ runtime tests (tests/cpp/); tests that
+    re-run the export into it leave a complete, valid export behind.
+    """
+    from transmiter_deploy.export_pipeline import run_export
+    from transmiter_deploy.recipe import load_recipe
+
+    tmp_path = tmp_path_factory.mktemp("demo-export")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(SMALL_DEMO)
+    recipe = load_recipe(path)
+    return recipe, run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)

@@ -12,18 +12,8 @@ from transmiter_deploy.errors import InputError
 from transmiter_deploy.export_pipeline import _exclusive, run_export
 from transmiter_deploy.recipe import load_recipe
 
-SMALL_DEMO = """\
-name: small-demo
-source: {name: TM-Demo-Source, demo_weights: TM-Demo-Source}
-finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-colours-tinted}
-target: {name: TM-Demo-Target, demo_weights: TM-Demo-Target}
-data: {demo_task: colours-tinted, train_per_class: 40, test_per_class: 8}
-head: {logit_width: 64}
-extraction: {epochs: 3}
-transfer: {regularisation: 500}
-plus: {shots: 2, epochs: 2}
-export: {precisions: [fp32, fp16], batch: {min: 1, opt: 4, max: 8}}
-"""
+from conftest import SMALL_DEMO
+
 
 TENSORRT_HERE = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
@@ -39,10 +29,8 @@ def statuses(outcome) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("export")
-    recipe = small_recipe(tmp_path)
-    return recipe, run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
+def first_run(demo_export):
+    return demo_export
 
 
 def test_the_demo_recipe_runs_to_the_end_on_cpu(first_run):

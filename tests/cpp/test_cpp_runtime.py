@@ -1,0 +1,303 @@
+"""The C++ runtime (cpp/) against Python on the demo export: head logits, preprocessing, ONNX
+Runtime, the CLI's errors, and the format fuzz test under AddressSanitizer/UBSan.
+
+`make test` builds cpp/ twice (release, and ASan+UBSan) and sets TRANSMITER_CPP_BUILD and
+TRANSMITER_CPP_ASAN_BUILD: then a missing binary is a failure. Plain `pytest` without them
+skips these tests with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transmiter_deploy.datasets import decode_image
+from transmiter_deploy.onnx_export import ort_session
+
+SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer", "runtime error:")
+HEAD_ATOL = 1e-4  # logits, as the export's own parity checks
+PIXEL_ATOL = 1e-6
+
+
+def _binary(variable: str, name: str) -> Path:
+    root = os.environ.get(variable)
+    if not root:
+        pytest.skip(f"{variable} is not set: the C++ runtime is built and tested by `make test` (or `make cpp-test`)")
+    path = Path(root) / name
+    if not path.is_file():
+        pytest.fail(f"{variable}={root} but {path} was not built")
+    return path
+
+
+@pytest.fixture(scope="session")
+def infer() -> Path:
+    return _binary("TRANSMITER_CPP_BUILD", "transmiter_infer")
+
+
+@pytest.fixture(scope="session")
+def infer_asan() -> Path:
+    return _binary("TRANSMITER_CPP_ASAN_BUILD", "transmiter_infer")
+
+
+def run(binary: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
+                                 "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+    assert not any(mark in result.stderr for mark in SANITIZER_MARKS), result.stderr
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="session")
+def demo(demo_export):
+    """The demo export, its target model and 16 of its test images."""
+    from transmiter_deploy.export_pipeline import model_specs
+    from transmiter_deploy.models import load_model
+
+    recipe, outcome = demo_export
+    manifest_path = outcome.export_dir / "manifest.json"
+    images = sorted((outcome.out_dir / "data" / "test").glob("*/*.png"))[:16]
+    assert len(images) == 16
+    model = load_model(model_specs(recipe)["target"])
+    return manifest_path, model, images
+
+
+@pytest.fixture(scope="session")
+def demo_features(demo, tmp_path_factory):
+    """Raw (unnormalised) backbone features of the demo images, as an application's own CLIP gives them."""
+    _, model, images = demo
+    pixels = torch.stack([model.preprocess(decode_image(path)[0]) for path in images])
+    with torch.no_grad():
+        raw = model.model.encode_image(pixels, normalize=False).float().numpy()
+    path = tmp_path_factory.mktemp("features") / "raw.npy"
+    np.save(path, raw)
+    return path, raw, pixels.numpy()
+
+
+def python_head(manifest_path: Path, raw: np.ndarray) -> np.ndarray:
+    """head.onnx through Python ONNX Runtime, on L2-normalised features (what the export feeds it)."""
+    normalised = torch.nn.functional.normalize(torch.from_numpy(raw), dim=-1).numpy()
+    session = ort_session(manifest_path.parent / "head.onnx")
+    return session.run(None, {"image_features": normalised})[0]
+
+
+@pytest.mark.parametrize("build", ["release", "asan"])
+def test_head_backend_logits_equal_the_python_head_on_demo_features(build, demo, demo_features, tmp_path, request):
+    binary = request.getfixturevalue("infer" if build == "release" else "infer_asan")
+    manifest_path, _, _ = demo
+    features_path, raw, pixels = demo_features
+    out = tmp_path / "logits.npy"
+    result = run(binary, "--manifest", manifest_path, "--features", features_path, "--logits-out", out, "--topk", 3)
+    cpp = np.load(out)
+    reference = python_head(manifest_path, raw)
+    assert cpp.shape == reference.shape == (16, len(json.loads(manifest_path.read_text())["class_names"]))
+    diff = float(np.abs(cpp - reference).max())
+    print(f"head parity ({build}): max abs diff {diff:.3e} over {cpp.size} logits (|logit| max {np.abs(reference).max():.1f})")
+    assert diff <= HEAD_ATOL
+    # The full pixels -> logits graph agrees with the head on the same backbone's features.
+    assert np.abs(cpp - ort_session(manifest_path.parent / "model.onnx").run(None, {"pixel_values": pixels})[0]).max() <= HEAD_ATOL
+    # Normalised and raw features give the same logits: the head normalises its input.
+    normalised = tmp_path / "normalised.npy"
+    np.save(normalised, (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float64))  # float64 is read too
+    run(binary, "--manifest", manifest_path, "--features", normalised, "--logits-out", tmp_path / "n.npy", "--quiet")
+    assert np.abs(np.load(tmp_path / "n.npy") - cpp).max() <= HEAD_ATOL
+    # The printed ranking is the logits' ranking, with the manifest's class names.
+    names = json.loads(manifest_path.read_text())["class_names"]
+    blocks = result.stdout.strip().split("# ")[1:]
+    assert len(blocks) == 16
+    for row, block in enumerate(blocks):
+        lines = block.strip().splitlines()[1:]
+        assert [line.split("\t")[0] for line in lines] == ["1", "2", "3"]
+        assert [line.split("\t")[1] for line in lines] == [names[i] for i in np.argsort(-cpp[row], kind="stable")[:3]]
+        assert abs(float(lines[0].split("\t")[2]) - cpp[row].max()) <= 1e-4 * max(1.0, abs(cpp[row].max()))
+
+
+def write_test_images(root: Path) -> dict[str, Path]:
+    """Real image files of every kind the runtime reads: sizes up and down, modes, PNG and JPEG."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def smooth(height: int, width: int, channels: int) -> np.ndarray:
+        # gradients plus noise plus a few hard edges: exercises every filter tap
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack([(x * 255 // max(width - 1, 1) + 37 * c) % 256 for c in range(channels)], axis=-1)
+        noisy = base + rng.integers(-40, 40, size=(height, width, channels))
+        noisy[height // 3: height // 2, width // 4: width // 2] = 255
+        return np.clip(noisy, 0, 255).astype(np.uint8)
+
+    files = {}
+
+    def save(name: str, image: Image.Image, **options) -> None:
+        files[name] = root / name
+        image.save(files[name], **options)
+
+    save("demo-48.png", Image.fromarray(smooth(48, 48, 3)))
+    save("rgb-300x200-down.png", Image.fromarray(smooth(200, 300, 3)))
+    save("rgb-17x31-up.png", Image.fromarray(smooth(31, 17, 3)))
+    save("rgb-640x480.png", Image.fromarray(smooth(480, 640, 3)))
+    save("rgb-1x1.png", Image.fromarray(smooth(1, 1, 3)))
+    save("rgba-120x90.png", Image.fromarray(smooth(90, 120, 4)))
+    grey_alpha = smooth(100, 64, 2)
+    save("la-64x100.png", Image.merge("LA", [Image.fromarray(grey_alpha[..., i]) for i in range(2)]))
+    save("grey-70x50.png", Image.fromarray(smooth(50, 70, 1)[..., 0], "L"))
+    save("bilevel-40x40.png", Image.fromarray(smooth(40, 40, 1)[..., 0] > 128).convert("1"))
+    palette = Image.fromarray(smooth(60, 80, 3)).convert("P", palette=Image.Palette.ADAPTIVE, colors=37)
+    save("palette-80x60.png", palette, transparency=3)
+    wide = (smooth(45, 77, 1)[..., 0].astype(np.uint16) * 257 + rng.integers(0, 256, size=(45, 77))).astype(np.uint16)
+    save("grey16-77x45.png", Image.fromarray(wide))  # mode I;16
+    save("jpeg-420-250x170.jpg", Image.fromarray(smooth(170, 250, 3)), quality=90)
+    save("jpeg-444-64x64.jpg", Image.fromarray(smooth(64, 64, 3)), quality=95, subsampling=0)
+    save("jpeg-progressive-101x73.jpg", Image.fromarray(smooth(73, 101, 3)), quality=85, progressive=True)
+    save("jpeg-grey-90x120.jpg", Image.fromarray(smooth(120, 90, 1)[..., 0], "L"), quality=90)
+    return files
+
+
+# image_size, resize_mode, interpolation; the demo's own (48, shortest, bicubic) comes from its manifest
+CONFIGS = {
+    "demo": None,
+    "224-shortest-bicubic": ([224, 224], "shortest", "bicubic"),
+    "160x224-shortest": ([160, 224], "shortest", "bicubic"),
+    "224-longest-bilinear": ([224, 224], "longest", "bilinear"),
+    "96x64-squash-bicubic": ([96, 64], "squash", "bicubic"),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_preprocessing_equals_open_clip_on_png_and_jpeg(config, demo, infer_asan, tmp_path):
+    import open_clip
+
+    manifest_path, model, _ = demo
+    manifest = json.loads(manifest_path.read_text())
+    if CONFIGS[config] is None:
+        reference = model.preprocess
+    else:
+        size, mode, interpolation = CONFIGS[config]
+        manifest["preprocess"].update(image_size=size, resize_mode=mode, interpolation=interpolation,
+                                      crop={"shortest": "center", "longest": "pad-center", "squash": "none"}[mode])
+        reference = open_clip.image_transform(tuple(size), is_train=False, mean=manifest["preprocess"]["mean"],
+                                              std=manifest["preprocess"]["std"], resize_mode=mode,
+                                              interpolation=interpolation)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    files = write_test_images(tmp_path / "images")
+    out = tmp_path / "pixels.npy"
+    run(infer_asan, "--manifest", path, "--image", *files.values(), "--pixels-out", out, "--preprocess-only")
+    cpp = np.load(out)
+    python = np.stack([reference(decode_image(file)[0]).numpy() for file in files.values()])
+    assert cpp.shape == python.shape
+    worst = {name: float(np.abs(cpp[i] - python[i]).max()) for i, name in enumerate(files)}
+    print(f"preprocessing {config}: " + ", ".join(f"{name} {diff:.1e}" for name, diff in worst.items()))
+    assert max(worst.values()) <= PIXEL_ATOL, worst
+
+
+def test_onnxruntime_backend_matches_python_onnxruntime_on_demo_images(demo, infer, tmp_path):
+    backends = run(infer, "--backends").stdout.split()
+    if "onnxruntime" not in backends:
+        if os.environ.get("TRANSMITER_CPP_ORT") == "ON":
+            pytest.fail("TRANSMITER_CPP_ORT=ON but transmiter_infer was built without the onnxruntime backend")
+        pytest.skip("the onnxruntime backend was not built (no ONNX Runtime headers; see cpp/README.md)")
+    manifest_path, model, images = demo
+    run(infer, "--manifest", manifest_path, "--image", *images, "--backend", "onnxruntime",
+        "--logits-out", tmp_path / "logits.npy", "--pixels-out", tmp_path / "pixels.npy", "--quiet")
+    pixels = torch.stack([model.preprocess(decode_image(path)[0]) for path in images]).numpy()
+    assert np.abs(np.load(tmp_path / "pixels.npy") - pixels).max() <= PIXEL_ATOL
+    reference = ort_session(manifest_path.parent / "model.onnx").run(None, {"pixel_values": pixels})[0]
+    diff = float(np.abs(np.load(tmp_path / "logits.npy") - reference).max())
+    print(f"onnxruntime backend parity: max abs diff {diff:.3e}")
+    assert diff <= HEAD_ATOL
+    # default backend for images is onnxruntime; top-1 equals Python's argmax
+    printed = run(infer, "--manifest", manifest_path, "--image", images[0], "--topk", 1).stdout.splitlines()
+    names = json.loads(manifest_path.read_text())["class_names"]
+    assert printed[1].split("\t")[:2] == ["1", names[int(reference[0].argmax())]]
+
+
+@pytest.fixture
+def broken(demo, demo_features, tmp_path):
+    """A writable copy of the demo export's manifest and head, and helpers to break them."""
+    manifest_path, _, images = demo
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for name in ("manifest.json", "head.safetensors"):
+        shutil.copy(manifest_path.parent / name, copy / name)
+    return copy, demo_features[0], images
+
+
+def test_cli_refuses_bad_input_with_one_line_and_the_toolkit_exit_statuses(broken, infer_asan, tmp_path):
+    export, features, images = broken
+    manifest = export / "manifest.json"
+    payload = json.loads(manifest.read_text())
+    d = payload["feature_dim"]
+
+    def refused(*args, status: int = 2, match: str = "") -> str:
+        result = run(infer_asan, *args, check=False)
+        assert result.returncode == status, (args, result.returncode, result.stderr)
+        line = result.stderr.strip()
+        assert line.count("\n") == 0 and line.startswith("transmiter_infer: error: "), result.stderr
+        assert match in line, line
+        assert result.stdout == ""
+        return line
+
+    def write(name: str, data) -> Path:
+        path = tmp_path / name
+        np.save(path, data) if isinstance(data, np.ndarray) else path.write_bytes(data)
+        return path
+
+    refused("--manifest", tmp_path / "missing.json", "--features", features, match="not found")
+    refused("--manifest", write("garbage.json", b"{not json"), "--features", features, match="not valid JSON")
+    refused("--manifest", manifest, "--features", tmp_path / "missing.npy", match="not found")
+    refused("--manifest", manifest, "--features", write("wide.npy", np.zeros((2, d + 1), np.float32)),
+            match=f"(batch, {d})")
+    refused("--manifest", manifest, "--features", write("ints.npy", np.zeros((2, d), np.int32)), match="float32 or float64")
+    refused("--manifest", manifest, "--features", write("short.npy", b"\x93NUMPY\x01\x00"),
+            match="not a .npy file")
+    nan = np.ones((2, d), np.float32)
+    nan[1, 3] = np.nan
+    refused("--manifest", manifest, "--features", write("nan.npy", nan), match="NaN")
+    refused("--manifest", manifest, "--features", features, "--frobnicate", match="unknown option")
+    refused("--manifest", manifest, match="either --image")
+    refused("--manifest", manifest, "--features", features, "--topk", "0", match="--topk")
+    refused("--manifest", manifest, "--image", tmp_path / "missing.png", "--preprocess-only", "--pixels-out",
+            tmp_path / "p.npy", match="not found")
+    png = images[0].read_bytes()
+    for name, data in {"empty.png": b"", "text.png": b"hello", "truncated.png": png[: len(png) // 2],
+                       "corrupt.png": png[:40] + bytes(60) + png[100:]}.items():
+        refused("--manifest", manifest, "--image", write(name, data), "--preprocess-only", "--pixels-out",
+                tmp_path / "p.npy", match="image")
+    jpeg = tmp_path / "ok.jpg"
+    Image.open(images[0]).convert("RGB").save(jpeg, quality=90)
+    refused("--manifest", manifest, "--image", write("truncated.jpg", jpeg.read_bytes()[:300]), "--preprocess-only",
+            "--pixels-out", tmp_path / "p.npy", match="cannot decode image")
+    refused("--manifest", manifest, "--features", features, "--backend", "tensorrt", status=3, match="tensorrt")
+    # The head file is checked against the manifest before it is parsed.
+    head = (export / "head.safetensors").read_bytes()
+    (export / "head.safetensors").write_bytes(head[:-8])
+    refused("--manifest", manifest, "--features", features, match="truncated or modified")
+    (export / "head.safetensors").write_bytes(head[:100] + bytes([head[100] ^ 1]) + head[101:])
+    refused("--manifest", manifest, "--features", features, match="sha256")
+    (export / "head.safetensors").write_bytes(head)
+    # A manifest that does not match its head: feature width, class count.
+    for change, match in ((dict(feature_dim=d + 1), "feature_dim"),
+                          (dict(class_names=payload["class_names"][:-1]), "task classes")):
+        manifest.write_text(json.dumps({**payload, **change}))
+        refused("--manifest", manifest, "--features", features, match=match)
+    manifest.write_text(json.dumps({**payload, "format_version": 99}))
+    refused("--manifest", manifest, "--features", features, match="newer")
+    manifest.write_text(json.dumps(payload))
+    run(infer_asan, "--manifest", manifest, "--features", features, "--quiet")  # restored: works again
+
+
+def test_format_fuzz_on_synthetic_and_demo_files_is_clean_under_sanitizers(demo):
+    fuzz = _binary("TRANSMITER_CPP_ASAN_BUILD", "fuzz_formats")
+    manifest_path, _, _ = demo
+    result = run(fuzz, manifest_path)
+    print(result.stdout.strip())
+    assert "0 failures" in result.stdout
