@@ -301,3 +301,52 @@ def test_format_fuzz_on_synthetic_and_demo_files_is_clean_under_sanitizers(demo)
     result = run(fuzz, manifest_path)
     print(result.stdout.strip())
     assert "0 failures" in result.stdout
+
+
+@pytest.mark.parametrize("sigma_mode,layers,softmax", [("gram", 2, False), ("norm", 1, True), ("gram", 1, True)])
+def test_head_backend_covers_gram_sigma_several_blocks_and_softmax(sigma_mode, layers, softmax, infer_asan, tmp_path):
+    """Head variants the demo export does not produce: the Gram form of sigma, two blocks, probabilities."""
+    from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
+    from transmiter_deploy.adapter_artifact import AdapterArtifact
+    from transmiter_deploy.artifacts import sha256_file
+    from transmiter_deploy.fusion import FoldedHead
+    from transmiter_deploy.head_weights import write_head_safetensors
+
+    from conftest import make_head_and_adapter
+
+    d, width, k = 24, 40, 5
+    latent = width if sigma_mode == "norm" else 32  # the norm shortcut needs a square basis
+    head, artifact = make_head_and_adapter(d, width, k, latent_dim=latent, seed=3)
+    config = AdapterConfig(num_task_classes=k, logit_width=width, latent_dim=latent, num_layers=layers)
+    adapter = TransMiterAdapter(config, seed=3)
+    with torch.no_grad():
+        adapter.basis.copy_(artifact.adapter.basis)
+        for parameter in adapter.blocks.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(4)))
+    artifact = AdapterArtifact(adapter, artifact.class_names, artifact.auxiliary_names, "transferred",
+                               artifact.source_model, artifact.target_model)
+    folded = FoldedHead(head, artifact, sigma_mode)
+    assert folded.sigma_mode == sigma_mode
+    export = tmp_path / "export"
+    export.mkdir()
+    write_head_safetensors(folded, export / "head.safetensors")
+    manifest = {"format": "transmiter-deploy/onnx-export", "format_version": 1,
+                "files": {"head.safetensors": {"sha256": sha256_file(export / "head.safetensors"),
+                                               "bytes": (export / "head.safetensors").stat().st_size}},
+                "output": "probabilities" if softmax else "logits", "class_names": artifact.class_names,
+                "preprocess": {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic",
+                               "resize_mode": "shortest"},
+                "feature_dim": d}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    raw = torch.randn(6, d, generator=torch.Generator().manual_seed(5)) * 4
+    np.save(tmp_path / "f.npy", raw.numpy())
+    run(infer_asan, "--manifest", export / "manifest.json", "--features", tmp_path / "f.npy",
+        "--logits-out", tmp_path / "out.npy", "--quiet")
+    with torch.no_grad():
+        expected = folded(torch.nn.functional.normalize(raw, dim=-1))
+        expected = (expected.softmax(dim=-1) if softmax else expected).numpy()
+    got = np.load(tmp_path / "out.npy")
+    # probabilities move by at most half the logits' error (|d softmax| <= 1/2 per unit of logit)
+    assert np.abs(got - expected).max() <= (1e-5 if softmax else HEAD_ATOL)
+    if softmax:
+        assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
