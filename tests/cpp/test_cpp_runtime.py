@@ -350,3 +350,40 @@ def test_head_backend_covers_gram_sigma_several_blocks_and_softmax(sigma_mode, l
     assert np.abs(got - expected).max() <= (1e-5 if softmax else HEAD_ATOL)
     if softmax:
         assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_installed_package_links_into_an_application_as_the_readme_says(infer, demo, tmp_path):
+    """`cmake --install` + `find_package(transmiter)` + `transmiter::transmiter`, as in cpp/README.md."""
+    manifest_path, _, _ = demo
+    prefix, app = tmp_path / "prefix", tmp_path / "app"
+    subprocess.run(["cmake", "--install", str(infer.parent), "--prefix", str(prefix)], check=True, capture_output=True)
+    app.mkdir()
+    (app / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.20)\nproject(app CXX)\nset(CMAKE_CXX_STANDARD 17)\n"
+        "find_package(transmiter 0.1 REQUIRED)\nadd_executable(app main.cpp)\n"
+        "target_link_libraries(app PRIVATE transmiter::transmiter)\n")
+    (app / "main.cpp").write_text(r"""
+#include <transmiter/transmiter.hpp>
+#include <cstdio>
+int main(int argc, char** argv) {
+  try {
+    auto head = transmiter::load_classifier(argv[1], transmiter::Backend::Head);
+    transmiter::Tensor features({1, head->manifest().feature_dim});
+    for (std::size_t i = 0; i < features.data.size(); ++i) features.data[i] = 0.01f * float(i % 7);
+    transmiter::Tensor logits = head->classify(features);
+    std::printf("%s\n", head->top_k(logits, 1)[0][0].class_name.c_str());
+  } catch (const transmiter::Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return e.exit_status();
+  }
+}
+""")
+    for command in (["cmake", "-S", str(app), "-B", str(app / "build"), f"-DCMAKE_PREFIX_PATH={prefix}"],
+                    ["cmake", "--build", str(app / "build")]):
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    printed = subprocess.run([str(app / "build" / "app"), str(manifest_path)], capture_output=True, text=True, check=True)
+    features = (0.01 * (np.arange(json.loads(manifest_path.read_text())["feature_dim"]) % 7)).astype(np.float32)[None]
+    np.save(tmp_path / "f.npy", features)
+    expected = run(infer, "--manifest", manifest_path, "--features", tmp_path / "f.npy", "--topk", 1).stdout.splitlines()[1]
+    assert printed.stdout.strip() == expected.split("\t")[1]
