@@ -154,16 +154,17 @@ def test_target_checks_judge_measured_rows():
 
 def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
     out, work = tmp_path / "results", tmp_path / "work"
-    code = main(["--quiet", "bench", "--pair", "demo", "--part", "latency", "--part", "flops",
-                 "--threads", "1", "--out", str(out), "--work", str(work)])
+    code = main(["--quiet", "bench", "--pair", "demo", "--part", "latency", "--part", "flops", "--batch", "1",
+                 "--batch", "3", "--threads", "1", "--out", str(out), "--work", str(work)])
     assert code == 0, capsys.readouterr().err
     latency = json.loads((out / "latency.json").read_text())
     measured = {(r["runtime"], r["batch"], r["variant"]) for r in latency["rows"]}
     variants = ["backbone", "fused", "unfolded", "eft:TM-Demo-Source", "head"]
-    assert measured == {(rt, b, v) for rt in ("pytorch-cpu", "onnxruntime-cpu") for b in (1, 8) for v in variants}
+    assert measured == {(rt, b, v) for rt in ("pytorch-cpu", "onnxruntime-cpu") for b in (1, 3) for v in variants}
     assert all(r["p50_ms"] > 0 and r["rounds"] >= 5 for r in latency["rows"])
     env = latency["environment"]
     assert env["torch_threads"] == 1 and env["onnxruntime_intra_op_threads"] == 1 and env["versions"]["torch"]
+    assert env["profile"]["cpu_batches"] == [1, 3] and env["command"].startswith("transmiter")
     if not torch.cuda.is_available():
         assert {s["runtime"] for s in latency["skipped"]} == set(GPU_RUNTIMES)
     flops = json.loads((out / "flops.json").read_text())
@@ -172,8 +173,15 @@ def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
     assert "## Targets" in report and "eft:TM-Demo-Source/fused" in report and "## Cost" in report
     for image in ("latency_tm-demo-target.png", "overhead.png"):
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    narrow = tmp_path / "narrow"
+    assert main(["--quiet", "bench", "--pair", "demo", "--part", "latency", "--runtime", "onnxruntime-cpu",
+                 "--variant", "backbone", "--variant", "eft", "--batch", "2", "--rounds", "3", "--no-plots",
+                 "--out", str(narrow), "--work", str(work)]) == 0
+    rows = json.loads((narrow / "latency.json").read_text())["rows"]
+    assert {(r["variant"], r["batch"], r["rounds"]) for r in rows} == {("backbone", 2, 3), ("eft:TM-Demo-Source", 2, 3)}
     assert main(["bench", "--report-only", "--no-plots", "--out", str(out)]) == 0
     assert main(["bench", "--report-only", "--out", str(tmp_path / "empty")]) == 2
     assert "no benchmark results" in capsys.readouterr().err
     assert main(["bench", "--pair", "nonsense", "--out", str(out)]) == 2
     assert main(["bench", "--threads", "0", "--out", str(out)]) == 2
+    assert main(["bench", "--batch", "0", "--out", str(out)]) == 2

@@ -463,9 +463,16 @@ def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, worksp
 @click.option("--pair", "pairs", multiple=True,
               type=click.Choice(["demo", "vit-b-32_to_vit-b-16", "rn50_to_vit-b-16", "vit-b-16_to_vit-l-14"]),
               help="Only these source -> target pairs (repeatable; default: all).")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(1, None),
+              help="Time these batch sizes instead of the profile's (repeatable).")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["backbone", "fused", "unfolded", "eft", "head"]),
+              help="Build and time only these variants (repeatable; eft = every EFT variant; default: all).")
+@click.option("--rounds", type=click.IntRange(1, None),
+              help="Exactly this many timing rounds per cell, instead of the profile's time budget.")
 @click.option("--no-plots", is_flag=True, help="Write RESULTS.md without the PNG plots (no matplotlib needed).")
 @click.option("--report-only", is_flag=True, help="Only rewrite RESULTS.md and plots from the JSON already in --out.")
-def bench(profile_name, out, work, threads, parts, runtimes, pairs, no_plots, report_only):
+def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, variants, rounds, no_plots,
+          report_only):
     """Latency per runtime (backbone alone, fused TransMiter, unfolded, EFT, head alone), MACs per
     component and the demo world's accuracy table: latency.json, flops.json, accuracy.json,
     RESULTS.md and plots. Random weights for speed; GPU runtimes only where a GPU is visible.
@@ -476,17 +483,19 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, no_plots, re
       transmiter bench --profile full --part latency
     """
     import os
+    import shlex
 
     from .benchmark.report import write_report
     from .benchmark.runtimes import RUNTIMES
     from .benchmark.suite import PARTS, host_label, run_benchmark
 
     out = out or Path("benchmarks") / "results" / host_label()
-    command = "transmiter " + " ".join(sys.argv[1:]) if sys.argv and "transmiter" in sys.argv[0] else "transmiter bench"
+    # what produced the results, recorded in them (the argv of a console-script run)
+    command = "transmiter " + shlex.join(sys.argv[1:]) if sys.argv and "transmiter" in sys.argv[0] else "transmiter bench"
     if not report_only:
         run_benchmark(profile_name, out, work, threads or os.cpu_count() or 1, tuple(parts) or PARTS,
-                      tuple(runtimes) or RUNTIMES, tuple(pairs) or None,
-                      log=lambda line: click.echo(line, err=True), progress=_progress())
+                      tuple(runtimes) or RUNTIMES, tuple(pairs) or None, tuple(batches) or None,
+                      tuple(variants) or None, rounds, command, log=lambda line: click.echo(line, err=True), progress=_progress())
     click.echo(f"results: {write_report(out, command, plots=not no_plots)}")
 
 

@@ -210,6 +210,15 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _batch_ticks(axis, batches: list[int]) -> None:
+    """Log-scaled batch axis labelled with the measured batch sizes only."""
+    from matplotlib.ticker import NullFormatter
+
+    axis.set_xscale("log")
+    axis.set_xticks(batches, [str(b) for b in batches])
+    axis.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot(latency: dict, out_dir: Path) -> list[Path]:
     """latency_<target>.png (p50 vs batch per runtime, backbone alone dashed) and overhead.png."""
     try:
@@ -241,12 +250,13 @@ def plot(latency: dict, out_dir: Path) -> list[Path]:
                 style = {"color": "black", "linestyle": "--", "linewidth": 2} if variant == "backbone" else {"marker": "o"}
                 axis.plot(batches, values, label=variant, **style)
             axis.set(xscale="log", yscale="log", xlabel="batch", ylabel="p50 latency (ms)", title=f"{target}, {runtime}")
-            axis.set_xticks(batches, [str(b) for b in batches])
+            _batch_ticks(axis, batches)
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=8)
         save(figure, f"latency_{_slug(target)}.png")
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    _batch_ticks(axis, sorted({b for _, _, b in grouped}))
     for target, runtime in dict.fromkeys((t, r) for t, r, _ in grouped):
         keys = sorted(k for k in grouped if k[:2] == (target, runtime) and {"fused", "backbone"} <= set(grouped[k]))
         if keys:
@@ -254,7 +264,7 @@ def plot(latency: dict, out_dir: Path) -> list[Path]:
                       marker="o", label=f"{target}, {runtime}")
     axis.axhline(1.0, color="red", linestyle=":", label="1% target")
     axis.axhline(0.0, color="black", linewidth=0.8)
-    axis.set(xscale="log", xlabel="batch", ylabel="fused / backbone alone - 1 (%)",
+    axis.set(xlabel="batch", ylabel="fused / backbone alone - 1 (%)",
              title="Latency overhead of the fused TransMiter head (p50)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
@@ -271,7 +281,11 @@ def write_report(out_dir: Path, command: str, plots: bool = True) -> Path:
     env = next((part["environment"] for part in (latency, flops, accuracy) if part), None)
     if env is None:
         raise InputError(f"no benchmark results in {out_dir}: run the benchmark first")
-    lines = [f"# Benchmark results: {env['host_label']}", "", f"Command: `{command}`", "", *_environment_lines(env), ""]
+    commands = list(dict.fromkeys(part["environment"].get("command", "not recorded")
+                                  for part in (latency, flops, accuracy) if part))
+    lines = [f"# Benchmark results: {env['host_label']}", "",
+             "Measured by: " + "; ".join(f"`{c}`" for c in commands) + f". Report written by `{command}`.", "",
+             *_environment_lines(env), ""]
     if latency:
         lines += ["## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
         lines += [f"| {c['target']} | {c['measured']} | {_verdict(c['met'])} |"

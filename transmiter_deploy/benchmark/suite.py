@@ -26,7 +26,7 @@ from ..host import cpu_model
 from .graphs import export_graphs
 from .runtimes import CPU_RUNTIMES, INCLUDES_COPIES, RUNTIMES, Caller, unavailable
 from .timing import TimingPlan, summarise, time_interleaved
-from .variants import PAIRS, build_group, targets_of
+from .variants import PAIRS, VARIANT_NAMES, build_group, targets_of
 
 PARTS = ("latency", "flops", "accuracy")
 WEIGHTS_NOTE = ("Latency and MACs use random weights: open_clip architectures built from a seed, a synthetic "
@@ -46,6 +46,7 @@ class Profile:
     skip_runtimes: tuple[tuple[str, str], ...] = field(default=())  # (runtime, target) not timed
     skip_variants: tuple[tuple[str, str], ...] = field(default=())  # (target, variant) not built
     cpu_batches_by_target: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    variants: tuple[str, ...] = VARIANT_NAMES  # which are built and timed ("eft" = every EFT variant)
 
     def batches(self, runtime: str, target: str) -> tuple[int, ...]:
         if runtime not in CPU_RUNTIMES:
@@ -71,7 +72,7 @@ def host_label() -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
-def environment(threads: int, profile: Profile) -> dict:
+def environment(threads: int, profile: Profile, command: str) -> dict:
     """What every result file records about the machine and the software."""
     import onnxruntime as ort
 
@@ -85,7 +86,7 @@ def environment(threads: int, profile: Profile) -> dict:
         "cpu_count": os.cpu_count(), "gpu": gpu, "torch_threads": threads, "onnxruntime_intra_op_threads": threads,
         "onnxruntime_providers": ort.get_available_providers(), "python": platform.python_version(),
         "platform": platform.platform(), "versions": library_versions(), "profile": asdict(profile),
-        "weights": WEIGHTS_NOTE,
+        "weights": WEIGHTS_NOTE, "command": command,
     }
 
 
@@ -108,6 +109,9 @@ def measure_latency(profile: Profile, work_dir: Path, threads: int, runtimes: tu
             if skipped_target == target and group.variants.pop(variant, None) is not None:
                 skipped.append({"runtime": "all", "target": target, "variant": variant,
                                 "reason": f"not built in the {profile.name} profile"})
+        for name in list(group.variants):
+            if name.split(":")[0] not in profile.variants:
+                del group.variants[name]
         graphs, macs = export_graphs(group, work_dir, progress=progress)
         flops[target] = {
             "pairs": pair_names, "feature_dim": group.feature_dim, "logit_width": group.logit_width,
@@ -164,10 +168,14 @@ def measure_accuracy(work_dir: Path, log=print, progress: bool = False) -> dict:
 
 
 def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int, parts: tuple[str, ...] = PARTS,
-                  runtimes: tuple[str, ...] = RUNTIMES, pairs: tuple[str, ...] | None = None, log=print,
+                  runtimes: tuple[str, ...] = RUNTIMES, pairs: tuple[str, ...] | None = None,
+                  batches: tuple[int, ...] | None = None, variants: tuple[str, ...] | None = None,
+                  rounds: int | None = None, command: str = "", log=print,
                   progress: bool = False) -> dict[str, Path]:
     """Measure the named parts and write their JSON files into ``out_dir``; returns what was written.
-    ``pairs`` narrows the profile's pairs (all of them by default)."""
+    ``pairs`` narrows the profile's pairs (all of them by default); ``batches`` replaces its batch
+    sizes on every runtime and target; ``variants`` keeps only those variants (``eft`` = every
+    EFT variant); ``rounds`` fixes the number of timing rounds (no time budget)."""
     if profile_name not in PROFILES:
         raise InputError(f"unknown benchmark profile '{profile_name}' (known: {', '.join(PROFILES)})")
     unknown = sorted(set(parts) - set(PARTS)) + sorted(set(runtimes) - set(RUNTIMES))
@@ -179,6 +187,19 @@ def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int
     if pairs is not None:
         targets_of(list(pairs))  # names checked before anything runs
         profile = replace(profile, pairs=tuple(pairs))
+    if batches is not None:
+        if not batches or min(batches) < 1:
+            raise InputError(f"batch sizes must be positive, got {list(batches)}")
+        profile = replace(profile, cpu_batches=tuple(batches), gpu_batches=tuple(batches), cpu_batches_by_target={})
+    if variants is not None:
+        unknown = sorted(set(variants) - set(VARIANT_NAMES))
+        if unknown or not variants:
+            raise InputError(f"unknown variant {', '.join(unknown)} (known: {', '.join(VARIANT_NAMES)})")
+        profile = replace(profile, variants=tuple(variants))
+    if rounds is not None:
+        if rounds < 1:
+            raise InputError(f"rounds must be at least 1, got {rounds}")
+        profile = replace(profile, plan=replace(profile.plan, min_rounds=rounds, max_rounds=rounds))
     torch.set_num_threads(threads)
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +209,7 @@ def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int
         latency, flops = measure_latency(profile, work_dir, threads, runtimes if "latency" in parts else (),
                                          log, progress)
         seconds = time.perf_counter() - start
-        env = environment(threads, profile)
+        env = environment(threads, profile, command)
         if "latency" in parts:
             written["latency"] = out_dir / "latency.json"
             write_json(written["latency"], {"environment": env, "seconds": seconds, **latency})
@@ -199,6 +220,6 @@ def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int
         start = time.perf_counter()
         accuracy = measure_accuracy(work_dir, log, progress)
         written["accuracy"] = out_dir / "accuracy.json"
-        write_json(written["accuracy"], {"environment": environment(threads, profile),
+        write_json(written["accuracy"], {"environment": environment(threads, profile, command),
                                          "seconds": time.perf_counter() - start, **accuracy})
     return written

@@ -30,6 +30,9 @@ from ..heads import ZeroShotHead
 from ..models import LoadedModel, ModelIdentity, ModelSpec, load_model
 
 
+VARIANT_NAMES = ("backbone", "fused", "unfolded", "eft", "head")  # "eft" stands for every eft:<source>
+
+
 @dataclass(frozen=True)
 class Pair:
     """A source -> target transfer as the shipped recipes name them."""
