@@ -495,7 +495,8 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, var
     if not report_only:
         run_benchmark(profile_name, out, work, threads or os.cpu_count() or 1, tuple(parts) or PARTS,
                       tuple(runtimes) or RUNTIMES, tuple(pairs) or None, tuple(batches) or None,
-                      tuple(variants) or None, rounds, command, log=lambda line: click.echo(line, err=True), progress=_progress())
+                      tuple(variants) or None, rounds, command,
+                      log=lambda line: click.echo(line, err=True), progress=_progress())
     click.echo(f"results: {write_report(out, command, plots=not no_plots)}")
 
 

@@ -96,7 +96,9 @@ class OnnxRuntimeRunner:
     PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
 
-    def __init__(self, path: Path, provider: str = "cpu", max_batch: int | None = None) -> None:
+    def __init__(self, path: Path, provider: str = "cpu", max_batch: int | None = None,
+                 threads: int | None = None, spinning: bool = True) -> None:
+        """``threads`` and ``spinning`` as in :func:`transmiter_deploy.onnx_export.ort_session`."""
 
         if provider not in self.PROVIDERS:
             raise InputError(f"unknown ONNX Runtime provider '{provider}' (known: {', '.join(self.PROVIDERS)})")
@@ -112,7 +114,7 @@ class OnnxRuntimeRunner:
 
         self.precision = "fp16" if "fp16" in path.name else "fp32"
         try:
-            self.session = ort_session(path, self.precision == "fp16", self.PROVIDERS[provider])
+            self.session = ort_session(path, self.precision == "fp16", self.PROVIDERS[provider], threads, spinning)
         except Exception as exc:  # ORT raises its own exception types for corrupt graphs
             raise InputError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
         if self.PROVIDERS[provider] not in self.session.get_providers():

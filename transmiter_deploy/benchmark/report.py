@@ -24,7 +24,8 @@ EFT_TARGET = {"target": "ViT-L-14", "variant": "eft:ViT-B-16", "min_ratio": 1.2}
 GPU_OVERHEAD_BATCHES = (1, 64)
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """Lower-case letters and digits joined by dashes: file and folder names from model names."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
@@ -253,7 +254,7 @@ def plot(latency: dict, out_dir: Path) -> list[Path]:
             _batch_ticks(axis, batches)
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=8)
-        save(figure, f"latency_{_slug(target)}.png")
+        save(figure, f"latency_{slug(target)}.png")
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     _batch_ticks(axis, sorted({b for _, _, b in grouped}))

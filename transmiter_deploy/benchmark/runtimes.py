@@ -109,24 +109,20 @@ class Caller:
         return lambda: (graph.replay(), torch.cuda.synchronize())
 
     def _onnxruntime_call(self, variant: Variant, example: np.ndarray) -> Callable[[], object]:
-        from ..onnx_export import ort_session
+        from ..runners import OnnxRuntimeRunner
 
-        provider = "CUDAExecutionProvider" if self.runtime == "onnxruntime-cuda" else "CPUExecutionProvider"
-        sessions = []
+        provider = "cuda" if self.runtime == "onnxruntime-cuda" else "cpu"
+        runners = []
         for index, part in enumerate(variant.parts):
             # one session per part, even when two parts share a graph file (EFT's two source towers)
             key = f"{variant.name}/{index}"
             if key not in self._sessions:
                 # Without spinning: the sessions of all variants take turns in this process, and an
                 # idle session's spinning pool would compete with the one being timed.
-                session = ort_session(self.graphs[part.graph_key], provider=provider, threads=self.threads,
-                                      spinning=False)
-                if provider not in session.get_providers():
-                    raise DependencyError(f"ONNX Runtime could not start {provider} here")
-                self._sessions[key] = session
-            sessions.append(self._sessions[key])
-        name = sessions[0].get_inputs()[0].name
-        return lambda: variant.combine([session.run(None, {name: example})[0] for session in sessions])
+                self._sessions[key] = OnnxRuntimeRunner(self.graphs[part.graph_key], provider,
+                                                        threads=self.threads, spinning=False)
+            runners.append(self._sessions[key])
+        return lambda: variant.combine([runner.infer(example) for runner in runners])
 
     def _tensorrt_call(self, variant: Variant, example: np.ndarray):  # pragma: no cover - needs TensorRT
         from ..tensorrt_engine import BatchProfile, TensorRTRunner, build_engine

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..artifacts import library_versions, utc_now, write_json
 from ..errors import InputError
 from ..host import cpu_model
 from .graphs import export_graphs
+from .report import slug
 from .runtimes import CPU_RUNTIMES, INCLUDES_COPIES, RUNTIMES, Caller, unavailable
 from .timing import TimingPlan, summarise, time_interleaved
 from .variants import PAIRS, VARIANT_NAMES, build_group, targets_of
@@ -68,7 +68,7 @@ PROFILES = {
 def host_label() -> str:
     """``cpu-<cores>core`` or ``gpu-<model>``: the results folder name."""
     if torch.cuda.is_available():
-        return "gpu-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+        return "gpu-" + slug(torch.cuda.get_device_name(0))
     return f"cpu-{os.cpu_count()}core"
 
 
