@@ -166,7 +166,7 @@ def test_head_safetensors_alone_reproduces_the_folded_head(exported):
     model, out, report = exported
     manifest = json.loads((out / "manifest.json").read_text())
     meta = read_head_metadata(out / "head.safetensors")
-    assert meta["format"] == "transmiter-deploy/head" and int(meta["num_task_classes"]) == K
+    assert meta["format"] == "transmiter-deploy/folded-head" and int(meta["num_task_classes"]) == K
     assert int(meta["feature_dim"]) == manifest["feature_dim"] and meta["sigma_mode"] == manifest["adapter"]["sigma_mode"]
     assert report.parity["checks"]["head_safetensors_vs_torch"]["passed"]
     head, artifact = make_head_and_adapter(model.model.visual.output_dim, 64, K, model=model)

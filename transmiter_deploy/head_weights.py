@@ -42,7 +42,7 @@ from .artifacts import load_tensors, sha256_bytes
 from .errors import IntegrityError
 from .fusion import FoldedHead
 
-HEAD_FORMAT = "transmiter-deploy/head"
+HEAD_FORMAT = "transmiter-deploy/folded-head"  # heads.FORMAT tags the zero-shot head artifact
 HEAD_FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
 NORMALISE_EPS = 1e-12  # torch.nn.functional.normalize's default

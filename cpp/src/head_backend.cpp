@@ -98,7 +98,7 @@ class HeadClassifier final : public Classifier {
   HeadClassifier(Manifest manifest, const std::vector<std::uint8_t>& buffer) : Classifier(std::move(manifest)) {
     const std::string where = manifest_.file_path("head.safetensors");
     detail::SafeTensors file = detail::parse_safetensors(buffer.data(), buffer.size(), where);
-    if (meta(file, "format", where) != "transmiter-deploy/head") input_error(where + ": not a transmiter-deploy head file");
+    if (meta(file, "format", where) != "transmiter-deploy/folded-head") input_error(where + ": not a transmiter-deploy head file");
     if (detail::parse_int(meta(file, "format_version", where), where + " format_version", 1, 1000000) > 1) {
       input_error(where + ": head format version is newer than this runtime understands (1)");
     }

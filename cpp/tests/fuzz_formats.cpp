@@ -131,7 +131,7 @@ Seed synthetic_seed() {
     }
     header[name] = {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
   }
-  header["__metadata__"] = {{"format", "transmiter-deploy/head"}, {"format_version", "1"}, {"feature_dim", "6"},
+  header["__metadata__"] = {{"format", "transmiter-deploy/folded-head"}, {"format_version", "1"}, {"feature_dim", "6"},
                             {"latent_dim", "8"}, {"hidden_dim", "16"}, {"num_layers", "1"},
                             {"num_task_classes", "3"}, {"sigma_mode", "norm"}, {"dof", "7"}, {"eps", "1e-06"},
                             {"alpha", "1.0"}, {"layer_norm_eps", "1e-05"}, {"activation", "gelu-erf"},
