@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
+from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter
 from transmiter_deploy.artifacts import library_versions, utc_now
-from transmiter_deploy.extraction import ExtractionSettings, add_logit_noise, distillation_loss, extract
+from transmiter_deploy.method.extraction import ExtractionSettings, add_logit_noise, distillation_loss, extract
 from transmiter_deploy.host import cpu_model
-from transmiter_deploy.training import train_adapter
-from transmiter_deploy.transfer import transfer
+from transmiter_deploy.method.training import train_adapter
+from transmiter_deploy.method.transfer import transfer
 
 
 def synthetic_logits(samples: int, width: int, feature_dim: int, seed: int) -> torch.Tensor:

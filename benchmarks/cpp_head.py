@@ -29,15 +29,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter  # noqa: E402
-from transmiter_deploy.adapter_artifact import AdapterArtifact  # noqa: E402
+from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter  # noqa: E402
+from transmiter_deploy.features.adapter_artifact import AdapterArtifact  # noqa: E402
 from transmiter_deploy.artifacts import sha256_file, write_manifest  # noqa: E402
-from transmiter_deploy.fusion import FoldedHead  # noqa: E402
-from transmiter_deploy.head_weights import HEAD_FILE, write_head_safetensors  # noqa: E402
-from transmiter_deploy.heads import ZeroShotHead  # noqa: E402
+from transmiter_deploy.deploy.fusion import FoldedHead  # noqa: E402
+from transmiter_deploy.deploy.head_weights import HEAD_FILE, write_head_safetensors  # noqa: E402
+from transmiter_deploy.features.heads import ZeroShotHead  # noqa: E402
 from transmiter_deploy.host import cpu_model  # noqa: E402
-from transmiter_deploy.models import ModelIdentity  # noqa: E402
-from transmiter_deploy.onnx_export import FORMAT, FORMAT_VERSION, to_onnx  # noqa: E402
+from transmiter_deploy.features.models import ModelIdentity  # noqa: E402
+from transmiter_deploy.deploy.onnx_export import FORMAT, FORMAT_VERSION, to_onnx  # noqa: E402
 
 
 def reference_head(d: int, width: int, latent: int, k: int, seed: int = 0) -> FoldedHead:

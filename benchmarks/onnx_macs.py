@@ -18,8 +18,8 @@ import time
 import torch
 
 from transmiter_deploy.benchmark.variants import synthetic_head_and_adapter
-from transmiter_deploy.models import ModelSpec, load_model
-from transmiter_deploy.onnx_export import ExportSettings, export_deployment, format_report, parity_pixels
+from transmiter_deploy.features.models import ModelSpec, load_model
+from transmiter_deploy.deploy.onnx_export import ExportSettings, export_deployment, format_report, parity_pixels
 
 
 def main() -> int:

@@ -45,10 +45,10 @@ def clip_like_logits(samples: int, width: int, feature_dim: int = 32, seed: int 
 def make_head_and_adapter(feature_dim: int, width: int, num_classes: int, latent_dim: int | None = None,
                           model=None, seed: int = 0, scale: float = 100.0, mlp_scale: float = 0.05):
     """A head of ``model`` (C x d, CLIP-like) and a non-trivial adapter that applies to it."""
-    from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
-    from transmiter_deploy.adapter_artifact import AdapterArtifact
-    from transmiter_deploy.heads import ZeroShotHead
-    from transmiter_deploy.models import ModelIdentity
+    from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter
+    from transmiter_deploy.features.adapter_artifact import AdapterArtifact
+    from transmiter_deploy.features.heads import ZeroShotHead
+    from transmiter_deploy.features.models import ModelIdentity
 
     identity = model.identity if model is not None else ModelIdentity("TM-Tiny-ViT", init_seed=0)
     generator = torch.Generator().manual_seed(seed)
@@ -87,8 +87,8 @@ def demo_export(tmp_path_factory):
     Shared by the export-pipeline tests and the C++ runtime tests (tests/cpp/); tests that
     re-run the export into it leave a complete, valid export behind.
     """
-    from transmiter_deploy.export_pipeline import run_export
-    from transmiter_deploy.recipe import load_recipe
+    from transmiter_deploy.pipeline.export import run_export
+    from transmiter_deploy.pipeline.recipe import load_recipe
 
     tmp_path = tmp_path_factory.mktemp("demo-export")
     path = tmp_path / "recipe.yaml"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from transmiter_deploy.adapter import (
+from transmiter_deploy.method.adapter import (
     AdapterConfig,
     TransMiterAdapter,
     check_logits,
@@ -20,7 +20,9 @@ def test_identity_at_initialisation_reference_size():
     adapter = TransMiterAdapter(AdapterConfig(num_task_classes=100))
     with torch.no_grad():
         out = adapter(logits)
-    assert float((out - logits).abs().max()) <= 1e-5
+    # Exact up to float32 rounding of the 1024-wide push and pull: a few ulps of the largest
+    # logit (an absolute 1e-5 held on one CPU and not on another, at 1.3e-5 for |logits| ~ 22).
+    assert float((out - logits).abs().max()) <= 16 * torch.finfo(torch.float32).eps * float(logits.abs().max())
 
 
 def test_identity_holds_with_several_layers_and_task_slice():

@@ -4,11 +4,11 @@ import pickle
 import pytest
 import torch
 
-from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
-from transmiter_deploy.adapter_artifact import AdapterArtifact, load_adapter, save_adapter
+from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter
+from transmiter_deploy.features.adapter_artifact import AdapterArtifact, load_adapter, save_adapter
 from transmiter_deploy.artifacts import atomic_directory
 from transmiter_deploy.errors import InputError, IntegrityError
-from transmiter_deploy.models import ModelIdentity
+from transmiter_deploy.features.models import ModelIdentity
 
 
 def make_artifact(seed: int = 0) -> AdapterArtifact:

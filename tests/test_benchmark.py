@@ -15,7 +15,7 @@ from transmiter_deploy.benchmark.runtimes import GPU_RUNTIMES, Caller, unavailab
 from transmiter_deploy.benchmark.timing import TimingPlan, summarise, time_interleaved
 from transmiter_deploy.benchmark.variants import build_group, targets_of
 from transmiter_deploy.cli import main
-from transmiter_deploy.eft import eft_logits
+from transmiter_deploy.method.eft import eft_logits
 from transmiter_deploy.errors import InputError
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from transmiter_deploy.cache import build_cache, check_same_images, load_cache, zero_shot_logits
-from transmiter_deploy.datasets import open_dataset
+from transmiter_deploy.features.cache import build_cache, check_same_images, load_cache, zero_shot_logits
+from transmiter_deploy.features.datasets import open_dataset
 from transmiter_deploy.errors import InputError, IntegrityError
-from transmiter_deploy.heads import build_head
-from transmiter_deploy.models import ModelSpec, load_model
+from transmiter_deploy.features.heads import build_head
+from transmiter_deploy.features.models import ModelSpec, load_model
 
 from conftest import draw_image, make_image_folder
 

@@ -14,7 +14,7 @@ from transmiter_deploy.demo.weights import finetuned_name, verify_weights, write
 from transmiter_deploy.demo.zero_shot import reference_accuracy
 from transmiter_deploy.demo.world import STYLES, render, sample_scene
 from transmiter_deploy.errors import InputError, IntegrityError
-from transmiter_deploy.models import ModelSpec, load_model
+from transmiter_deploy.features.models import ModelSpec, load_model
 
 
 def test_rendering_is_deterministic_per_scene():
@@ -78,7 +78,7 @@ def test_tokenizer_puts_end_of_text_at_the_largest_id_and_covers_every_prompt():
 
 
 def test_demo_configs_fit_the_tokenizer():
-    directory = resources.files("transmiter_deploy").joinpath("model_configs")
+    directory = resources.files("transmiter_deploy").joinpath("demo", "model_configs")
     for name in ("TM-Demo-Source", "TM-Demo-Target"):
         config = json.loads(directory.joinpath(f"{name}.json").read_text())
         assert demo_tokenizer().vocab_size <= config["text_cfg"]["vocab_size"]

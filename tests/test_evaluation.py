@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.evaluation import base_to_novel, harmonic_mean, num_base_classes
+from transmiter_deploy.method.evaluation import base_to_novel, harmonic_mean, num_base_classes
 
 
 def test_hand_computed_base_to_novel():

@@ -9,8 +9,8 @@ import torch
 
 from transmiter_deploy.cli import main
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.export_pipeline import _exclusive, run_export
-from transmiter_deploy.recipe import load_recipe
+from transmiter_deploy.pipeline.export import _exclusive, run_export
+from transmiter_deploy.pipeline.recipe import load_recipe
 
 from conftest import SMALL_DEMO
 

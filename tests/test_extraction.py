@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
+from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.extraction import (
+from transmiter_deploy.method.extraction import (
     ExtractionSettings,
     add_logit_noise,
     distillation_loss,

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.fusion import DeployedClassifier, FoldedHead, UnfoldedHead
-from transmiter_deploy.models import ModelIdentity, ModelSpec, load_model
+from transmiter_deploy.deploy.fusion import DeployedClassifier, FoldedHead, UnfoldedHead
+from transmiter_deploy.features.models import ModelIdentity, ModelSpec, load_model
 
 from conftest import make_head_and_adapter
 

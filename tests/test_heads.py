@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.heads import build_head, load_head, save_head
-from transmiter_deploy.models import ModelSpec, load_model
-from transmiter_deploy.templates import resolve_templates
-from transmiter_deploy.vocabulary import builtin_vocabulary, select_auxiliary
+from transmiter_deploy.features.heads import build_head, load_head, save_head
+from transmiter_deploy.features.models import ModelSpec, load_model
+from transmiter_deploy.features.templates import resolve_templates
+from transmiter_deploy.features.vocabulary import builtin_vocabulary, select_auxiliary
 
 
 def test_vocabulary_is_a_few_thousand_unique_nouns():

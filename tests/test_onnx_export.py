@@ -9,18 +9,13 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from transmiter_deploy.artifacts import sha256_file
-from transmiter_deploy.fusion import FoldedHead, UnfoldedHead
-from transmiter_deploy.graph_cost import count_macs
-from transmiter_deploy.models import ModelSpec, load_model
-from transmiter_deploy.onnx_export import (
-    FP32_NODES,
-    ExportSettings,
-    export_deployment,
-    ort_session,
-    parity_pixels,
-    to_mixed_fp16,
-    to_onnx,
-)
+from transmiter_deploy.deploy.fusion import FoldedHead, UnfoldedHead
+from transmiter_deploy.deploy.graph_cost import count_macs
+from transmiter_deploy.features.models import ModelSpec, load_model
+from transmiter_deploy.deploy.fusion import FP32_NODES
+from transmiter_deploy.deploy.onnx_export import ExportSettings, export_deployment, parity_pixels, to_onnx
+from transmiter_deploy.deploy.precisions.fp16 import convert as to_mixed_fp16
+from transmiter_deploy.runtimes.onnxruntime import ort_session
 
 from conftest import make_head_and_adapter
 
@@ -149,7 +144,7 @@ def test_softmax_export_outputs_probabilities(tmp_path):
     head, artifact = make_head_and_adapter(model.model.visual.output_dim, 64, K, model=model)
     pixels = parity_pixels(model, None, count=4)
     report = export_deployment(model, head, artifact, tmp_path / "out", pixels,
-                               ExportSettings(softmax=True, fp16=False), log=lambda _: None)
+                               ExportSettings(softmax=True, precisions=("fp32",)), log=lambda _: None)
     assert report.passed
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["output"] == "probabilities" and set(manifest["files"]) == {"model.onnx", "head.onnx", "head.safetensors"}
@@ -161,7 +156,7 @@ def test_softmax_export_outputs_probabilities(tmp_path):
 
 def test_head_safetensors_alone_reproduces_the_folded_head(exported):
     from transmiter_deploy.errors import IntegrityError
-    from transmiter_deploy.head_weights import head_logits_numpy, read_head_metadata
+    from transmiter_deploy.deploy.head_weights import head_logits_numpy, read_head_metadata
 
     model, out, report = exported
     manifest = json.loads((out / "manifest.json").read_text())

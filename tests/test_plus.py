@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
+from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.plus import PlusSettings, few_shot_indices, train_plus
+from transmiter_deploy.method.plus import PlusSettings, few_shot_indices, train_plus
 
 from conftest import clip_like_logits
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from transmiter_deploy.recipe import RecipeError, load_recipe
+from transmiter_deploy.pipeline.recipe import RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "export" / "recipes"
 

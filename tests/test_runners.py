@@ -11,12 +11,16 @@ from conftest import make_head_and_adapter
 
 from transmiter_deploy.cli import main
 from transmiter_deploy.errors import DependencyError, InputError, IntegrityError
-from transmiter_deploy.fusion import DeployedClassifier, FoldedHead
-from transmiter_deploy.models import ModelSpec, load_model
-from transmiter_deploy.onnx_export import export_deployment, parity_pixels
-from transmiter_deploy.runners import InputSpec, OnnxRuntimeRunner, TorchRunner, compare, tensorrt_available
-from transmiter_deploy.tensorrt_engine import (
+from transmiter_deploy.deploy.fusion import DeployedClassifier, FoldedHead
+from transmiter_deploy.features.models import ModelSpec, load_model
+from transmiter_deploy.deploy.onnx_export import export_deployment, parity_pixels
+from transmiter_deploy.runtimes.base import InputSpec
+from transmiter_deploy.runtimes.compare import compare
+from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
+from transmiter_deploy.runtimes.pytorch import TorchRunner
+from transmiter_deploy.runtimes.tensorrt import (
     ENGINE_FORMAT,
+    tensorrt_available,
     BatchProfile,
     build_engine,
     check_engine_manifest,
@@ -34,14 +38,17 @@ def export(tmp_path_factory):
     size = model.preprocess_config["image_size"][0]
     torch_runner = TorchRunner(DeployedClassifier(model.model.visual, FoldedHead(head, artifact)),
                                InputSpec("pixel_values", (None, 3, size, size)))
-    return out, torch_runner, pixels.numpy()
+    with torch_runner:
+        yield out, torch_runner, pixels.numpy()
 
 
 def test_onnx_runtime_matches_pytorch_within_each_precision(export):
     out, torch_runner, pixels = export
-    fp32 = compare(torch_runner, OnnxRuntimeRunner(out / "model.onnx"), pixels)
+    with OnnxRuntimeRunner(out / "model.onnx") as runner:
+        fp32 = compare(torch_runner, runner, pixels)
     assert fp32["passed"] and fp32["precision"] == "fp32" and fp32["max_abs"] <= 1e-4
-    fp16 = compare(torch_runner, OnnxRuntimeRunner(out / "model_fp16.onnx"), pixels)
+    with OnnxRuntimeRunner(out / "model_fp16.onnx") as runner:
+        fp16 = compare(torch_runner, runner, pixels)
     assert fp16["passed"] and fp16["precision"] == "fp16" and fp16["top1_agreement"] >= 0.995
     assert fp16["max_abs"] > fp32["max_abs"]  # the fp16 graph really computes in reduced precision
 
@@ -70,7 +77,7 @@ def test_every_runner_refuses_malformed_input_in_one_line(export, make_input, me
     out, torch_runner, pixels = export
     for runner in (OnnxRuntimeRunner(out / "model.onnx", max_batch=8),
                    TorchRunner(torch_runner.module, InputSpec("pixel_values", torch_runner.input_spec.shape, max_batch=8))):
-        with pytest.raises(InputError, match=message):
+        with runner, pytest.raises(InputError, match=message):
             runner.infer(make_input(pixels))
 
 
@@ -84,7 +91,7 @@ def test_unknown_provider_and_corrupt_graph_are_refused(export, tmp_path):
     broken = tmp_path / "model.onnx"
     broken.write_bytes((out / "model.onnx").read_bytes()[:1000])
     with pytest.raises(InputError, match="ONNX Runtime cannot load"):
-        OnnxRuntimeRunner(broken)
+        OnnxRuntimeRunner(broken).activate()
 
 
 def hand_written_manifest(**changes):
@@ -134,13 +141,13 @@ def test_build_engine_without_tensorrt_exits_3_and_leaves_the_trtexec_command(ex
 
 @pytest.mark.skipif(tensorrt_available() is not None, reason=f"needs TensorRT and a GPU ({tensorrt_available()})")
 def test_tensorrt_engine_matches_onnx_runtime(export, tmp_path):  # pragma: no cover - GPU hosts only
-    from transmiter_deploy.tensorrt_engine import TensorRTRunner
+    from transmiter_deploy.runtimes.tensorrt import TensorRTRunner
 
     out, torch_runner, pixels = export
     for graph in ("model.onnx", "model_fp16.onnx"):
         engine = tmp_path / graph.replace(".onnx", ".engine")
         build_engine(out / graph, engine, BatchProfile(1, 4, 8))
-        runner = TensorRTRunner(engine)
-        assert compare(torch_runner, runner, pixels)["passed"]
-        with pytest.raises(InputError, match="batch 12 is outside 1..8"):
-            runner.infer(np.concatenate([pixels, pixels]))
+        with TensorRTRunner(engine) as runner:
+            assert compare(torch_runner, runner, pixels)["passed"]
+            with pytest.raises(InputError, match="batch 12 is outside 1..8"):
+                runner.infer(np.concatenate([pixels, pixels]))

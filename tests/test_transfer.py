@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter, standardise
+from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter, standardise
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.transfer import procrustes_rotation, transfer
+from transmiter_deploy.method.transfer import procrustes_rotation, transfer
 
 from conftest import clip_like_logits
 

@@ -142,10 +142,10 @@ def write_manifest(path: Path, fmt: str, version: int, body: dict[str, Any]) -> 
                       "versions": library_versions(), "created": utc_now()})
 
 
-def read_manifest(path: Path, fmt: str, version: int, what: str) -> dict[str, Any]:
-    """Read a manifest and check its format tag and version."""
+def read_manifest(path: Path, fmt: str, version: int, what: str, former: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a manifest and check its format tag (or a ``former`` one) and version."""
     manifest = read_json(path, what)
-    check_format(manifest, fmt, version, str(path))
+    check_format(manifest, fmt, version, str(path), former)
     return manifest
 
 
@@ -179,9 +179,12 @@ def require_string_lists(payload: dict[str, Any], keys: tuple[str, ...], where: 
             raise IntegrityError(f"{where}: '{key}' must be a list of strings")
 
 
-def check_format(payload: dict[str, Any], expected_format: str, supported_version: int, where: str) -> None:
+def check_format(payload: dict[str, Any], expected_format: str, supported_version: int, where: str,
+                 former: tuple[str, ...] = ()) -> None:
+    """Refuse another format or a newer version; ``former`` are tags this format was once
+    written under (still read)."""
     require_keys(payload, {"format": str, "format_version": int}, where)
-    if payload["format"] != expected_format:
+    if payload["format"] != expected_format and payload["format"] not in former:
         raise IntegrityError(f"{where}: format is '{payload['format']}', expected '{expected_format}'")
     if payload["format_version"] > supported_version:
         raise IntegrityError(

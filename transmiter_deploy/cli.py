@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_CODES, InputError, TransmiterError
+from .runtimes import registry
 
 _STATE = {"debug": False, "progress": True}
 
@@ -68,7 +69,8 @@ def model_options(func):
 
 
 def _load_model(model_name, pretrained, checkpoint, init_seed, device):
-    from .models import ModelSpec, load_model
+    from . import demo  # noqa: F401  (registers the demo world's architectures)
+    from .features.models import ModelSpec, load_model
 
     return load_model(ModelSpec(model_name, pretrained, checkpoint, init_seed), device=device)
 
@@ -103,8 +105,8 @@ def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_f
     Example:
       transmiter cache --model ViT-B-16 --pretrained openai --data data/train --out caches/b16-train
     """
-    from .cache import build_cache
-    from .datasets import open_dataset
+    from .features.cache import build_cache
+    from .features.datasets import open_dataset
 
     class_names = _read_class_file(classes_file) if classes_file else None
     dataset = open_dataset(data, class_names)
@@ -140,9 +142,9 @@ def head(model_name, pretrained, checkpoint, init_seed, device, classes_file, cl
     Example:
       transmiter head --model ViT-L-14 --pretrained openai --classes-from heads/b16 --out heads/l14
     """
-    from .heads import build_head, save_head
-    from .templates import resolve_templates
-    from .vocabulary import select_auxiliary
+    from .features.heads import build_head, save_head
+    from .features.templates import resolve_templates
+    from .features.vocabulary import select_auxiliary
 
     if (classes_file is None) == (classes_from is None):
         raise InputError("give exactly one of --classes or --classes-from")
@@ -207,11 +209,11 @@ def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_
       transmiter extract --source-cache c/b16 --source-head h/b16 \\
           --teacher-cache c/b16-ft --teacher-head h/b16-ft --out adapters/b16
     """
-    from .adapter_artifact import save_adapter
-    from .cache import load_cache
-    from .extraction import ExtractionSettings
-    from .heads import load_head
-    from .phases import extract_adapter
+    from .features.adapter_artifact import save_adapter
+    from .features.cache import load_cache
+    from .method.extraction import ExtractionSettings
+    from .features.heads import load_head
+    from .pipeline.phases import extract_adapter
 
     src_cache = load_cache(source_cache)
     settings = ExtractionSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -245,10 +247,10 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
       transmiter transfer --adapter adapters/b16 --source-cache c/b16 --source-head h/b16 \\
           --target-cache c/l14 --target-head h/l14 --out adapters/l14
     """
-    from .adapter_artifact import load_adapter, save_adapter
-    from .cache import load_cache
-    from .heads import load_head
-    from .phases import transfer_adapter
+    from .features.adapter_artifact import load_adapter, save_adapter
+    from .features.cache import load_cache
+    from .features.heads import load_head
+    from .pipeline.phases import transfer_adapter
 
     artifact = load_adapter(adapter_dir)
     moved, result = transfer_adapter(artifact, load_cache(source_cache), load_head(source_head),
@@ -277,11 +279,11 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
     Example:
       transmiter plus --adapter adapters/l14 --cache c/l14-fewshot --head h/l14 --shots 4 --out adapters/l14-plus
     """
-    from .adapter_artifact import load_adapter, save_adapter
-    from .cache import load_cache
-    from .heads import load_head
-    from .phases import plus_adapter
-    from .plus import PlusSettings
+    from .features.adapter_artifact import load_adapter, save_adapter
+    from .features.cache import load_cache
+    from .features.heads import load_head
+    from .pipeline.phases import plus_adapter
+    from .method.plus import PlusSettings
 
     settings = PlusSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             keep_orthogonal=not free_basis, seed=seed)
@@ -307,11 +309,11 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
     """
     import torch
 
-    from .adapter_artifact import check_adapter_head, load_adapter
+    from .features.adapter_artifact import check_adapter_head, load_adapter
     from .artifacts import write_json
-    from .cache import load_cache, zero_shot_logits
-    from .evaluation import base_to_novel
-    from .heads import load_head
+    from .features.cache import load_cache, zero_shot_logits
+    from .method.evaluation import base_to_novel
+    from .features.heads import load_head
 
     test, zs_head = load_cache(cache_dir), load_head(head_dir)
     if not test.class_names or not (test.labels >= 0).any():
@@ -347,6 +349,9 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
 @click.option("--samples", type=int, default=16, show_default=True, help="How many images to verify with.")
 @click.option("--opset", type=click.IntRange(17, 23), default=17, show_default=True)
 @click.option("--softmax", is_flag=True, help="Output probabilities instead of logits.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(list(registry.PRECISIONS)),
+              help="Export these precisions (repeatable; fp32, the reference, always; default: "
+                   f"{', '.join(registry.default_precisions())}).")
 @click.option("--no-fp16", is_flag=True, help="Skip the mixed-precision graphs (no ModelOpt needed).")
 @click.option("--sigma-mode", type=click.Choice(["auto", "norm", "gram"]), default="auto", show_default=True,
               help="How the folded head computes sigma: norm of the pushed vector or the Gram form.")
@@ -354,7 +359,7 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
               help="Images ModelOpt AutoCast runs through the fp32 model (memory grows with each; "
                    "ViT-L-14 needs several GB per image).")
 def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_dir, head_dir, out, images, samples,
-                opset, softmax, no_fp16, sigma_mode, calibration_images):
+                opset, softmax, precisions, no_fp16, sigma_mode, calibration_images):
     """Fuse the adapter into the model and export verified ONNX (fp32 and mixed fp16).
 
     Writes model.onnx (pixels -> task logits), head.onnx (features -> task
@@ -366,9 +371,9 @@ def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_d
       transmiter export-onnx --model ViT-L-14 --pretrained openai --adapter a/l14 --head h/l14 \\
           --images data/val --out export/l14
     """
-    from .adapter_artifact import load_adapter
-    from .heads import load_head
-    from .onnx_export import ExportSettings, export_deployment, format_report, parity_pixels
+    from .features.adapter_artifact import load_adapter
+    from .features.heads import load_head
+    from .deploy.onnx_export import ExportSettings, export_deployment, format_report, parity_pixels
 
     artifact, target_head = load_adapter(adapter_dir), load_head(head_dir)
     if device != "cpu":
@@ -380,8 +385,11 @@ def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_d
             f"({model.identity.describe()})"
         )
     pixels = parity_pixels(model, images, count=samples)
-    settings = ExportSettings(opset=opset, softmax=softmax, fp16=not no_fp16, sigma_mode=sigma_mode,
-                              calibration_images=calibration_images)
+    chosen = (registry.REFERENCE_PRECISION, *precisions) if precisions else registry.default_precisions()
+    if no_fp16:
+        chosen = tuple(name for name in chosen if name != "fp16")
+    settings = ExportSettings(opset=opset, softmax=softmax, precisions=tuple(dict.fromkeys(chosen)),
+                              sigma_mode=sigma_mode, calibration_images=calibration_images)
     report = export_deployment(model, target_head, artifact, out, pixels, settings,
                                log=lambda line: click.echo(line, err=True))
     click.echo(format_report(report))
@@ -403,8 +411,8 @@ def export(recipe_path, out, force, check):
     Example:
       transmiter export export/recipes/demo.yaml
     """
-    from .export_pipeline import run_export
-    from .recipe import load_recipe
+    from .pipeline.export import run_export
+    from .pipeline.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     if check:
@@ -439,7 +447,7 @@ def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, worksp
     Example:
       transmiter build-engine export/out/demo/onnx/model_fp16.onnx --out engines/demo_fp16.engine --max-batch 64
     """
-    from .tensorrt_engine import BatchProfile, build_engine
+    from .runtimes.tensorrt import BatchProfile, build_engine
 
     manifest = build_engine(onnx_path, out, BatchProfile(min_batch, opt_batch, max_batch), workspace_mib, timing_cache,
                             log=lambda line: click.echo(line, err=True))
@@ -457,8 +465,7 @@ def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, worksp
 @click.option("--part", "parts", multiple=True, type=click.Choice(["latency", "flops", "accuracy"]),
               help="Measure only these (repeatable; default: all three).")
 @click.option("--runtime", "runtimes", multiple=True,
-              type=click.Choice(["pytorch-cpu", "onnxruntime-cpu", "pytorch-cuda", "pytorch-cuda-graphs",
-                                 "onnxruntime-cuda", "tensorrt"]),
+              type=click.Choice(list(registry.RUNTIMES)),
               help="Time only these runtimes (repeatable; default: every one available here).")
 @click.option("--pair", "pairs", multiple=True,
               type=click.Choice(["demo", "vit-b-32_to_vit-b-16", "rn50_to_vit-b-16", "vit-b-16_to_vit-l-14"]),
@@ -486,7 +493,6 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, var
     import shlex
 
     from .benchmark.report import write_report
-    from .benchmark.runtimes import RUNTIMES
     from .benchmark.suite import PARTS, host_label, run_benchmark
 
     out = out or Path("benchmarks") / "results" / host_label()
@@ -494,7 +500,7 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, var
     command = "transmiter " + shlex.join(sys.argv[1:]) if sys.argv and "transmiter" in sys.argv[0] else "transmiter bench"
     if not report_only:
         run_benchmark(profile_name, out, work, threads or os.cpu_count() or 1, tuple(parts) or PARTS,
-                      tuple(runtimes) or RUNTIMES, tuple(pairs) or None, tuple(batches) or None,
+                      tuple(runtimes) or tuple(registry.RUNTIMES), tuple(pairs) or None, tuple(batches) or None,
                       tuple(variants) or None, rounds, command,
                       log=lambda line: click.echo(line, err=True), progress=_progress())
     click.echo(f"results: {write_report(out, command, plots=not no_plots)}")

@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from transmiter_deploy.datasets import decode_image
-from transmiter_deploy.onnx_export import ort_session
+from transmiter_deploy.features.datasets import decode_image
+from transmiter_deploy.runtimes.onnxruntime import ort_session
 
 SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer", "runtime error:")
 HEAD_ATOL = 1e-4  # logits, as the export's own parity checks
@@ -60,8 +60,8 @@ def run(binary: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def demo(demo_export):
     """The demo export, its target model and 16 of its test images."""
-    from transmiter_deploy.export_pipeline import model_specs
-    from transmiter_deploy.models import load_model
+    from transmiter_deploy.pipeline.export import model_specs
+    from transmiter_deploy.features.models import load_model
 
     recipe, outcome = demo_export
     manifest_path = outcome.export_dir / "manifest.json"
@@ -306,11 +306,11 @@ def test_format_fuzz_on_synthetic_and_demo_files_is_clean_under_sanitizers(demo)
 @pytest.mark.parametrize("sigma_mode,layers,softmax", [("gram", 2, False), ("norm", 1, True), ("gram", 1, True)])
 def test_head_backend_covers_gram_sigma_several_blocks_and_softmax(sigma_mode, layers, softmax, infer_asan, tmp_path):
     """Head variants the demo export does not produce: the Gram form of sigma, two blocks, probabilities."""
-    from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
-    from transmiter_deploy.adapter_artifact import AdapterArtifact
+    from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter
+    from transmiter_deploy.features.adapter_artifact import AdapterArtifact
     from transmiter_deploy.artifacts import sha256_file
-    from transmiter_deploy.fusion import FoldedHead
-    from transmiter_deploy.head_weights import write_head_safetensors
+    from transmiter_deploy.deploy.fusion import FoldedHead
+    from transmiter_deploy.deploy.head_weights import write_head_safetensors
 
     from conftest import make_head_and_adapter
 

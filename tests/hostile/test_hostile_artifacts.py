@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from transmiter_deploy.adapter import AdapterConfig, TransMiterAdapter
-from transmiter_deploy.adapter_artifact import AdapterArtifact, load_adapter, save_adapter
+from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter
+from transmiter_deploy.features.adapter_artifact import AdapterArtifact, load_adapter, save_adapter
 from transmiter_deploy.cli import main
-from transmiter_deploy.datasets import open_dataset
+from transmiter_deploy.features.datasets import open_dataset
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.models import ModelIdentity
+from transmiter_deploy.features.models import ModelIdentity
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_engine_builder_refuses_broken_graphs_before_looking_for_tensorrt(tmp_pa
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nan_and_inf_logits_are_refused_naming_the_row(adapter_dir, bad):
-    from transmiter_deploy.adapter import check_logits
+    from transmiter_deploy.method.adapter import check_logits
 
     logits = torch.randn(3, 8)
     logits[1, 2] = bad
@@ -142,7 +142,7 @@ def test_nan_and_inf_logits_are_refused_naming_the_row(adapter_dir, bad):
 
 
 def test_constant_logits_sigma_zero_are_refused(adapter_dir):
-    from transmiter_deploy.adapter import check_logits
+    from transmiter_deploy.method.adapter import check_logits
 
     logits = torch.randn(4, 8)
     logits[2] = 7.0  # every class equal: the standardisation would divide by zero
@@ -151,9 +151,9 @@ def test_constant_logits_sigma_zero_are_refused(adapter_dir):
 
 
 def test_fp16_graph_stays_finite_on_extreme_pixels_where_fp32_does(tmp_path):
-    from transmiter_deploy.models import ModelSpec, load_model
-    from transmiter_deploy.onnx_export import export_deployment, parity_pixels
-    from transmiter_deploy.runners import OnnxRuntimeRunner
+    from transmiter_deploy.features.models import ModelSpec, load_model
+    from transmiter_deploy.deploy.onnx_export import export_deployment, parity_pixels
+    from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
     from conftest import make_head_and_adapter
 
@@ -162,6 +162,8 @@ def test_fp16_graph_stays_finite_on_extreme_pixels_where_fp32_does(tmp_path):
     export_deployment(model, head, artifact, tmp_path / "export", parity_pixels(model, None, count=4), log=lambda _: None)
     extreme = (np.random.default_rng(0).standard_normal((4, 3, 32, 32)) * 50).astype(np.float32)
     extreme[0] = 0.0  # a black frame (after normalisation): all features tiny
-    fp32 = OnnxRuntimeRunner(tmp_path / "export" / "model.onnx").infer(extreme)
-    fp16 = OnnxRuntimeRunner(tmp_path / "export" / "model_fp16.onnx").infer(extreme)
+    with OnnxRuntimeRunner(tmp_path / "export" / "model.onnx") as runner:
+        fp32 = runner.infer(extreme)
+    with OnnxRuntimeRunner(tmp_path / "export" / "model_fp16.onnx") as runner:
+        fp16 = runner.infer(extreme)
     assert np.isfinite(fp32).all() and np.isfinite(fp16).all()

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from transmiter_deploy.artifacts import sha256_file
-from transmiter_deploy.export_pipeline import run_export
-from transmiter_deploy.recipe import load_recipe
+from transmiter_deploy.pipeline.export import run_export
+from transmiter_deploy.pipeline.recipe import load_recipe
 
 RECIPE = """\
 name: killed

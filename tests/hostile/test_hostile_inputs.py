@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from transmiter_deploy.artifacts import load_tensors
-from transmiter_deploy.cache import load_cache
+from transmiter_deploy.features.cache import load_cache
 from transmiter_deploy.cli import main
-from transmiter_deploy.datasets import decode_image
+from transmiter_deploy.features.datasets import decode_image
 from transmiter_deploy.errors import IntegrityError
 
 
@@ -130,7 +130,7 @@ def test_damaged_cache_shards_are_refused(odd_images, tmp_path, capsys, damage):
 def test_interrupted_cache_write_leaves_the_previous_cache_intact(odd_images, tmp_path, capsys, monkeypatch):
     assert run(capsys, *cache_args(odd_images, tmp_path / "cache"))[0] == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
-    import transmiter_deploy.cache as cache_module
+    import transmiter_deploy.features.cache as cache_module
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the user hit Ctrl-C while the shard was being written

@@ -1,7 +1,7 @@
 """ONNX graphs of every benchmark part, exported once and reused between runs.
 
 Each graph is exported through the same path as the deployed artifacts
-(:func:`transmiter_deploy.onnx_export.to_onnx`: TorchScript exporter, dynamic batch,
+(:func:`transmiter_deploy.deploy.onnx_export.to_onnx`: TorchScript exporter, dynamic batch,
 onnxslim, full checker), so ONNX Runtime times exactly what ``transmiter export``
 ships. Exporting ViT-L-14 takes minutes, so graphs are cached under
 ``<work>/graphs/<key>.onnx`` with a JSON record of the code and library versions
@@ -20,12 +20,13 @@ import onnx
 from tqdm import tqdm
 
 from ..artifacts import library_versions, sha256_file, write_json
-from ..graph_cost import count_macs
-from ..onnx_export import DEFAULT_OPSET, to_onnx
+from ..deploy.graph_cost import count_macs
+from ..deploy.onnx_export import DEFAULT_OPSET, to_onnx
 from .variants import TargetGroup
 
 # Modules whose code shapes the exported graphs: a change to any of them re-exports.
-_GRAPH_SOURCES = ("fusion.py", "adapter.py", "onnx_export.py", "eft.py", "benchmark/variants.py")
+_GRAPH_SOURCES = ("deploy/fusion.py", "method/adapter.py", "deploy/onnx_export.py", "method/eft.py",
+                  "benchmark/variants.py")
 
 
 def code_digest() -> str:

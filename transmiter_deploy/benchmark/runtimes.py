@@ -1,46 +1,52 @@
 """The runtimes a benchmark can time, and how one call of a variant looks on each.
 
-CPU: PyTorch eager and ONNX Runtime's CPU provider, always. GPU (only where an
-NVIDIA GPU is visible): PyTorch eager on CUDA, PyTorch with CUDA graphs, ONNX
-Runtime's CUDA provider, and TensorRT engines. A runtime that cannot run here
-is skipped with its reason, never faked. PyTorch on CUDA keeps inputs and outputs
-on the GPU; ONNX Runtime CUDA and TensorRT take and return host arrays, so their
-times include the copies (recorded as ``includes_copies``).
+The list is the registry's (:mod:`transmiter_deploy.runtimes.registry`): CPU runtimes
+always, GPU runtimes only where an NVIDIA GPU is visible; a runtime that cannot run
+here is skipped with its reason, never faked. Each call goes through the runtime's own
+runner (its ``timed_call``): PyTorch on CUDA keeps inputs and outputs on the GPU; ONNX
+Runtime CUDA and TensorRT take and return host arrays, so their times include the
+copies (recorded as ``includes_copies``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
+from torch import nn
 
-from ..errors import DependencyError
+from ..runtimes.base import InputSpec, Runner
+from ..runtimes import registry
+from ..runtimes.registry import runtime as registered_runtime
+from ..runtimes.registry import runtime_names
 from .variants import TargetGroup, Variant
 
-CPU_RUNTIMES = ("pytorch-cpu", "onnxruntime-cpu")
-GPU_RUNTIMES = ("pytorch-cuda", "pytorch-cuda-graphs", "onnxruntime-cuda", "tensorrt")
-RUNTIMES = CPU_RUNTIMES + GPU_RUNTIMES
-INCLUDES_COPIES = {"onnxruntime-cuda", "tensorrt"}
+RUNTIMES = runtime_names()
+CPU_RUNTIMES = runtime_names("cpu")
+GPU_RUNTIMES = runtime_names("cuda")
+INCLUDES_COPIES = {name for name, entry in registry.RUNTIMES.items() if entry.includes_copies}
+# what each kind of runner is built from, for a variant's part (see Caller._runners)
+SUPPORTED_LOADS = ("module", "onnx", "engine")
 
 
 def unavailable(runtime: str) -> str | None:
     """None when ``runtime`` can run here, else the reason it cannot."""
-    if runtime in CPU_RUNTIMES:
-        return None
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible"
-    if runtime == "onnxruntime-cuda":
-        import onnxruntime as ort
+    return registered_runtime(runtime).unavailable()
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return f"this ONNX Runtime build has no CUDA provider ({ort.get_device()})"
-    if runtime == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed"
-    return None
+
+class VariantModule(nn.Module):
+    """A variant's parts and their combination as one module, so a PyTorch runtime times (and
+    a CUDA graph captures) the whole variant in one call."""
+
+    def __init__(self, variant: Variant) -> None:
+        super().__init__()
+        self.variant = variant
+        self.parts = nn.ModuleList(part.module for part in variant.parts)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.variant.combine([part(inputs) for part in self.parts])
 
 
 @dataclass
@@ -55,86 +61,45 @@ class Caller:
     max_batch: int  # TensorRT engines get one profile spanning 1..max_batch
 
     def __post_init__(self) -> None:
-        self._sessions: dict[str, object] = {}
-        self._engines: dict[str, object] = {}
-        if self.runtime.startswith("pytorch-cuda"):
-            for module in self.group.modules():
-                module.to("cuda")
+        self.entry = registered_runtime(self.runtime)
+        self._runners: dict[str, list[Runner]] = {}
 
     def release(self) -> None:
-        """Free sessions and GPU memory before the next runtime."""
-        self._sessions.clear()
-        self._engines.clear()
-        if self.runtime.startswith("pytorch-cuda"):
-            for module in self.group.modules():
-                module.to("cpu")
-            torch.cuda.empty_cache()
+        """Deactivate every runner (sessions, engines, GPU copies) before the next runtime."""
+        for runners in self._runners.values():
+            for runner in runners:
+                runner.deactivate()
+        self._runners.clear()
 
     def call(self, variant: Variant, batch: int) -> Callable[[], object]:
-        example = self.group.example(variant.takes, batch)
-        if self.runtime == "pytorch-cpu":
-            return self._torch_call(variant, example)
-        if self.runtime == "pytorch-cuda":
-            eager = self._torch_call(variant, example.to("cuda"))
-            return lambda: (eager(), torch.cuda.synchronize())
-        if self.runtime == "pytorch-cuda-graphs":  # pragma: no cover - needs a GPU
-            return self._cuda_graph_call(variant, example.to("cuda"))
-        if self.runtime in ("onnxruntime-cpu", "onnxruntime-cuda"):
-            return self._onnxruntime_call(variant, example.numpy())
-        if self.runtime == "tensorrt":  # pragma: no cover - needs TensorRT and a GPU
-            return self._tensorrt_call(variant, example.numpy())
-        raise DependencyError(f"unknown runtime '{self.runtime}'")
+        example = self.group.example(variant.takes, batch).numpy()
+        runners = self._runners.get(variant.name)
+        if runners is None:
+            runners = self._runners[variant.name] = [runner.activate() for runner in self._build(variant)]
+        calls = [runner.timed_call(example) for runner in runners]
+        if len(calls) == 1:
+            return calls[0]
+        return lambda: variant.combine([call() for call in calls])
 
-    @staticmethod
-    def _torch_call(variant: Variant, example: torch.Tensor) -> Callable[[], object]:
-        modules = [part.module for part in variant.parts]
+    def _build(self, variant: Variant) -> list[Runner]:
+        """One runner for a PyTorch runtime (the whole variant as one module); one per part for
+        graph runtimes, even when two parts share a graph file (EFT's two source towers)."""
+        loads = self.entry.loads
+        if loads == "module":
+            shape = (None, *self.group.example(variant.takes, 1).shape[1:])
+            return [self.entry.create(VariantModule(variant), input_spec=InputSpec(variant.takes, shape))]
+        if loads == "onnx":
+            # Without spinning: the sessions of all variants take turns in this process, and an
+            # idle session's spinning pool would compete with the one being timed.
+            return [self.entry.create(self.graphs[part.graph_key], threads=self.threads, spinning=False,
+                                      precision="fp32") for part in variant.parts]
+        return [self.entry.create(self._engine(part.graph_key)) for part in variant.parts]  # pragma: no cover
 
-        def run():
-            with torch.inference_mode():
-                return variant.combine([module(example) for module in modules])
+    def _engine(self, graph_key: str) -> Path:  # pragma: no cover - needs TensorRT and a GPU
+        from ..runtimes.tensorrt import BatchProfile, build_engine
 
-        return run
-
-    def _cuda_graph_call(self, variant: Variant, example: torch.Tensor) -> Callable[[], object]:  # pragma: no cover
-        modules = [part.module for part in variant.parts]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(3):  # warm-up on a side stream, as capture requires
-                variant.combine([module(example) for module in modules])
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            variant.combine([module(example) for module in modules])
-        return lambda: (graph.replay(), torch.cuda.synchronize())
-
-    def _onnxruntime_call(self, variant: Variant, example: np.ndarray) -> Callable[[], object]:
-        from ..runners import OnnxRuntimeRunner
-
-        provider = "cuda" if self.runtime == "onnxruntime-cuda" else "cpu"
-        runners = []
-        for index, part in enumerate(variant.parts):
-            # one session per part, even when two parts share a graph file (EFT's two source towers)
-            key = f"{variant.name}/{index}"
-            if key not in self._sessions:
-                # Without spinning: the sessions of all variants take turns in this process, and an
-                # idle session's spinning pool would compete with the one being timed.
-                self._sessions[key] = OnnxRuntimeRunner(self.graphs[part.graph_key], provider,
-                                                        threads=self.threads, spinning=False)
-            runners.append(self._sessions[key])
-        return lambda: variant.combine([runner.infer(example) for runner in runners])
-
-    def _tensorrt_call(self, variant: Variant, example: np.ndarray):  # pragma: no cover - needs TensorRT
-        from ..tensorrt_engine import BatchProfile, TensorRTRunner, build_engine
-
-        runners = []
-        for index, part in enumerate(variant.parts):
-            key = f"{variant.name}/{index}"
-            if key not in self._engines:
-                engine = self.work_dir / "engines" / f"{part.graph_key}-max{self.max_batch}.plan"
-                if not engine.is_file():
-                    profile = BatchProfile(1, self.max_batch, self.max_batch)
-                    build_engine(self.graphs[part.graph_key], engine, profile, log=lambda _: None)
-                self._engines[key] = TensorRTRunner(engine)
-            runners.append(self._engines[key])
-        return lambda: variant.combine([runner.infer(example) for runner in runners])
+        engine = self.work_dir / "engines" / f"{graph_key}-max{self.max_batch}.plan"
+        if not engine.is_file():
+            build_engine(self.graphs[graph_key], engine, BatchProfile(1, self.max_batch, self.max_batch),
+                         log=lambda _: None)
+        return engine

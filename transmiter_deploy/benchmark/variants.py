@@ -4,7 +4,7 @@
 - ``fused``: target + TransMiter folded into the head (the deployed graph);
 - ``unfolded``: target + all C logits, then the adapter (what folding saves);
 - ``eft:<source>``: EFT logit arithmetic, target + fine-tuned source - zero-shot source,
-  three image towers per input (see :mod:`transmiter_deploy.eft`);
+  three image towers per input (see :mod:`transmiter_deploy.method.eft`);
 - ``head``: the folded head + adapter alone on image features, to isolate its cost.
 
 Weights are random (open_clip architectures built with a seed, a synthetic head with
@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapter import AdapterConfig, TransMiterAdapter
-from ..adapter_artifact import AdapterArtifact
-from ..eft import eft_logits
+from .. import demo  # noqa: F401  (registers the demo pair's architectures)
+from ..method.adapter import AdapterConfig, TransMiterAdapter
+from ..features.adapter_artifact import AdapterArtifact
+from ..method.eft import eft_logits
 from ..errors import InputError
-from ..fusion import DeployedClassifier, FoldedHead, UnfoldedHead, ZeroShotTaskHead
-from ..heads import ZeroShotHead
-from ..models import LoadedModel, ModelIdentity, ModelSpec, load_model
+from ..deploy.fusion import DeployedClassifier, FoldedHead, UnfoldedHead, ZeroShotTaskHead
+from ..features.heads import ZeroShotHead
+from ..features.models import LoadedModel, ModelIdentity, ModelSpec, load_model
 
 
 VARIANT_NAMES = ("backbone", "fused", "unfolded", "eft", "head")  # "eft" stands for every eft:<source>

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import AdapterConfig
-from ..cache import build_cache, check_same_images, load_cache, zero_shot_logits
-from ..datasets import open_dataset
-from ..eft import eft_logits
-from ..evaluation import base_to_novel
-from ..extraction import ExtractionSettings, extract
-from ..heads import build_head
-from ..models import load_model
-from ..plus import PlusSettings, few_shot_indices, train_plus
-from ..transfer import transfer
-from ..vocabulary import select_auxiliary
+from ..method.adapter import AdapterConfig
+from ..features.cache import build_cache, check_same_images, load_cache, zero_shot_logits
+from ..features.datasets import open_dataset
+from ..method.eft import eft_logits
+from ..method.evaluation import base_to_novel
+from ..method.extraction import ExtractionSettings, extract
+from ..features.heads import build_head
+from ..features.models import load_model
+from ..method.plus import PlusSettings, few_shot_indices, train_plus
+from ..method.transfer import transfer
+from ..features.vocabulary import select_auxiliary
 from .tasks import DemoTask, auxiliary_phrases, write_split
 from .weights import SOURCE, TARGET, demo_model_spec, finetuned_name
 

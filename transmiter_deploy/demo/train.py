@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..artifacts import atomic_directory
-from ..models import LoadedModel, ModelSpec, load_model
+from ..features.models import LoadedModel, ModelSpec, load_model
 from .tasks import TASKS, DemoTask
 from .weights import SOURCE, TARGET, finetuned_name, write_weights_manifest
 from .world import CAPTION_TEMPLATES, sample_scene

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from ..artifacts import read_manifest, recorded_sha256, sha256_file, write_manifest
 from ..errors import InputError, IntegrityError
-from ..models import ModelSpec
+from ..features.models import ModelSpec
 
-WEIGHTS_FORMAT = "transmiter-demo-weights"
+WEIGHTS_FORMAT = "transmiter-deploy/demo-weights"
+FORMER_WEIGHTS_FORMATS = ("transmiter-demo-weights",)  # before 0.2; still read
 WEIGHTS_FORMAT_VERSION = 1
 SOURCE = "TM-Demo-Source"
 TARGET = "TM-Demo-Target"
@@ -42,7 +43,8 @@ def verify_weights(directory: Path) -> dict:
     directory = Path(directory)
     if not (directory / "manifest.json").is_file():
         raise InputError(f"no demo weights in {directory} (no manifest.json); run `make demo-weights`")
-    manifest = read_manifest(directory / "manifest.json", WEIGHTS_FORMAT, WEIGHTS_FORMAT_VERSION, "demo weights manifest")
+    manifest = read_manifest(directory / "manifest.json", WEIGHTS_FORMAT, WEIGHTS_FORMAT_VERSION, "demo weights manifest",
+                             FORMER_WEIGHTS_FORMATS)
     if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         raise IntegrityError(f"{directory / 'manifest.json'}: 'files' must list the weights files")
     for filename in manifest["files"]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import LoadedModel, load_model
+from ..features.models import LoadedModel, load_model
 from .tasks import DemoTask
 from .weights import SOURCE, TARGET, demo_model_spec
 from .world import render

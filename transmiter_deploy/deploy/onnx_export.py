@@ -1,0 +1,354 @@
+"""Export the deployed classifier to ONNX (fp32 and each reduced precision) and verify it.
+
+Artifacts written into one directory, atomically:
+
+- ``model.onnx``: ``pixel_values`` float32 [batch, 3, H, W] -> ``logits`` float32 [batch, K];
+- ``head.onnx``: ``image_features`` float32 [batch, d] -> ``logits`` (for apps with their own backbone);
+- ``model<suffix>.onnx`` / ``head<suffix>.onnx`` per reduced precision of the registry
+  (``model_fp16.onnx``: mixed precision for TensorRT's strongly typed networks, fp16 weights
+  and GEMMs, fp32 for the feature normalisation, the statistics and the de-standardisation,
+  fp32 I/O), each made from the verified fp32 graph by its converter (``deploy/precisions/``);
+- ``head.safetensors``: the folded head as plain tensors (:mod:`.head_weights`) for runtimes that
+  have the features and no ONNX interpreter (the C++ head backend in ``cpp/``);
+- ``manifest.json``: the I/O contract, preprocessing, class names, identities, hashes, and the
+  precision of every file (what runners read; never the file name);
+- ``parity.json``: every comparison and the MAC table.
+
+The TorchScript exporter (``dynamo=False``) is used: it needs no extra
+packages and its dynamic batch axis is verified by running batches of two
+sizes through ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+
+from ..artifacts import atomic_directory, sha256_file, write_json, write_manifest
+from ..errors import InputError, VerificationError
+from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
+from ..features.heads import ZeroShotHead
+from ..features.models import LoadedModel
+from ..runtimes.compare import compare_outputs
+from ..runtimes.onnxruntime import ort_session, run_session
+from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, default_precisions, precision, resolve
+from .fusion import FP32_NODES, DeployedClassifier, FoldedHead, UnfoldedHead
+from .graph_cost import count_macs
+from .head_weights import HEAD_FILE, HEAD_FORMAT, HEAD_FORMAT_VERSION, head_logits_numpy, write_head_safetensors
+
+FORMAT = "transmiter-deploy/onnx-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_OPSET = 17
+FP32_LOGIT_ATOL = PRECISIONS[REFERENCE_PRECISION].max_abs
+GRAPHS = ("model", "head")  # pixels -> logits, features -> logits: one file each per precision
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = DEFAULT_OPSET
+    softmax: bool = False
+    precisions: tuple[str, ...] = default_precisions()  # fp32 is the reference of every other
+    sigma_mode: str = "auto"
+    # Images AutoCast runs through the fp32 model to find out-of-range nodes. Its
+    # reference run keeps every intermediate tensor: ViT-L-14 with 4 images
+    # needed over 24 GB, and even with 1 image the whole fp16 export of ViT-L-14
+    # peaked at 22.4 GB RSS. The statistic nodes are kept fp32 by name regardless.
+    calibration_images: int = 1
+
+    def __post_init__(self) -> None:
+        for name in self.precisions:
+            precision(name)  # refuses an unknown name, listing the known ones
+        if REFERENCE_PRECISION not in self.precisions:
+            raise InputError(f"precisions must include {REFERENCE_PRECISION} (the reference of every other)")
+
+    def reduced(self) -> list[Precision]:
+        return [PRECISIONS[name] for name in self.precisions if name != REFERENCE_PRECISION]
+
+
+@dataclass
+class References:
+    """What PyTorch computed on the parity images: validation compares every runtime to it."""
+
+    pixels: np.ndarray  # preprocessed parity images
+    outputs: np.ndarray  # the fused classifier's outputs (logits, or probabilities with softmax)
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    parity: dict[str, Any]
+    macs: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    references: References | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(check["passed"] for check in self.parity["checks"].values() if check.get("required"))
+
+
+def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
+            opset: int, what: str) -> onnx.ModelProto:
+    """Trace to ONNX with a dynamic batch axis, simplify with onnxslim, check fully."""
+    import onnxslim
+
+    buffer = io.BytesIO()
+    try:
+        # Grad mode on: under no_grad, nn.MultiheadAttention takes a fused fast
+        # path (aten::_native_multi_head_attention) that has no ONNX symbolic.
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                module, (example,), buffer, dynamo=False, opset_version=opset,
+                input_names=[input_name], output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                do_constant_folding=True,
+            )
+    except Exception as exc:  # the exporter raises many types; all mean "cannot trace this"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot export {what} to ONNX: {first}") from exc
+    model = onnxslim.slim(onnx.load_from_string(buffer.getvalue()))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"exported {what} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    return model
+
+
+def _io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
+    def describe(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def parity_pixels(model: LoadedModel, images: Path | None, count: int = 16, seed: int = 0) -> torch.Tensor:
+    """Preprocessed images for parity and fp16 calibration.
+
+    From a dataset when given (the first ``count`` images), otherwise seeded
+    synthetic images (random shapes on noise) run through the model's own
+    preprocessing, so pixel statistics are realistic even without data.
+    """
+    from PIL import Image, ImageDraw
+
+    from ..features.datasets import decode_image, open_dataset
+
+    if images is not None:
+        records = open_dataset(images).records[:count]
+        pictures = [decode_image(record.path)[0] for record in records]
+    else:
+        rng = np.random.default_rng(seed)
+        pictures = []
+        for _ in range(count):
+            canvas = Image.fromarray(rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8))
+            draw = ImageDraw.Draw(canvas)
+            for _ in range(3):
+                x0, y0 = (int(v) for v in rng.integers(0, 60, size=2))
+                size = int(rng.integers(10, 36))
+                draw.ellipse([x0, y0, x0 + size, y0 + size], fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
+            pictures.append(canvas)
+    if len(pictures) < 2:
+        raise InputError(f"parity needs at least 2 images; {images} has {len(pictures)}")
+    return torch.stack([model.preprocess(picture) for picture in pictures])
+
+
+@dataclass
+class _Modules:
+    """The fused classifier, the deployed head, the unfolded reference, and what PyTorch computed."""
+
+    fused: DeployedClassifier
+    folded: FoldedHead
+    unfolded: UnfoldedHead
+    features: torch.Tensor
+    fused_outputs: np.ndarray
+    head_logits: np.ndarray
+    unfolded_outputs: np.ndarray
+
+
+def _modules(model: LoadedModel, head: ZeroShotHead, artifact: AdapterArtifact, pixels: torch.Tensor,
+             settings: ExportSettings) -> _Modules:
+    folded = FoldedHead(head, artifact, settings.sigma_mode)
+    unfolded = UnfoldedHead(head, artifact)
+    fused = DeployedClassifier(model.model.visual, folded, softmax=settings.softmax)
+    with torch.no_grad():
+        # The backbone runs once; the PyTorch references are composed from its
+        # features independently of DeployedClassifier, which the export traces.
+        features = torch.nn.functional.normalize(model.model.visual(pixels).float(), dim=-1)
+        head_logits, unfolded_logits = folded(features), unfolded(features)
+        if settings.softmax:
+            fused_outputs, unfolded_logits = head_logits.softmax(dim=-1), unfolded_logits.softmax(dim=-1)
+        else:
+            fused_outputs = head_logits
+    return _Modules(fused, folded, unfolded, features, fused_outputs.numpy(), head_logits.numpy(),
+                    unfolded_logits.numpy())
+
+
+class _Checks(dict):
+    """The parity table: name -> comparison, verdict, whether it gates the export, criterion."""
+
+    def add(self, name: str, result: dict, passed: bool, required: bool, criterion: str) -> None:
+        self[name] = {**result, "passed": bool(passed), "required": required, "criterion": criterion}
+
+
+def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: _Checks) -> None:
+    """ONNX Runtime (two batch sizes) and the head file's own reading against PyTorch."""
+    atol = FP32_LOGIT_ATOL
+    session = ort_session(staging / "model.onnx")
+    ort_fp32 = run_session(session, pixels.numpy())
+    ort_fp32_odd = run_session(session, pixels[:3].numpy())  # a second batch size: the axis is really dynamic
+    ort_head = run_session(ort_session(staging / "head.onnx"), parts.features.numpy())
+    # head.safetensors read back and computed in float64 numpy: the file alone defines the head
+    tensors_head = head_logits_numpy(staging / HEAD_FILE, parts.features.numpy())
+    result = compare_outputs(parts.unfolded_outputs, parts.fused_outputs)
+    checks.add("torch_folded_vs_unfolded", result, result["max_abs"] <= atol, True, f"max_abs <= {atol}")
+    result = compare_outputs(parts.fused_outputs, ort_fp32)
+    checks.add("onnx_fp32_vs_torch", result, result["max_abs"] <= atol and result["top1_agreement"] == 1.0,
+               True, f"max_abs <= {atol}, top-1 agreement 100%")
+    result = compare_outputs(parts.fused_outputs[:3], ort_fp32_odd)
+    checks.add("onnx_fp32_dynamic_batch", result, result["max_abs"] <= atol, True, "batch 3 = batch N rows")
+    result = compare_outputs(parts.head_logits, ort_head)
+    checks.add("head_onnx_vs_torch", result, result["max_abs"] <= atol, True, f"max_abs <= {atol}")
+    result = compare_outputs(parts.head_logits, tensors_head.astype(np.float32))
+    checks.add("head_safetensors_vs_torch", result, result["max_abs"] <= atol, True, f"max_abs <= {atol}")
+
+
+def _convert(staging: Path, target: Precision, parts: _Modules, pixels: torch.Tensor, settings: ExportSettings,
+             checks: _Checks) -> list[str]:
+    """``target``'s model and head graphs from the fp32 ones, checked against PyTorch fp32."""
+    convert: Callable = resolve(target.converter)
+    inputs = {"model": {"pixel_values": pixels[: settings.calibration_images].numpy()},
+              "head": {"image_features": parts.features.numpy()}}
+    files = []
+    for stem in GRAPHS:
+        onnx.save(convert(staging / f"{stem}.onnx", inputs[stem], FP32_NODES), staging / target.graph_name(stem))
+        files.append(target.graph_name(stem))
+    criterion = f"finite, top-1 agreement >= {target.top1:.1%}" + (
+        f", max_abs <= {target.max_abs}" if target.max_abs is not None else "") + " (ONNX Runtime CPU)"
+    model_out = run_session(ort_session(staging / target.graph_name("model"), target.name), pixels.numpy())
+    result = compare_outputs(parts.fused_outputs, model_out)
+    passed = result["finite"] and result["top1_agreement"] >= target.top1 and (
+        target.max_abs is None or result["max_abs"] <= target.max_abs)
+    checks.add(f"onnx_{target.name}_vs_torch_fp32", result, passed, target.gates_export, criterion)
+    head_out = run_session(ort_session(staging / target.graph_name("head"), target.name), parts.features.numpy())
+    result = compare_outputs(parts.head_logits, head_out)
+    checks.add(f"head_{target.name}_vs_torch_fp32", result, result["finite"], True, "finite outputs")
+    return files
+
+
+def _macs(model_onnx: onnx.ModelProto, head_onnx: onnx.ModelProto, unfolded_onnx: onnx.ModelProto) -> dict[str, Any]:
+    macs = {"batch": 1, "model": count_macs(model_onnx), "head_folded": count_macs(head_onnx)["total"],
+            "head_unfolded": count_macs(unfolded_onnx)["total"]}
+    macs["overhead_percent"] = 100.0 * macs["model"].get("head+adapter", 0) / max(macs["model"].get("backbone", 1), 1)
+    return macs
+
+
+def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, head: ZeroShotHead,
+                    artifact: AdapterArtifact, parts: _Modules, settings: ExportSettings, output: str) -> None:
+    """``files``: name -> precision name, in writing order."""
+    contract = {name: _io_contract(onnx.load(staging / name, load_external_data=False))
+                for name in files if name.endswith(".onnx")}
+    contract[HEAD_FILE] = {"tensor_format": HEAD_FORMAT, "tensor_format_version": HEAD_FORMAT_VERSION,
+                           "input": "image features [batch, feature_dim], raw or L2-normalised "
+                                    "(the runtime L2-normalises them, as model.onnx does)",
+                           "outputs": [{"name": "logits", "dtype": "float32",
+                                        "shape": ["batch", len(artifact.class_names)]}]}
+    write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, {
+        "files": {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size,
+                         "precision": PRECISIONS[kind].manifest_name, **contract[name]}
+                  for name, kind in files.items()},
+        "output": output,
+        "class_names": artifact.class_names,
+        "preprocess": model.preprocess_config,
+        "feature_dim": int(parts.features.shape[1]),
+        "opset": settings.opset,
+        "fp32_nodes_in_fp16_graphs": list(FP32_NODES),
+        "source_model": artifact.source_model.to_dict(),
+        "target_model": model.identity.to_dict(),
+        "adapter": {"stage": artifact.stage, "config": artifact.adapter.config.to_dict(),
+                    "sigma_mode": parts.folded.sigma_mode, "provenance": artifact.provenance},
+        "head_sha256": head.weights_sha256,
+        "adapter_sha256": artifact.weights_sha256,
+    })
+
+
+def export_deployment(
+    model: LoadedModel,
+    head: ZeroShotHead,
+    artifact: AdapterArtifact,
+    out_dir: Path,
+    pixels: torch.Tensor,
+    settings: ExportSettings = ExportSettings(),
+    log=print,
+) -> ExportReport:
+    """Fuse, export, verify; ``pixels`` are preprocessed images used for parity and calibration."""
+    if head.model != model.identity:
+        raise InputError(f"the head is for {head.model.describe()} but the model named is {model.identity.describe()}")
+    check_adapter_head(artifact, head, "target head")
+    if pixels.ndim != 4 or pixels.shape[0] < 2:
+        raise InputError("parity needs a batch of at least 2 preprocessed images")
+    timings: dict[str, float] = {}
+    parts = _modules(model, head, artifact, pixels, settings)
+    output = "probabilities" if settings.softmax else "logits"
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, MANIFEST) as staging:
+        start = time.perf_counter()
+        model_onnx = to_onnx(parts.fused, pixels[:2], "pixel_values", output, settings.opset,
+                             f"image tower {model.identity.name}")
+        onnx.save(model_onnx, staging / "model.onnx")
+        head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head")
+        onnx.save(head_onnx, staging / "head.onnx")
+        unfolded_onnx = to_onnx(parts.unfolded, parts.features[:2], "image_features", "logits", settings.opset,
+                                "unfolded head")
+        timings["export_fp32_s"] = time.perf_counter() - start
+        log(f"exported model.onnx and head.onnx (opset {settings.opset}) in {timings['export_fp32_s']:.1f} s")
+
+        start = time.perf_counter()
+        write_head_safetensors(parts.folded, staging / HEAD_FILE)
+        checks = _Checks()
+        _verify_fp32(staging, parts, pixels, checks)
+        files = {"model.onnx": REFERENCE_PRECISION, "head.onnx": REFERENCE_PRECISION}
+        for target in settings.reduced():
+            files.update({name: target.name for name in _convert(staging, target, parts, pixels, settings, checks)})
+        timings["verify_s"] = time.perf_counter() - start
+
+        macs = _macs(model_onnx, head_onnx, unfolded_onnx)
+        parity = {"samples": int(pixels.shape[0]), "output": output, "checks": dict(checks), "macs": macs}
+        write_json(staging / "parity.json", parity)
+        files[HEAD_FILE] = REFERENCE_PRECISION
+        _write_manifest(staging, files, model, head, artifact, parts, settings, output)
+        report = ExportReport(out_dir, parity, macs, timings, References(pixels.numpy(), parts.fused_outputs))
+        if not report.passed:
+            failed = ", ".join(name for name, c in checks.items() if c["required"] and not c["passed"])
+            log(format_report(report))
+            raise VerificationError(f"export verification failed ({failed}); nothing was written to {out_dir}")
+    return report
+
+
+def format_report(report: ExportReport) -> str:
+    """The parity and cost tables as plain text."""
+    lines = [f"{'check':32} {'max abs':>10} {'/max ref':>10} {'/sample std':>11} {'top-1':>7}  result"]
+    for name, c in report.parity["checks"].items():
+        verdict = ("pass" if c["passed"] else "FAIL") + ("" if c["required"] else " (reported)")
+        lines.append(f"{name:32} {c['max_abs']:10.2e} {c['max_abs_over_max_reference']:10.2e} "
+                     f"{c['max_abs_over_sample_std']:11.2e} {c['top1_agreement']:7.2%}  {verdict}")
+    macs = report.macs
+    lines.append("")
+    lines.append(f"MACs at batch 1: backbone {macs['model'].get('backbone', 0):,}, head+adapter "
+                 f"{macs['model'].get('head+adapter', 0):,} ({macs['overhead_percent']:.4f}% of the backbone); "
+                 f"folded head {macs['head_folded']:,} vs unfolded {macs['head_unfolded']:,}")
+    return "\n".join(lines)

@@ -1,0 +1,427 @@
+"""`transmiter export RECIPE`: a recipe run end to end, step by step, incrementally.
+
+Steps: data -> feature caches -> heads -> extract -> transfer -> TransMiter+
+-> evaluate -> ONNX (every precision of the recipe, parity) -> TensorRT engines
+-> validation on every available runtime -> report. Each step is keyed by the
+content of what it reads (:mod:`.steps`) and skipped when unchanged; every step
+writes its outputs atomically, so a failure leaves the previous outputs and
+every completed step usable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..artifacts import atomic_directory, load_tensors, read_json, save_tensors, sha256_file, write_json
+from ..errors import DependencyError
+from ..runtimes.registry import PRECISIONS, RUNTIMES, reference_runtime
+from .recipe import ModelRef, Recipe
+from .report import ExportOutcome, write_report
+from .steps import Steps, exclusive, remove_stale_staging, tree_sha256
+
+_exclusive = exclusive  # the name tests and earlier callers import
+
+REFERENCES = "references"  # the onnx step's PyTorch outputs on the parity images, read by validate
+
+
+def model_specs(recipe: Recipe) -> dict[str, Any]:
+    """The ModelSpec of source, teacher and target; the shipped demo weights are verified once."""
+    from ..demo.weights import demo_model_spec, shipped_weights_dir, verify_weights
+    from ..features.models import ModelSpec
+
+    refs: dict[str, ModelRef] = {"source": recipe.source, "teacher": recipe.finetuned, "target": recipe.target}
+    if any(ref.demo_weights is not None for ref in refs.values()):
+        verify_weights(shipped_weights_dir())
+    return {tag: demo_model_spec(shipped_weights_dir(), ref.demo_weights) if ref.demo_weights is not None
+            else ModelSpec(ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
+                           init_seed=ref.init_seed if ref.init_seed is not None else 0)
+            for tag, ref in refs.items()}
+
+
+def model_key(spec) -> dict[str, Any]:
+    """What identifies a model's weights: the tag, or the checkpoint's content."""
+    return {"name": spec.name, "pretrained": spec.pretrained, "init_seed": spec.init_seed,
+            "checkpoint_sha256": sha256_file(spec.checkpoint) if spec.checkpoint else None}
+
+
+class _Models:
+    """Loads each model on first use only: a fully incremental re-run loads none."""
+
+    def __init__(self, specs: dict[str, Any]) -> None:
+        self.specs = specs
+        self.loaded: dict[str, Any] = {}
+
+    def __getitem__(self, tag: str):
+        from ..features.models import load_model
+
+        if tag not in self.loaded:
+            self.loaded[tag] = load_model(self.specs[tag])
+        return self.loaded[tag]
+
+
+@dataclass
+class _Run:
+    """One export run: the recipe, where it writes, and what the steps so far produced."""
+
+    recipe: Recipe
+    out: Path
+    steps: Steps
+    progress: bool
+    log: Callable[[str], None]
+    splits: dict[str, Path] = field(default_factory=dict)
+    split_keys: dict[str, str] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+    task_templates: tuple[str, ...] | None = None
+    demo_vocabulary: list[str] | None = None
+    models: _Models | None = None
+    model_keys: dict[str, dict] = field(default_factory=dict)
+    cache_keys: dict[tuple[str, str], str] = field(default_factory=dict)
+    head_keys: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # extract, transfer, final (the adapter exported), onnx
+    final_stage: str = "transferred"
+
+    @property
+    def adapters(self) -> Path:
+        return self.out / "adapters"
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.out / "onnx"
+
+    def cache(self, tag: str, split: str):
+        from ..features.cache import load_cache
+
+        return load_cache(self.out / "caches" / f"{tag}-{split}")
+
+    def head(self, tag: str):
+        from ..features.heads import load_head
+
+        return load_head(self.out / "heads" / tag)
+
+    def adapter(self, stage: str):
+        from ..features.adapter_artifact import load_adapter
+
+        return load_adapter(self.adapters / stage)
+
+    def parity_images(self) -> Path:
+        return self.splits.get("test") or self.splits["train"]
+
+
+def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: bool = True,
+               log: Callable[[str], None] = print) -> ExportOutcome:
+    """Run a validated recipe; returns what ran, what was skipped and why, and the accuracy table."""
+    out = Path(out_dir)
+    with exclusive(out):
+        remove_stale_staging(out, log)
+        run = _Run(recipe, out, Steps(out, force, log), progress, log)
+        outcome = ExportOutcome(out)
+        _data(run)
+        specs = model_specs(recipe)
+        run.models, run.model_keys = _Models(specs), {tag: model_key(spec) for tag, spec in specs.items()}
+        _caches(run)
+        _heads(run)
+        _extract(run)
+        _transfer(run)
+        _plus(run)
+        if "test" in run.splits:
+            outcome.accuracy = _evaluate(run)
+        _onnx(run)
+        outcome.export_dir = run.onnx_dir
+        engine_keys = _engines(run)
+        outcome.validation, outcome.validation_skipped = _validate(run, engine_keys)
+        outcome.steps = run.steps.done
+        write_report(recipe, outcome)
+    return outcome
+
+
+def _data(run: _Run) -> None:
+    """Split locations and their content keys, the class names, the demo templates and vocabulary."""
+    data = run.recipe.data
+    if data.demo_task is None:
+        classes = list(data.classes) if data.classes is not None else [
+            line.strip() for line in data.classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        run.classes = classes
+        run.splits = {split: getattr(data, split) for split in ("train", "fewshot", "test")
+                      if getattr(data, split) is not None}
+        run.split_keys = {split: tree_sha256(path) for split, path in run.splits.items()}
+        return
+    from ..demo import tasks as demo_tasks
+    from ..demo import world as demo_world
+    from ..demo.tasks import auxiliary_phrases, get_task, write_split
+
+    task = get_task(data.demo_task)
+    root = run.out / "data"
+    sizes = {"train": data.train_per_class, "fewshot": run.recipe.plus.shots, "test": data.test_per_class}
+    renderer = {name: sha256_file(Path(module.__file__)) for name, module in
+                (("world", demo_world), ("tasks", demo_tasks))}
+
+    def render() -> None:
+        with atomic_directory(root, "data.json") as staging:
+            for split, per_class in sizes.items():
+                write_split(task, split, staging / split, per_class, progress=run.progress)
+            write_json(staging / "data.json", {"demo_task": task.name, "per_class": sizes})
+
+    key = run.steps.run("data", {"task": task.name, "sizes": sizes, "renderer": renderer}, [root / "data.json"], render)
+    run.splits, run.split_keys = {split: root / split for split in sizes}, {split: key for split in sizes}
+    run.classes, run.task_templates, run.demo_vocabulary = list(task.classes), task.templates, auxiliary_phrases()
+
+
+def _caches(run: _Run) -> None:
+    """Feature caches: the models see each image once."""
+    from ..features.cache import build_cache
+    from ..features.datasets import open_dataset
+
+    needed = [("source", "train"), ("teacher", "train"), ("target", "train")]
+    if run.recipe.plus.enabled:
+        needed.append(("target", "fewshot"))
+    if "test" in run.splits:
+        needed += [("source", "test"), ("teacher", "test"), ("target", "test")]
+    for tag, split in needed:
+        where = run.out / "caches" / f"{tag}-{split}"
+        run.cache_keys[tag, split] = run.steps.run(
+            f"cache-{tag}-{split}", {"model": run.model_keys[tag], "data": run.split_keys[split], "classes": run.classes},
+            [where / "cache.json"],
+            lambda tag=tag, split=split, where=where: build_cache(
+                run.models[tag], open_dataset(run.splits[split], run.classes), where, progress=run.progress))
+
+
+def _heads(run: _Run) -> None:
+    """Zero-shot heads over the task classes (+ auxiliary classes for source and target)."""
+    from ..features.heads import build_head, save_head
+    from ..features.templates import resolve_templates
+    from ..features.vocabulary import select_auxiliary
+
+    head_recipe = run.recipe.head
+    templates = resolve_templates(head_recipe.templates) if head_recipe.templates is not None else (
+        run.task_templates or resolve_templates("simple"))
+    if head_recipe.auxiliary_vocabulary is not None:
+        vocabulary = [line.strip() for line in head_recipe.auxiliary_vocabulary.read_text(encoding="utf-8").splitlines()
+                      if line.strip()]
+    else:
+        vocabulary = run.demo_vocabulary
+    auxiliary = select_auxiliary(run.classes, head_recipe.logit_width, head_recipe.seed, vocabulary=vocabulary)
+    for tag in ("source", "teacher", "target"):
+        where = run.out / "heads" / tag
+        names = [] if tag == "teacher" else auxiliary
+        run.head_keys[tag] = run.steps.run(
+            f"head-{tag}", {"model": run.model_keys[tag], "classes": run.classes, "auxiliary": names,
+                            "templates": templates},
+            [where / "head.json"],
+            lambda tag=tag, where=where, names=names: save_head(
+                build_head(run.models[tag], run.classes, names, templates, progress=run.progress), where))
+
+
+def _extract(run: _Run) -> None:
+    from ..features.adapter_artifact import save_adapter
+    from .phases import extract_adapter
+
+    recipe = run.recipe
+    run.keys["extract"] = run.steps.run(
+        "extract", {"caches": [run.cache_keys["source", "train"], run.cache_keys["teacher", "train"]],
+                    "heads": [run.head_keys["source"], run.head_keys["teacher"]], "adapter": asdict(recipe.adapter),
+                    "settings": recipe.extraction.to_dict()},
+        [run.adapters / "extracted" / "adapter.json"],
+        lambda: save_adapter(extract_adapter(
+            run.cache("source", "train"), run.head("source"), run.cache("teacher", "train"), run.head("teacher"),
+            recipe.adapter.latent_dim, recipe.adapter.mlp_ratio, recipe.adapter.num_layers,
+            recipe.extraction, progress=run.progress)[0], run.adapters / "extracted"))
+
+
+def _transfer(run: _Run) -> None:
+    from ..features.adapter_artifact import save_adapter
+    from .phases import transfer_adapter
+
+    transfer = run.recipe.transfer
+    run.keys["transfer"] = run.keys["final"] = run.steps.run(
+        "transfer", {"extract": run.keys["extract"],
+                     "caches": [run.cache_keys["source", "train"], run.cache_keys["target", "train"]],
+                     "heads": [run.head_keys["source"], run.head_keys["target"]], "settings": asdict(transfer)},
+        [run.adapters / "transferred" / "adapter.json"],
+        lambda: save_adapter(transfer_adapter(
+            run.adapter("extracted"), run.cache("source", "train"), run.head("source"), run.cache("target", "train"),
+            run.head("target"), transfer.regularisation, transfer.lambda_mode)[0], run.adapters / "transferred"))
+
+
+def _plus(run: _Run) -> None:
+    """TransMiter+ on the few labelled shots; when it runs, its adapter is the one exported."""
+    if not run.recipe.plus.enabled:
+        return
+    from ..features.adapter_artifact import save_adapter
+    from ..method.plus import PlusSettings
+    from .phases import plus_adapter
+
+    plus = run.recipe.plus
+    settings = PlusSettings(epochs=plus.epochs, batch_size=plus.batch_size, lr=plus.lr,
+                            keep_orthogonal=plus.keep_orthogonal, seed=run.recipe.extraction.seed)
+    run.final_stage = "plus"
+    run.keys["final"] = run.steps.run(
+        "plus", {"transfer": run.keys["transfer"], "cache": run.cache_keys["target", "fewshot"],
+                 "head": run.head_keys["target"], "shots": plus.shots, "settings": settings.to_dict()},
+        [run.adapters / "plus" / "adapter.json"],
+        lambda: save_adapter(plus_adapter(run.adapter("transferred"), run.cache("target", "fewshot"),
+                                          run.head("target"), plus.shots, settings, progress=run.progress)[0],
+                             run.adapters / "plus"))
+
+
+def _evaluate(run: _Run) -> list[dict]:
+    """Base-to-novel accuracy on the labelled test images, every stage side by side."""
+    from ..features.cache import zero_shot_logits
+    from ..method.evaluation import base_to_novel
+
+    recipe, out = run.recipe, run.out
+
+    def evaluate() -> None:
+        test_labels = run.cache("target", "test").labels
+        k = len(run.classes)
+        target_logits = zero_shot_logits(run.cache("target", "test"), run.head("target"))
+        rows = {
+            "source zero-shot": zero_shot_logits(run.cache("source", "test"), run.head("source"))[:, :k],
+            "source fine-tuned": zero_shot_logits(run.cache("teacher", "test"), run.head("teacher")),
+            "target zero-shot": target_logits[:, :k],
+        }
+        with torch.no_grad():
+            for stage, label in (("transferred", "target + TransMiter"), ("plus", "target + TransMiter+")):
+                if (run.adapters / stage / "adapter.json").is_file() and (stage != "plus" or recipe.plus.enabled):
+                    rows[label] = run.adapter(stage).adapter.task_logits(target_logits)
+        table = [{"model": name, **base_to_novel(logits, test_labels, recipe.data.base_classes)}
+                 for name, logits in rows.items()]
+        write_json(out / "accuracy.json", {"rows": table})
+
+    run.steps.run("evaluate", {"caches": [run.cache_keys[tag, "test"] for tag in ("source", "teacher", "target")],
+                               "adapters": [run.keys["transfer"], run.keys["final"]],
+                               "base_classes": recipe.data.base_classes},
+                  [out / "accuracy.json"], evaluate)
+    return read_json(out / "accuracy.json", "accuracy table")["rows"]
+
+
+def _export_precisions(run: _Run) -> tuple[str, ...]:
+    """The recipe's precisions whose converters can run here; the others are reported as skipped."""
+    chosen = []
+    for name in run.recipe.export.precisions:
+        missing = PRECISIONS[name].missing()
+        if missing is not None:
+            run.steps.unavailable(f"onnx-{name}", f"{missing}; exporting without {name}")
+            continue
+        chosen.append(name)
+    return tuple(chosen)
+
+
+def _onnx(run: _Run) -> None:
+    """The adapter fused into the target's head, exported and verified against PyTorch; the
+    PyTorch outputs on the parity images are kept for the validation step."""
+    from ..deploy.onnx_export import ExportSettings, export_deployment, parity_pixels
+
+    export = run.recipe.export
+    precisions = _export_precisions(run)
+
+    def work() -> None:
+        report = export_deployment(run.models["target"], run.head("target"), run.adapter(run.final_stage), run.onnx_dir,
+                                   parity_pixels(run.models["target"], run.parity_images(), count=16),
+                                   ExportSettings(opset=export.opset, softmax=export.softmax, precisions=precisions),
+                                   log=run.log)
+        with atomic_directory(run.out / REFERENCES, "references.json") as staging:
+            digest = save_tensors(staging / "parity.safetensors", {
+                "pixels": torch.from_numpy(report.references.pixels),
+                "outputs": torch.from_numpy(report.references.outputs)})
+            write_json(staging / "references.json", {"parity.safetensors": digest})
+
+    inputs = {"adapter": run.keys["final"], "target": run.model_keys["target"], "head": run.head_keys["target"],
+              "opset": export.opset, "softmax": export.softmax, "precisions": list(precisions),
+              "images": run.split_keys.get("test") or run.split_keys["train"]}
+    run.keys["onnx"] = run.steps.run("onnx", inputs, [run.onnx_dir / "manifest.json",
+                                                      run.out / REFERENCES / "references.json"], work)
+
+
+def _pixel_graphs(run: _Run) -> list[str]:
+    """The exported pixels -> outputs graphs, one per precision."""
+    files = read_json(run.onnx_dir / "manifest.json", "export manifest")["files"]
+    return sorted(name for name in files if name.startswith("model"))
+
+
+def _engines(run: _Run) -> list[str]:
+    """One engine per exported pixels graph, over the recipe's batch range; returns the engine
+    steps' keys (empty where none could be built: then each manifest holds a trtexec command)."""
+    from ..runtimes.tensorrt import BatchProfile, build_engine, manifest_path, tensorrt_available
+
+    if "tensorrt" not in run.recipe.runtimes:
+        return []
+    export = run.recipe.export
+    profile = BatchProfile(export.batch.min, export.batch.opt, export.batch.max)
+    files = read_json(run.onnx_dir / "manifest.json", "export manifest")["files"]
+    keys = []
+    for graph in _pixel_graphs(run):
+        engine = run.out / "engines" / graph.replace(".onnx", ".engine")
+        reason = tensorrt_available()
+        if reason is not None:
+            try:
+                build_engine(run.onnx_dir / graph, engine, profile, export.workspace_mib)
+            except DependencyError:
+                pass  # expected here: the manifest now holds the trtexec command
+            run.steps.unavailable(f"tensorrt-{graph}", f"{reason}; trtexec command in {manifest_path(engine)}")
+            continue
+        keys.append(run.steps.run(
+            f"tensorrt-{graph}", {"onnx": files[graph]["sha256"], "profile": asdict(profile),
+                                  "workspace_mib": export.workspace_mib},
+            [engine, manifest_path(engine)],
+            lambda graph=graph, engine=engine: build_engine(run.onnx_dir / graph, engine, profile,
+                                                            export.workspace_mib)))
+    return keys
+
+
+def _candidates(run: _Run, input_shape: tuple) -> tuple[list, list[str]]:
+    """A runner (not yet active) for every registered runtime the recipe names, other than the
+    reference, over every graph it can run; and why each unavailable one is not run."""
+    from ..runtimes.base import InputSpec
+
+    def classifier():
+        from ..deploy.fusion import DeployedClassifier, FoldedHead
+
+        return DeployedClassifier(run.models["target"].model.visual,
+                                  FoldedHead(run.head("target"), run.adapter(run.final_stage)),
+                                  softmax=run.recipe.export.softmax)
+
+    candidates, skipped = [], []
+    for entry in RUNTIMES.values():
+        if entry.reference or entry.family not in run.recipe.runtimes:
+            continue
+        reason = entry.unavailable()
+        if reason is not None:
+            skipped.append(f"{entry.name}: {reason}")
+            continue
+        if entry.loads == "module":
+            candidates.append(entry.create(classifier, input_spec=InputSpec("pixel_values", input_shape)))
+        elif entry.loads == "onnx":
+            candidates += [entry.create(run.onnx_dir / graph) for graph in _pixel_graphs(run)]
+        else:  # "engine"
+            candidates += [entry.create(run.out / "engines" / graph.replace(".onnx", ".engine"))
+                           for graph in _pixel_graphs(run)]
+    return candidates, skipped
+
+
+def _validate(run: _Run, engine_keys: list[str]) -> tuple[list[dict], list[str]]:
+    """Every available runtime against the PyTorch outputs the onnx step computed, one runner
+    active at a time."""
+    from ..runtimes.compare import judge
+    from ..runtimes.onnxruntime import available_providers
+
+    def validate() -> None:
+        record = read_json(run.out / REFERENCES / "references.json", "parity references")
+        tensors = load_tensors(run.out / REFERENCES / "parity.safetensors", record.get("parity.safetensors"),
+                               "parity references")
+        pixels, expected = tensors["pixels"].numpy(), tensors["outputs"].numpy()
+        candidates, skipped = _candidates(run, (None, *pixels.shape[1:]))
+        rows = []
+        for candidate in candidates:
+            with candidate:
+                rows.append({"graph": candidate.graph, **judge(reference_runtime().name, expected, candidate,
+                                                                candidate.infer(pixels), pixels.shape[0])})
+        write_json(run.out / "validation.json", {"images": int(pixels.shape[0]), "rows": rows, "skipped": skipped})
+
+    run.steps.run("validate", {"onnx": run.keys["onnx"], "engines": engine_keys, "runtimes": list(run.recipe.runtimes),
+                               "providers": available_providers()}, [run.out / "validation.json"], validate)
+    validation = read_json(run.out / "validation.json", "validation table")
+    return validation["rows"], validation.get("skipped", [])

@@ -1,0 +1,308 @@
+"""Export recipes: one YAML file names everything `transmiter export` needs.
+
+A recipe is validated completely before anything runs: unknown keys (with
+the closest known key suggested), wrong types, missing files and unknown
+model names are reported in one line that names the key. Paths are relative
+to the recipe file. The schema, with defaults, is documented in
+``docs/recipes.md``; ``export/recipes/`` holds examples.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import InputError
+from ..method.extraction import ExtractionSettings
+from ..method.plus import PlusSettings
+from ..runtimes import registry
+
+PRECISIONS = tuple(registry.PRECISIONS)  # what export.precisions may name
+RUNTIMES = registry.families()  # what runtimes may name
+
+
+class RecipeError(InputError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """An open_clip architecture and where its weights come from (exactly one source)."""
+
+    name: str
+    pretrained: str | None = None  # open_clip tag, read from the Hugging Face cache
+    checkpoint: Path | None = None  # local .safetensors
+    demo_weights: str | None = None  # a model of the shipped demo world, e.g. TM-Demo-Source
+    init_seed: int | None = None  # random weights: shapes and speed only
+
+
+@dataclass(frozen=True)
+class DataSection:
+    demo_task: str | None = None  # render a demo-world task instead of reading files
+    train: Path | None = None  # unlabelled images (directory, flat directory or CSV)
+    fewshot: Path | None = None  # labelled images for TransMiter+
+    test: Path | None = None  # labelled images for the accuracy table
+    classes: tuple[str, ...] | None = None
+    classes_file: Path | None = None
+    base_classes: int | None = None  # the first N classes are "base" in the table (default: half)
+    train_per_class: int = 500  # demo task sizes
+    test_per_class: int = 100
+
+
+@dataclass(frozen=True)
+class HeadSection:
+    templates: str | None = None  # a built-in set (simple, openai, photo) or a file; default: simple,
+    # or the demo task's own prompts
+    logit_width: int = 1024
+    auxiliary_vocabulary: Path | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterSection:
+    latent_dim: int | None = None  # default: the logit width
+    mlp_ratio: int = 4
+    num_layers: int = 1
+
+
+@dataclass(frozen=True)
+class TransferSection:
+    regularisation: float = 500.0
+    lambda_mode: str = "sum"
+
+
+@dataclass(frozen=True)
+class PlusSection:
+    enabled: bool = True
+    shots: int = 4
+    epochs: int = PlusSettings.epochs
+    batch_size: int = PlusSettings.batch_size
+    lr: float = PlusSettings.lr
+    keep_orthogonal: bool = True
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    precisions: tuple[str, ...] = registry.default_precisions()
+    opset: int = 17
+    softmax: bool = False
+    batch: BatchRange = field(default_factory=BatchRange)
+    workspace_mib: int = 4096
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    source: ModelRef
+    finetuned: ModelRef
+    target: ModelRef
+    data: DataSection
+    head: HeadSection = field(default_factory=HeadSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+    transfer: TransferSection = field(default_factory=TransferSection)
+    plus: PlusSection = field(default_factory=PlusSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    runtimes: tuple[str, ...] = RUNTIMES
+
+
+class _Reader:
+    """Builds the dataclasses from YAML mappings, naming the key of any mistake."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+
+    def fail(self, key: str, problem: str) -> RecipeError:
+        return RecipeError(f"recipe {self.path}: {key}: {problem}")
+
+    def section(self, cls: type, raw: Any, key: str, nested: dict[str, type] | None = None) -> Any:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise self.fail(key, f"must be a mapping, got {type(raw).__name__}")
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in fields(cls) if f.init]
+        values = {}
+        for name, value in raw.items():
+            where = f"{key}.{name}"
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+                raise self.fail(where, f"unknown key{hint}")
+            if nested and name in nested:
+                values[name] = self.section(nested[name], value, where)
+            else:
+                values[name] = self.value(hints[name], value, where)
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a required key is missing
+            missing = [f.name for f in fields(cls) if f.init and f.name not in values
+                       and f.default is MISSING and f.default_factory is MISSING]
+            raise self.fail(key, f"missing key '{missing[0] if missing else exc}'") from exc
+
+    def value(self, hint: Any, value: Any, where: str) -> Any:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            if value is None:
+                return None
+            hint = args[0]
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise self.fail(where, f"must be true or false, got {value!r}")
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(where, f"must be an integer, got {value!r}")
+            return value
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail(where, f"must be a number, got {value!r}")
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise self.fail(where, f"must be a string, got {value!r}")
+            return value
+        if hint is Path:
+            if not isinstance(value, str) or not value:
+                raise self.fail(where, f"must be a path, got {value!r}")
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else (self.base / path)
+        if typing.get_origin(hint) is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.fail(where, f"must be a list of strings, got {value!r}")
+            return tuple(value)
+        raise self.fail(where, f"unsupported value {value!r}")  # pragma: no cover - schema bug
+
+
+def load_recipe(path: Path, check_files: bool = True) -> Recipe:
+    """Read and validate a recipe; raise RecipeError naming the first bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping")
+    reader = _Reader(path)
+    nested_models = {name: ModelRef for name in ("source", "finetuned", "target")}
+    top = {
+        "name": str, "source": ModelRef, "finetuned": ModelRef, "target": ModelRef, "data": DataSection,
+        "head": HeadSection, "adapter": AdapterSection, "extraction": ExtractionSettings,
+        "transfer": TransferSection, "plus": PlusSection, "export": ExportSection, "runtimes": tuple,
+    }
+    for key in raw:
+        if key not in top:
+            close = difflib.get_close_matches(str(key), list(top), n=1)
+            raise reader.fail(str(key), "unknown key" + (f" (did you mean '{close[0]}'?)" if close else
+                                                          f" (known: {', '.join(top)})"))
+    for key in ("name", "source", "finetuned", "target", "data"):
+        if key not in raw:
+            raise reader.fail(key, "missing key")
+    values: dict[str, Any] = {"path": path, "name": reader.value(str, raw["name"], "name")}
+    for key, cls in top.items():
+        if key == "name" or key not in raw:
+            continue
+        if key in nested_models:
+            values[key] = reader.section(ModelRef, raw[key], key)
+        elif key == "export":
+            values[key] = reader.section(ExportSection, raw[key], key, nested={"batch": BatchRange})
+        elif key == "runtimes":
+            values[key] = reader.value(tuple[str, ...], raw[key], key)
+        else:
+            values[key] = reader.section(cls, raw[key], key)
+    recipe = Recipe(**values)
+    _check_semantics(recipe, reader, check_files)
+    return recipe
+
+
+def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None:
+    from .. import demo  # noqa: F401  (registers the demo world's architectures)
+    from ..features.models import known_models
+    from ..features.templates import BUILTIN_TEMPLATES
+
+    known = known_models()
+    for key in ("source", "finetuned", "target"):
+        ref: ModelRef = getattr(recipe, key)
+        chosen = [k for k in ("pretrained", "checkpoint", "demo_weights", "init_seed") if getattr(ref, k) is not None]
+        if len(chosen) != 1:
+            raise reader.fail(key, "give exactly one of pretrained, checkpoint, demo_weights, init_seed"
+                              + (f" (got {', '.join(chosen)})" if chosen else ""))
+        if ref.name not in known:
+            close = difflib.get_close_matches(ref.name, known, n=3)
+            raise reader.fail(f"{key}.name", f"open_clip does not know model '{ref.name}'"
+                              + (f" (close: {', '.join(close)})" if close else ""))
+        if check_files and ref.checkpoint is not None and not ref.checkpoint.is_file():
+            raise reader.fail(f"{key}.checkpoint", f"file not found: {ref.checkpoint}")
+        if ref.demo_weights is not None:
+            from ..demo.weights import shipped_weights_dir
+
+            shipped = sorted(p.stem for p in shipped_weights_dir().glob("*.safetensors"))
+            if ref.demo_weights not in shipped:
+                raise reader.fail(f"{key}.demo_weights", f"not a shipped demo model: '{ref.demo_weights}' "
+                                  f"(known: {', '.join(shipped)})")
+    data = recipe.data
+    if data.demo_task is not None:
+        from ..demo.tasks import TASKS
+
+        if data.demo_task not in TASKS:
+            raise reader.fail("data.demo_task", f"unknown demo task '{data.demo_task}' (known: {', '.join(TASKS)})")
+        for key in ("train", "fewshot", "test", "classes", "classes_file"):
+            if getattr(data, key) is not None:
+                raise reader.fail(f"data.{key}", "not used with data.demo_task (the task brings its own data)")
+    else:
+        if data.train is None:
+            raise reader.fail("data", "give data.demo_task or data.train (the unlabelled images)")
+        if (data.classes is None) == (data.classes_file is None):
+            raise reader.fail("data", "give exactly one of data.classes and data.classes_file")
+        if recipe.plus.enabled and data.fewshot is None:
+            raise reader.fail("data.fewshot", "missing: plus.enabled needs labelled few-shot images "
+                              "(or set plus.enabled: false)")
+        if check_files:
+            for key in ("train", "fewshot", "test", "classes_file"):
+                value = getattr(data, key)
+                if value is not None and not value.exists():
+                    raise reader.fail(f"data.{key}", f"not found: {value}")
+    templates = recipe.head.templates
+    if templates is not None and templates not in BUILTIN_TEMPLATES and check_files \
+            and not (reader.base / templates).is_file():
+        raise reader.fail("head.templates", f"'{templates}' is neither a built-in set "
+                          f"({', '.join(BUILTIN_TEMPLATES)}) nor a file")
+    for key, value in (("head.logit_width", recipe.head.logit_width), ("plus.shots", recipe.plus.shots),
+                       ("export.opset", recipe.export.opset)):
+        if value < 1:
+            raise reader.fail(key, f"must be positive, got {value}")
+    for precision in recipe.export.precisions:
+        if precision not in PRECISIONS:
+            raise reader.fail("export.precisions",
+                              f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
+    if registry.REFERENCE_PRECISION not in recipe.export.precisions:
+        raise reader.fail("export.precisions", "must include fp32 (the reference every other precision is checked against)")
+    batch = recipe.export.batch
+    if not 1 <= batch.min <= batch.opt <= batch.max:
+        raise reader.fail("export.batch", f"need 1 <= min <= opt <= max, got {batch.min}/{batch.opt}/{batch.max}")
+    for runtime in recipe.runtimes:
+        if runtime not in RUNTIMES:
+            raise reader.fail("runtimes", f"unknown runtime '{runtime}' (known: {', '.join(RUNTIMES)})")
+    if recipe.transfer.lambda_mode not in ("sum", "mean"):
+        raise reader.fail("transfer.lambda_mode", f"must be 'sum' or 'mean', got '{recipe.transfer.lambda_mode}'")
+    try:
+        recipe.extraction.validate("extraction")
+    except InputError as exc:
+        raise RecipeError(f"recipe {recipe.path}: {exc}") from exc

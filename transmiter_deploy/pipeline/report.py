@@ -1,0 +1,67 @@
+"""``report.json`` and ``report.md`` of an export: accuracy, parity, MACs, validation, steps."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..artifacts import read_json, write_json
+from .recipe import Recipe
+from .steps import StepRecord
+
+REPORT_FORMAT = "transmiter-deploy/export-report"
+FORMER_REPORT_FORMATS = ("transmiter-export-report",)  # before 0.2
+
+
+@dataclass
+class ExportOutcome:
+    out_dir: Path
+    steps: list[StepRecord] = field(default_factory=list)
+    accuracy: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    validation_skipped: list[str] = field(default_factory=list)
+    export_dir: Path | None = None
+
+
+def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
+    """report.json and report.md: accuracy, parity, MACs, and every step's status and time."""
+    out = outcome.out_dir
+    parity = read_json(outcome.export_dir / "parity.json", "parity report") if outcome.export_dir else None
+    payload = {
+        "format": REPORT_FORMAT, "format_version": 1, "recipe": str(recipe.path), "name": recipe.name,
+        "steps": [asdict(step) for step in outcome.steps], "accuracy": outcome.accuracy, "parity": parity,
+        "validation": outcome.validation, "validation_skipped": outcome.validation_skipped,
+    }
+    write_json(out / "report.json", payload)
+    lines = [f"# Export report: {recipe.name}", "", f"Recipe: `{recipe.path}`. Artifacts: `{outcome.export_dir}`.", ""]
+    if outcome.accuracy:
+        lines += ["## Accuracy (test images)", "", "| model | base | novel | HM | all |", "| --- | ---: | ---: | ---: | ---: |"]
+        cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines += [f"| {r['model']} | {cell(r['base'])} | {cell(r['novel'])} | {cell(r['hm'])} | {cell(r['all'])} |"
+                  for r in outcome.accuracy]
+        lines.append("")
+    if parity:
+        lines += ["## Parity (ONNX Runtime CPU vs PyTorch)", "",
+                  "| check | max abs | top-1 agreement | criterion | result |", "| --- | ---: | ---: | --- | --- |"]
+        for name, c in parity["checks"].items():
+            verdict = ("pass" if c["passed"] else "FAIL") + ("" if c["required"] else " (reported)")
+            lines.append(f"| {name} | {c['max_abs']:.2e} | {c['top1_agreement']:.2%} | {c['criterion']} | {verdict} |")
+        macs = parity["macs"]
+        lines += ["", "## Cost (multiply-accumulates at batch 1)", "", "| component | MACs |", "| --- | ---: |",
+                  f"| backbone | {macs['model'].get('backbone', 0):,} |",
+                  f"| head + adapter (folded) | {macs['model'].get('head+adapter', 0):,} |",
+                  f"| head + adapter, unfolded reference | {macs['head_unfolded']:,} |",
+                  f"| overhead | {macs['overhead_percent']:.4f}% of the backbone |", ""]
+    if outcome.validation:
+        lines += ["## Runtimes against PyTorch (same images)", "",
+                  "| runtime | graph | precision | max abs | top-1 agreement | result |",
+                  "| --- | --- | --- | ---: | ---: | --- |"]
+        lines += [f"| {r['candidate']} | {r['graph']} | {r['precision']} | {r['max_abs']:.2e} | "
+                  f"{r['top1_agreement']:.2%} | {'pass' if r['passed'] else 'FAIL'} |" for r in outcome.validation]
+        lines += ["", *(f"Not run here: {reason}." for reason in outcome.validation_skipped), ""]
+    lines += ["## Steps", "", "| step | status | seconds | detail |", "| --- | --- | ---: | --- |"]
+    lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail} |" for s in outcome.steps]
+    staging = out / ".report.md.tmp"
+    staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(staging, out / "report.md")

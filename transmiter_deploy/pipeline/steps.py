@@ -1,0 +1,104 @@
+"""Content-keyed incremental steps: what makes a re-run of ``transmiter export`` cheap.
+
+Each step has a key, the sha256 of everything it reads (recipe values, file
+contents, the keys of the steps before it); a step whose key matches its
+record from the previous run and whose outputs exist is skipped, so a re-run
+redoes only what changed (``force`` redoes everything). One run at a time per
+output directory (a lock file); staging left by a killed run is removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..artifacts import read_json, sha256_file, write_json
+from ..errors import InputError
+
+
+@dataclass
+class StepRecord:
+    name: str
+    status: str  # "ran" | "skipped" (unchanged) | "unavailable" (needs what this host lacks)
+    seconds: float
+    detail: str = ""
+
+
+def step_key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Steps:
+    """Runs named steps, skipping those whose inputs are unchanged since the last run."""
+
+    def __init__(self, out_dir: Path, force: bool, log: Callable[[str], None]) -> None:
+        self.records_dir = out_dir / ".steps"
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        self.force, self.log = force, log
+        self.done: list[StepRecord] = []
+
+    def run(self, name: str, inputs: dict[str, Any], outputs: list[Path], work: Callable[[], Any]) -> str:
+        key = step_key({"step": name, **inputs})
+        record = self.records_dir / f"{name}.json"
+        if not self.force and record.is_file() and all(path.exists() for path in outputs):
+            try:
+                previous = read_json(record, "step record")
+            except InputError:
+                previous = {}
+            if previous.get("key") == key:
+                self.done.append(StepRecord(name, "skipped", 0.0,
+                                            f"inputs unchanged (took {previous.get('seconds', 0.0):.1f} s when it ran)"))
+                self.log(f"[skip] {name} (inputs unchanged)")
+                return key
+        self.log(f"[run ] {name}")
+        start = time.perf_counter()
+        work()
+        seconds = time.perf_counter() - start
+        write_json(record, {"key": key, "seconds": seconds})
+        self.done.append(StepRecord(name, "ran", seconds))
+        return key
+
+    def unavailable(self, name: str, reason: str) -> None:
+        self.done.append(StepRecord(name, "unavailable", 0.0, reason))
+        self.log(f"[skip] {name}: {reason}")
+
+
+@contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """One export per output directory: a second concurrent run is refused, not interleaved."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / ".lock", "w")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise InputError(f"another transmiter export is writing to {out_dir}; wait for it to finish") from exc
+        yield
+    finally:
+        handle.close()
+
+
+def remove_stale_staging(out: Path, log: Callable[[str], None]) -> None:
+    """Staging directories left by a run that was killed (SIGKILL, power loss) never became
+    artifacts; under the lock no other export can be using them, so they go."""
+    for stale in sorted([*out.rglob(".*.partial"), *out.rglob(".*.old")], reverse=True):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            log(f"removed {stale} (left by an interrupted run)")
+
+
+def tree_sha256(path: Path) -> str:
+    """Content hash of a file or of every file under a directory (relative paths and bytes)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()

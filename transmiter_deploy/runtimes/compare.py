@@ -1,0 +1,55 @@
+"""Comparing two sets of outputs the way a deployment sign-off needs.
+
+Absolute error alone means little for logits that reach ~100, so every
+comparison also reports the error relative to the largest reference
+magnitude and to each sample's own logit spread (std), plus top-1 agreement.
+:func:`compare` judges a runner by the tolerance its precision has in the
+registry, the one tolerance table of the toolkit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .registry import precision
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    if reference.shape != candidate.shape:
+        raise ValueError(f"shapes differ: {reference.shape} vs {candidate.shape}")
+    finite = bool(np.isfinite(candidate).all())
+    diff = np.abs(reference - candidate)
+    spread = reference.std(axis=1, ddof=1, keepdims=True) if reference.shape[1] > 1 else np.ones_like(reference[:, :1])
+    return {
+        "samples": int(reference.shape[0]),
+        "finite": finite,
+        "max_abs": float(diff.max()) if finite else float("inf"),
+        "max_abs_over_max_reference": float(diff.max() / max(np.abs(reference).max(), 1e-30)) if finite else float("inf"),
+        "max_abs_over_sample_std": float((diff / np.maximum(spread, 1e-30)).max()) if finite else float("inf"),
+        "top1_agreement": float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean()),
+    }
+
+
+def within_tolerance(result: dict, precision_name: str) -> bool:
+    """Finite, top-1 agreement and (where the precision has one) max abs within its tolerance."""
+    tolerance = precision(precision_name)
+    passed = result["finite"] and result["top1_agreement"] >= tolerance.top1
+    if tolerance.max_abs is not None:
+        passed = passed and result["max_abs"] <= tolerance.max_abs
+    return bool(passed)
+
+
+def judge(reference_name: str, expected: np.ndarray, candidate, actual: np.ndarray, batch: int) -> dict:
+    """One parity row from outputs already computed (the reference's may come from a file)."""
+    result = compare_outputs(expected, actual)
+    return {"reference": reference_name, "candidate": candidate.name, "precision": candidate.precision,
+            "batch": int(batch), **result, "tolerance": precision(candidate.precision).tolerance(),
+            "passed": within_tolerance(result, candidate.precision)}
+
+
+def compare(reference, candidate, batch: np.ndarray) -> dict:
+    """One parity row: ``candidate`` against ``reference`` (both active runners) on the same
+    batch, judged by the tolerance of the candidate's precision."""
+    return judge(reference.name, reference.infer(batch), candidate, candidate.infer(batch), batch.shape[0])

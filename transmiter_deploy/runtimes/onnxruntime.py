@@ -1,0 +1,116 @@
+"""ONNX Runtime: the one way the toolkit makes a session, and the runner over it.
+
+Export verification, validation, the runners and the benchmark all build their
+sessions with :func:`ort_session`, so thread settings and the reduced-precision
+rule are decided in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DependencyError, InputError
+from .base import InputSpec, Runner, graph_precision, manifest_precision
+from .registry import precision
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def ort_session(path: Path, precision_name: str = "fp32", provider: str = "CPUExecutionProvider",
+                threads: int | None = None, spinning: bool = True):
+    """An ONNX Runtime session (CPU by default) for a graph of the given precision.
+
+    The graph optimiser stays off for precisions whose registry entry says so (fp16:
+    ORT's CPU optimiser has crashed on AutoCast fp16 CLIP graphs, DESIGN.md section 4;
+    without it the same graphs run correctly). ``threads`` sets the intra-op pool (one
+    sequential inter-op thread); None leaves ONNX Runtime's default (one per core).
+    ``spinning=False`` stops idle pool threads from busy-waiting after a run: needed
+    when several sessions take turns in one process, where one session's spinning
+    threads would steal the cores the next one runs on.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not precision(precision_name).onnxruntime_optimise:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=[provider])
+
+
+def run_session(session, array: np.ndarray) -> np.ndarray:
+    """The first output of a single-input session."""
+    return session.run(None, {session.get_inputs()[0].name: array})[0]
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX graph on ONNX Runtime's CPU or CUDA execution provider.
+
+    (ORT's TensorRT provider is not offered: the onnxruntime-gpu pin that ModelOpt needs
+    cannot drive TensorRT 11, DESIGN.md section 4; engines run through runtimes/tensorrt.py.)
+    """
+
+    def __init__(self, path: Path, provider: str = "cpu", max_batch: int | None = None,
+                 threads: int | None = None, spinning: bool = True, precision: str | None = None) -> None:
+        """``threads`` and ``spinning`` as in :func:`ort_session`; ``precision`` defaults to what the
+        export manifest beside the graph records (:func:`~.base.graph_precision`)."""
+        super().__init__()
+        if provider not in PROVIDERS:
+            raise InputError(f"unknown ONNX Runtime provider '{provider}' (known: {', '.join(PROVIDERS)})")
+        reason = self.unavailable(provider=provider)
+        if reason is not None:
+            raise DependencyError(reason)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"ONNX graph not found: {self.path}")
+        self.provider, self.max_batch, self.threads, self.spinning = provider, max_batch, threads, spinning
+        # a bare graph (no manifest) is inspected on activation: construction reads no graph
+        self.precision = precision or manifest_precision(self.path)
+        self.name, self.graph = f"onnxruntime-{provider}", self.path.name
+        self.session = None
+
+    @classmethod
+    def unavailable(cls, provider: str = "cpu", **_: object) -> str | None:
+        wanted = PROVIDERS.get(provider)
+        if wanted is None:
+            return f"unknown ONNX Runtime provider '{provider}'"
+        if wanted not in available_providers():
+            return f"ONNX Runtime here has no {wanted} (available: {', '.join(available_providers())})"
+        if provider != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                # onnxruntime-gpu lists CUDA on machines without a GPU, then quietly runs on the CPU
+                return f"ONNX Runtime's {wanted} needs a CUDA GPU; none is visible"
+        return None
+
+    def activate_impl(self) -> None:
+        try:
+            self.precision = self.precision or graph_precision(self.path)
+            self.session = ort_session(self.path, self.precision, PROVIDERS[self.provider], self.threads, self.spinning)
+        except Exception as exc:  # ORT raises its own exception types for corrupt graphs
+            raise InputError(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from exc
+        if PROVIDERS[self.provider] not in self.session.get_providers():
+            self.session = None
+            raise DependencyError(f"ONNX Runtime could not start {PROVIDERS[self.provider]} here")
+        graph_input = self.session.get_inputs()[0]
+        shape = tuple(d if isinstance(d, int) else None for d in graph_input.shape)
+        self.input_spec = InputSpec(graph_input.name, shape, max_batch=self.max_batch)
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_spec.name: batch})[0], dtype=np.float32)

@@ -1,0 +1,162 @@
+"""The runtimes and precisions the toolkit knows, as data.
+
+Everything that lists runtimes or precisions derives its list from here: the CLI's
+choices, the recipe schema, the export's conversion and validation loops, the
+benchmark's runtime list and the comparator's tolerances. Importing this module
+imports neither torch nor any runtime: the code behind an entry is named by a
+``"module:attribute"`` string and resolved only when used.
+
+Adding a runtime: one module under ``runtimes/`` with a :class:`~.base.Runner`
+subclass, and one :data:`RUNTIMES` entry. Adding a precision: one converter module
+under ``deploy/precisions/`` and one :data:`PRECISIONS` entry.
+(``tests/test_registry.py`` fails until each entry has its code and its tests.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InputError
+
+GRAPH_LOADS = ("module", "onnx", "engine")
+
+
+def resolve(target: str) -> Any:
+    """The object a ``"package.module:attribute"`` string names."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One numeric precision of an exported graph."""
+
+    name: str  # as recipes and the CLI spell it
+    suffix: str  # of the graph files: model{suffix}.onnx, head{suffix}.onnx
+    manifest_name: str  # what the export manifest records as each file's precision
+    max_abs: float | None  # tolerance on logits against the fp32 reference (None: judged by top-1 alone)
+    top1: float  # minimum top-1 agreement with the fp32 reference
+    needs_calibration: bool  # the converter must be given real inputs (else they only help)
+    converter: str  # "module:function" that makes this precision's graph
+    requires: tuple[str, ...] = ()  # modules the converter imports
+    install: str = ""  # what to install when they are missing
+    gates_export: bool = True  # a failed parity check of the pixels graph fails the export
+    by_default: bool = True  # exported when a recipe or the CLI names no precisions
+    # ONNX Runtime's graph optimiser may run on these graphs: its CPU optimiser has crashed on
+    # AutoCast fp16 CLIP graphs (DESIGN.md section 4), which run correctly without it.
+    onnxruntime_optimise: bool = True
+
+    @property
+    def reference(self) -> bool:
+        """fp32 is what every other precision is checked against."""
+        return self.name == REFERENCE_PRECISION
+
+    def graph_name(self, stem: str) -> str:
+        return f"{stem}{self.suffix}.onnx"
+
+    def missing(self) -> str | None:
+        """None when the converter can run here, else what to install."""
+        absent = [name for name in self.requires if importlib.util.find_spec(name) is None]
+        return f"{', '.join(absent)} is not installed ({self.install})" if absent else None
+
+    def tolerance(self) -> dict[str, float | None]:
+        return {"max_abs": self.max_abs, "top1": self.top1}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One way of running a graph: a runner class and the options it is built with."""
+
+    name: str  # e.g. onnxruntime-cpu, as the benchmark and validation tables name it
+    family: str  # the recipe's name for it (``runtimes: [onnxruntime]``)
+    runner: str  # "module:Class", a subclass of runtimes.base.Runner
+    loads: str  # what the runner is built from: a torch "module", an "onnx" graph, an "engine"
+    device: str  # "cpu" or "cuda"
+    options: tuple[tuple[str, Any], ...] = ()  # keyword arguments of the runner
+    includes_copies: bool = False  # a call's time includes host <-> device copies
+    reference: bool = False  # the runtime every other is compared against
+
+    def runner_class(self) -> type:
+        return resolve(self.runner)
+
+    def create(self, source: Any, **kwargs: Any):
+        """A runner (not yet active) over ``source``: a module or loader, a graph or an engine path."""
+        return self.runner_class()(source, **dict(self.options), **kwargs)
+
+    def unavailable(self) -> str | None:
+        """None when this runtime can run here, else why not (a missing GPU named first)."""
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return "no CUDA GPU is visible"
+        return self.runner_class().unavailable(**dict(self.options))
+
+
+REFERENCE_PRECISION = "fp32"
+
+PRECISIONS: dict[str, Precision] = {precision.name: precision for precision in (
+    Precision("fp32", "", "fp32", max_abs=1e-4, top1=1.0, needs_calibration=False,
+              converter="transmiter_deploy.deploy.onnx_export:to_onnx"),
+    # mixed fp16: logits reach ~100 (CLIP's logit scale), so absolute error is judged by top-1;
+    # the pixels graph on ONNX Runtime CPU is reported, not gated (TensorRT is its runtime)
+    Precision("fp16", "_fp16", "mixed-fp16", max_abs=None, top1=0.995, needs_calibration=False,
+              converter="transmiter_deploy.deploy.precisions.fp16:convert", requires=("modelopt",),
+              install="pip install 'transmiter-deploy[fp16]'", gates_export=False, onnxruntime_optimise=False),
+)}
+
+RUNTIMES: dict[str, Runtime] = {runtime.name: runtime for runtime in (
+    Runtime("pytorch-cpu", "pytorch", "transmiter_deploy.runtimes.pytorch:TorchRunner", "module", "cpu",
+            (("device", "cpu"),), reference=True),
+    Runtime("pytorch-cuda", "pytorch", "transmiter_deploy.runtimes.pytorch:TorchRunner", "module", "cuda",
+            (("device", "cuda"),)),
+    Runtime("pytorch-cuda-graphs", "pytorch", "transmiter_deploy.runtimes.pytorch:TorchRunner", "module", "cuda",
+            (("device", "cuda"), ("cuda_graphs", True))),
+    Runtime("onnxruntime-cpu", "onnxruntime", "transmiter_deploy.runtimes.onnxruntime:OnnxRuntimeRunner", "onnx",
+            "cpu", (("provider", "cpu"),)),
+    Runtime("onnxruntime-cuda", "onnxruntime", "transmiter_deploy.runtimes.onnxruntime:OnnxRuntimeRunner", "onnx",
+            "cuda", (("provider", "cuda"),), includes_copies=True),
+    Runtime("tensorrt", "tensorrt", "transmiter_deploy.runtimes.tensorrt:TensorRTRunner", "engine", "cuda",
+            includes_copies=True),
+)}
+
+
+def precision(name: str) -> Precision:
+    if name not in PRECISIONS:
+        raise InputError(f"unknown precision '{name}' (known: {', '.join(PRECISIONS)})")
+    return PRECISIONS[name]
+
+
+def precision_from_manifest(manifest_name: str) -> Precision:
+    """The precision an export manifest records for a file (``fp32``, ``mixed-fp16``, ...)."""
+    for entry in PRECISIONS.values():
+        if manifest_name in (entry.manifest_name, entry.name):
+            return entry
+    raise InputError(f"unknown precision '{manifest_name}' in a manifest (known: "
+                     f"{', '.join(p.manifest_name for p in PRECISIONS.values())})")
+
+
+def default_precisions() -> tuple[str, ...]:
+    return tuple(name for name, entry in PRECISIONS.items() if entry.by_default)
+
+
+def runtime(name: str) -> Runtime:
+    if name not in RUNTIMES:
+        raise InputError(f"unknown runtime '{name}' (known: {', '.join(RUNTIMES)})")
+    return RUNTIMES[name]
+
+
+def families() -> tuple[str, ...]:
+    """The runtime names recipes use, in registry order."""
+    return tuple(dict.fromkeys(entry.family for entry in RUNTIMES.values()))
+
+
+def runtime_names(device: str | None = None) -> tuple[str, ...]:
+    return tuple(name for name, entry in RUNTIMES.items() if device is None or entry.device == device)
+
+
+def reference_runtime() -> Runtime:
+    return next(entry for entry in RUNTIMES.values() if entry.reference)
