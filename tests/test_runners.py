@@ -14,7 +14,9 @@ from transmiter_deploy.errors import DependencyError, InputError, IntegrityError
 from transmiter_deploy.deploy.fusion import DeployedClassifier, FoldedHead
 from transmiter_deploy.features.models import ModelSpec, load_model
 from transmiter_deploy.deploy.onnx_export import export_deployment, parity_pixels
-from transmiter_deploy.runtimes.base import InputSpec
+from transmiter_deploy.runtimes import registry
+from transmiter_deploy.runtimes.base import InputSpec, graph_precision
+from transmiter_deploy.runtimes.compare import judge
 from transmiter_deploy.runtimes.compare import compare
 from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 from transmiter_deploy.runtimes.pytorch import TorchRunner
@@ -42,6 +44,10 @@ def export(tmp_path_factory):
         yield out, torch_runner, pixels.numpy()
 
 
+@pytest.mark.runtime("pytorch-cpu")
+@pytest.mark.runtime("onnxruntime-cpu")
+@pytest.mark.precision("fp32")
+@pytest.mark.precision("fp16")
 def test_onnx_runtime_matches_pytorch_within_each_precision(export):
     out, torch_runner, pixels = export
     with OnnxRuntimeRunner(out / "model.onnx") as runner:
@@ -73,6 +79,8 @@ def test_comparator_fails_a_candidate_that_computes_something_else(export):
     (lambda p: np.concatenate([p, p]), "batch 12 is outside 1..8"),
     (lambda p: p.tolist(), "must be a numpy array"),
 ])
+@pytest.mark.runtime("pytorch-cpu")
+@pytest.mark.runtime("onnxruntime-cpu")
 def test_every_runner_refuses_malformed_input_in_one_line(export, make_input, message):
     out, torch_runner, pixels = export
     for runner in (OnnxRuntimeRunner(out / "model.onnx", max_batch=8),
@@ -139,6 +147,7 @@ def test_build_engine_without_tensorrt_exits_3_and_leaves_the_trtexec_command(ex
     assert main(["build-engine", str(tmp_path / "missing.onnx"), "--out", str(engine)]) == 2
 
 
+@pytest.mark.runtime("tensorrt")
 @pytest.mark.skipif(tensorrt_available() is not None, reason=f"needs TensorRT and a GPU ({tensorrt_available()})")
 def test_tensorrt_engine_matches_onnx_runtime(export, tmp_path):  # pragma: no cover - GPU hosts only
     from transmiter_deploy.runtimes.tensorrt import TensorRTRunner
@@ -151,3 +160,53 @@ def test_tensorrt_engine_matches_onnx_runtime(export, tmp_path):  # pragma: no c
             assert compare(torch_runner, runner, pixels)["passed"]
             with pytest.raises(InputError, match="batch 12 is outside 1..8"):
                 runner.infer(np.concatenate([pixels, pixels]))
+
+
+@pytest.mark.runtime("pytorch-cuda")
+@pytest.mark.runtime("pytorch-cuda-graphs")
+@pytest.mark.runtime("onnxruntime-cuda")
+@pytest.mark.parametrize("name", [n for n in registry.runtime_names("cuda") if registry.runtime(n).loads != "engine"])
+def test_gpu_runtimes_match_pytorch_cpu(export, name):  # pragma: no cover - GPU hosts only
+    entry = registry.runtime(name)
+    reason = entry.unavailable()
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    out, torch_runner, pixels = export
+    expected = torch_runner.infer(pixels)  # before the GPU runner moves the shared module
+    source = torch_runner.source if entry.loads == "module" else out / "model.onnx"
+    options = {"input_spec": torch_runner.input_spec} if entry.loads == "module" else {}
+    with entry.create(source, **options) as runner:
+        row = judge("pytorch-cpu", expected, runner, runner.infer(pixels), len(pixels))
+    assert row["passed"] and row["candidate"] == name
+
+
+def test_a_runner_loads_nothing_until_activated_and_frees_on_deactivation(export):
+    out, torch_runner, pixels = export
+    runner = OnnxRuntimeRunner(out / "model.onnx")
+    assert runner.session is None and not runner.active
+    with pytest.raises(RuntimeError, match="activate"):
+        runner.infer(pixels)
+    with runner:
+        assert runner.session is not None and runner.infer(pixels).shape == (len(pixels), 6)
+    assert runner.session is None and not runner.active
+    built = []
+
+    def loader():
+        built.append(1)
+        return torch_runner.source
+
+    lazy = TorchRunner(loader, torch_runner.input_spec)
+    assert built == []
+    with lazy:
+        np.testing.assert_allclose(lazy.infer(pixels), torch_runner.infer(pixels), rtol=0, atol=0)
+    assert built == [1] and lazy.module is None
+
+
+def test_a_graph_precision_comes_from_its_manifest_or_its_tensors_never_its_name(export, tmp_path):
+    out, _, pixels = export
+    assert graph_precision(out / "model_fp16.onnx") == "fp16" and graph_precision(out / "model.onnx") == "fp32"
+    (tmp_path / "model_fp16.onnx").write_bytes((out / "model.onnx").read_bytes())  # fp32 under an fp16 name
+    (tmp_path / "plain.onnx").write_bytes((out / "model_fp16.onnx").read_bytes())  # fp16 under a plain name
+    assert graph_precision(tmp_path / "model_fp16.onnx") == "fp32" and graph_precision(tmp_path / "plain.onnx") == "fp16"
+    with OnnxRuntimeRunner(tmp_path / "model_fp16.onnx") as runner:
+        assert runner.precision == "fp32"
