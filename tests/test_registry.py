@@ -22,18 +22,21 @@ def marked(kind: str) -> set[str]:
             for found, name in MARK.findall(path.read_text(encoding="utf-8")) if found == kind}
 
 
+def code_gaps(what: str, target: str, usable) -> list[str]:
+    """[] when the registry's ``"module:attribute"`` string names something usable."""
+    try:
+        found = registry.resolve(target)
+    except (ImportError, AttributeError, ValueError) as exc:
+        return [f"{what} {target} does not import ({exc})"]
+    return [] if usable(found) else [f"{what} {target} is not usable here"]
+
+
 def runtime_gaps(entry: registry.Runtime) -> list[str]:
     from transmiter_deploy.benchmark import runtimes as bench
     from transmiter_deploy.cli import cli
     from transmiter_deploy.pipeline.recipe import RUNTIMES as RECIPE_RUNTIMES
 
-    gaps = []
-    try:
-        runner = entry.runner_class()
-        if not (isinstance(runner, type) and issubclass(runner, Runner)):
-            gaps.append(f"runner {entry.runner} is not a Runner")
-    except (ImportError, AttributeError, ValueError) as exc:
-        gaps.append(f"runner {entry.runner} does not import ({exc})")
+    gaps = code_gaps("runner", entry.runner, lambda cls: isinstance(cls, type) and issubclass(cls, Runner))
     if entry.loads not in bench.SUPPORTED_LOADS or entry.name not in bench.RUNTIMES:
         gaps.append("no benchmark caller")
     if entry.family not in RECIPE_RUNTIMES:
@@ -50,12 +53,7 @@ def precision_gaps(entry: registry.Precision) -> list[str]:
     from transmiter_deploy.cli import cli
     from transmiter_deploy.pipeline.recipe import PRECISIONS as RECIPE_PRECISIONS
 
-    gaps = []
-    try:
-        if not callable(registry.resolve(entry.converter)):
-            gaps.append(f"converter {entry.converter} is not callable")
-    except (ImportError, AttributeError, ValueError) as exc:
-        gaps.append(f"converter {entry.converter} does not import ({exc})")
+    gaps = code_gaps("converter", entry.converter, callable)
     if not 0 < entry.top1 <= 1 or (entry.max_abs is not None and entry.max_abs <= 0):
         gaps.append("no valid tolerance")
     if entry.name not in RECIPE_PRECISIONS:
