@@ -358,13 +358,19 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
 @click.option("--calibration-images", type=click.IntRange(1, None), default=1, show_default=True,
               help="Images ModelOpt AutoCast runs through the fp32 model (memory grows with each; "
                    "ViT-L-14 needs several GB per image).")
+@click.option("--calibration-data", type=click.Path(path_type=Path),
+              help="Unlabelled images to calibrate int8 on (directory or CSV; a seeded sample).")
+@click.option("--calibration-count", type=click.IntRange(1, None), default=128, show_default=True,
+              help="How many calibration images to sample (at least 32).")
 def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_dir, head_dir, out, images, samples,
-                opset, softmax, precisions, no_fp16, sigma_mode, calibration_images):
+                opset, softmax, precisions, no_fp16, sigma_mode, calibration_images, calibration_data,
+                calibration_count):
     """Fuse the adapter into the model and export verified ONNX (fp32 and mixed fp16).
 
     Writes model.onnx (pixels -> task logits), head.onnx (features -> task
-    logits), their fp16 versions, manifest.json and parity.json. Exits with 4
-    (and writes nothing) if the fp32 graphs do not match PyTorch.
+    logits), their fp16 versions (and int8 with --precision int8, calibrated on
+    --calibration-data), manifest.json and parity.json. Exits with 4 (and writes
+    nothing) if the fp32 graphs do not match PyTorch.
 
     \b
     Example:
@@ -390,8 +396,15 @@ def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_d
         chosen = tuple(name for name in chosen if name != "fp16")
     settings = ExportSettings(opset=opset, softmax=softmax, precisions=tuple(dict.fromkeys(chosen)),
                               sigma_mode=sigma_mode, calibration_images=calibration_images)
+    calibration = None
+    if settings.calibrated():
+        from .deploy.calibration import sample_calibration
+
+        if calibration_data is None:
+            raise InputError(f"--precision {settings.calibrated()[0].name} needs --calibration-data (unlabelled images)")
+        calibration = sample_calibration(model, calibration_data, calibration_count)
     report = export_deployment(model, target_head, artifact, out, pixels, settings,
-                               log=lambda line: click.echo(line, err=True))
+                               log=lambda line: click.echo(line, err=True), calibration=calibration)
     click.echo(format_report(report))
     click.echo(f"exported to {out}")
 

@@ -22,6 +22,8 @@ sizes through ONNX Runtime.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,15 +34,18 @@ import numpy as np
 import onnx
 import torch
 
-from ..artifacts import atomic_directory, sha256_file, write_json, write_manifest
+from ..artifacts import atomic_directory, read_json, read_manifest, sha256_file, write_json, write_manifest
 from ..errors import InputError, VerificationError
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel
-from ..runtimes.compare import compare_outputs
+from ..runtimes.base import check_qdq_scales
+from ..runtimes.compare import compare_outputs, within_tolerance
 from ..runtimes.onnxruntime import ort_session, run_session
 from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, default_precisions, precision, resolve
 from .fusion import FP32_NODES, DeployedClassifier, FoldedHead, UnfoldedHead
+from .calibration import Calibration
+from .gate import GateFailed, GateImages, accuracy_gate
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, HEAD_FORMAT, HEAD_FORMAT_VERSION, head_logits_numpy, write_head_safetensors
 
@@ -71,7 +76,13 @@ class ExportSettings:
             raise InputError(f"precisions must include {REFERENCE_PRECISION} (the reference of every other)")
 
     def reduced(self) -> list[Precision]:
-        return [PRECISIONS[name] for name in self.precisions if name != REFERENCE_PRECISION]
+        """Converted with the fp32 graphs, in one directory."""
+        return [PRECISIONS[name] for name in self.precisions
+                if name != REFERENCE_PRECISION and not PRECISIONS[name].needs_calibration]
+
+    def calibrated(self) -> list[Precision]:
+        """Added to the verified export afterwards (:func:`add_precision`), each behind its gate."""
+        return [PRECISIONS[name] for name in self.precisions if PRECISIONS[name].needs_calibration]
 
 
 @dataclass
@@ -227,26 +238,28 @@ def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: _
     checks.add("head_safetensors_vs_torch", result, result["max_abs"] <= atol, True, f"max_abs <= {atol}")
 
 
-def _convert(staging: Path, target: Precision, parts: _Modules, pixels: torch.Tensor, settings: ExportSettings,
-             checks: _Checks) -> list[str]:
-    """``target``'s model and head graphs from the fp32 ones, checked against PyTorch fp32."""
+def _convert(staging: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
+             pixels: np.ndarray, model_reference: np.ndarray, features: np.ndarray, head_reference: np.ndarray,
+             checks: _Checks, head_reference_name: str = "torch") -> list[str]:
+    """``target``'s model and head graphs from the fp32 ones in ``staging``, each checked against
+    its fp32 reference outputs (``calibration``: per graph stem, the converter's input arrays)."""
     convert: Callable = resolve(target.converter)
-    inputs = {"model": {"pixel_values": pixels[: settings.calibration_images].numpy()},
-              "head": {"image_features": parts.features.numpy()}}
     files = []
     for stem in GRAPHS:
-        onnx.save(convert(staging / f"{stem}.onnx", inputs[stem], FP32_NODES), staging / target.graph_name(stem))
+        converted = convert(staging / f"{stem}.onnx", calibration[stem], FP32_NODES)
+        if target.qdq:
+            check_qdq_scales(converted, f"{target.graph_name(stem)} as converted")
+        onnx.save(converted, staging / target.graph_name(stem))
         files.append(target.graph_name(stem))
     criterion = f"finite, top-1 agreement >= {target.top1:.1%}" + (
         f", max_abs <= {target.max_abs}" if target.max_abs is not None else "") + " (ONNX Runtime CPU)"
-    model_out = run_session(ort_session(staging / target.graph_name("model"), target.name), pixels.numpy())
-    result = compare_outputs(parts.fused_outputs, model_out)
-    passed = result["finite"] and result["top1_agreement"] >= target.top1 and (
-        target.max_abs is None or result["max_abs"] <= target.max_abs)
-    checks.add(f"onnx_{target.name}_vs_torch_fp32", result, passed, target.gates_export, criterion)
-    head_out = run_session(ort_session(staging / target.graph_name("head"), target.name), parts.features.numpy())
-    result = compare_outputs(parts.head_logits, head_out)
-    checks.add(f"head_{target.name}_vs_torch_fp32", result, result["finite"], True, "finite outputs")
+    result = compare_outputs(model_reference, run_session(ort_session(staging / target.graph_name("model"),
+                                                                      target.name), pixels))
+    checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
+               target.gates_export, criterion)
+    result = compare_outputs(head_reference, run_session(ort_session(staging / target.graph_name("head"),
+                                                                     target.name), features))
+    checks.add(f"head_{target.name}_vs_{head_reference_name}_fp32", result, result["finite"], True, "finite outputs")
     return files
 
 
@@ -294,13 +307,18 @@ def export_deployment(
     pixels: torch.Tensor,
     settings: ExportSettings = ExportSettings(),
     log=print,
+    calibration: Calibration | None = None,
 ) -> ExportReport:
-    """Fuse, export, verify; ``pixels`` are preprocessed images used for parity and calibration."""
+    """Fuse, export, verify; ``pixels`` are preprocessed images used for parity (and the fp16
+    calibration). Calibrated precisions (int8) are converted from ``calibration`` and added
+    afterwards by :func:`add_precision`, gated on agreement over ``pixels``."""
     if head.model != model.identity:
         raise InputError(f"the head is for {head.model.describe()} but the model named is {model.identity.describe()}")
     check_adapter_head(artifact, head, "target head")
     if pixels.ndim != 4 or pixels.shape[0] < 2:
         raise InputError("parity needs a batch of at least 2 preprocessed images")
+    if settings.calibrated() and calibration is None:
+        raise InputError(f"{settings.calibrated()[0].name} needs calibration images (--calibration-data)")
     timings: dict[str, float] = {}
     parts = _modules(model, head, artifact, pixels, settings)
     output = "probabilities" if settings.softmax else "logits"
@@ -322,8 +340,12 @@ def export_deployment(
         checks = _Checks()
         _verify_fp32(staging, parts, pixels, checks)
         files = {"model.onnx": REFERENCE_PRECISION, "head.onnx": REFERENCE_PRECISION}
+        converter_inputs = {"model": {"pixel_values": pixels[: settings.calibration_images].numpy()},
+                            "head": {"image_features": parts.features.numpy()}}
         for target in settings.reduced():
-            files.update({name: target.name for name in _convert(staging, target, parts, pixels, settings, checks)})
+            converted = _convert(staging, target, converter_inputs, pixels.numpy(), parts.fused_outputs,
+                                 parts.features.numpy(), parts.head_logits, checks)
+            files.update({name: target.name for name in converted})
         timings["verify_s"] = time.perf_counter() - start
 
         macs = _macs(model_onnx, head_onnx, unfolded_onnx)
@@ -336,7 +358,78 @@ def export_deployment(
             failed = ", ".join(name for name, c in checks.items() if c["required"] and not c["passed"])
             log(format_report(report))
             raise VerificationError(f"export verification failed ({failed}); nothing was written to {out_dir}")
+    for target in settings.calibrated():
+        gate = GateImages(pixels.numpy(), None, description="parity images (agreement only: no labels)")
+        add_precision(out_dir, target, calibration_inputs(model, calibration.pixels), report.references,
+                      calibration.record, gate, log)
     return report
+
+
+def calibration_inputs(model: LoadedModel, pixels: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
+    """What each graph's converter calibrates on: the images, and their L2-normalised features."""
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(model.model.visual(pixels).float(), dim=-1)
+    return {"model": {"pixel_values": pixels.numpy()}, "head": {"image_features": features.numpy()}}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Artifacts are never modified in place, so the new directory may share their inodes."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def add_precision(export_dir: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
+                  references: References, calibration_record: dict, gate: GateImages | None = None,
+                  log=print) -> dict | None:
+    """Convert the fp32 graphs of a verified export to ``target`` and add them to it, atomically:
+    checked against the PyTorch references, then gated on ``gate``'s images. Returns the gate's
+    table; a failed check or gate raises (GateFailed carries the table) and leaves the export
+    as it was."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir / MANIFEST, FORMAT, FORMAT_VERSION, "export manifest")
+    parity = read_json(export_dir / "parity.json", "parity report")
+    kept = {name: entry for name, entry in manifest["files"].items() if entry.get("precision") != target.manifest_name}
+    start = time.perf_counter()
+    with atomic_directory(export_dir, MANIFEST) as staging:
+        for name in [*kept, "parity.json"]:
+            _link_or_copy(export_dir / name, staging / name)
+        checks = _Checks(parity["checks"])
+        features = calibration["head"]["image_features"]
+        head_reference = run_session(ort_session(staging / "head.onnx"), features)
+        files = _convert(staging, target, calibration, references.pixels, references.outputs, features,
+                         head_reference, checks, head_reference_name="onnx")
+        record = None
+        if gate is not None:
+            reference = run_session(ort_session(staging / "model.onnx"), gate.pixels)
+            candidate = run_session(ort_session(staging / target.graph_name("model"), target.name), gate.pixels)
+            record = accuracy_gate(reference, candidate, target, gate)
+        failed = [name for name in (f"onnx_{target.name}_vs_torch_fp32", f"head_{target.name}_vs_onnx_fp32")
+                  if checks[name]["required"] and not checks[name]["passed"]]
+        reasons = [f"checks failed: {', '.join(failed)}"] if failed else []
+        if record is not None:
+            record["checks_failed"] = failed
+            if not record["passed"]:
+                missed = "; ".join(c["criterion"] for c in record["criteria"] if not c["passed"])
+                reasons.insert(0, f"accuracy gate failed on {record['images']} ({missed})")
+            record["passed"] = record["passed"] and not failed
+        if reasons:
+            raise GateFailed(f"{target.name} {'; '.join(reasons)}; {export_dir} is unchanged",
+                             record or {"precision": target.name, "checks_failed": failed, "passed": False})
+        parity["checks"] = dict(checks)
+        parity.setdefault("gates", {})[target.name] = record
+        write_json(staging / "parity.json", parity)
+        body = {key: value for key, value in manifest.items()
+                if key not in ("format", "format_version", "versions", "created")}
+        body["files"] = {**kept, **{name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size,
+                                           "precision": target.manifest_name,
+                                           **_io_contract(onnx.load(staging / name, load_external_data=False))}
+                                    for name in files}}
+        body.setdefault("calibration", {})[target.name] = calibration_record
+        write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, body)
+    log(f"added {', '.join(files)} to {export_dir} in {time.perf_counter() - start:.1f} s")
+    return record
 
 
 def format_report(report: ExportReport) -> str:

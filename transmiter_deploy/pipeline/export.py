@@ -83,6 +83,7 @@ class _Run:
     head_keys: dict[str, str] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # extract, transfer, final (the adapter exported), onnx
     final_stage: str = "transferred"
+    precisions: tuple[str, ...] = ()  # the recipe's, less those skipped here
 
     @property
     def adapters(self) -> Path:
@@ -129,12 +130,17 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
         _plus(run)
         if "test" in run.splits:
             outcome.accuracy = _evaluate(run)
+        run.precisions = _export_precisions(run)
         _onnx(run)
         outcome.export_dir = run.onnx_dir
+        failures = [failure for name in run.precisions if PRECISIONS[name].needs_calibration
+                    for failure in [_calibrated(run, name, outcome)] if failure is not None]
         engine_keys = _engines(run)
         outcome.validation, outcome.validation_skipped = _validate(run, engine_keys)
         outcome.steps = run.steps.done
         write_report(recipe, outcome)
+    if failures:  # after the report, which shows the failed gate; the other artifacts stay
+        raise failures[0]
     return outcome
 
 
@@ -304,6 +310,8 @@ def _export_precisions(run: _Run) -> tuple[str, ...]:
     for name in run.recipe.export.precisions:
         missing = PRECISIONS[name].missing()
         if missing is not None:
+            if not PRECISIONS[name].skip_if_missing:
+                raise DependencyError(f"the recipe asks for {name}, but {missing}")
             run.steps.unavailable(f"onnx-{name}", f"{missing}; exporting without {name}")
             continue
         chosen.append(name)
@@ -316,7 +324,7 @@ def _onnx(run: _Run) -> None:
     from ..deploy.onnx_export import ExportSettings, export_deployment, parity_pixels
 
     export = run.recipe.export
-    precisions = _export_precisions(run)
+    precisions = tuple(name for name in run.precisions if not PRECISIONS[name].needs_calibration)
 
     def work() -> None:
         report = export_deployment(run.models["target"], run.head("target"), run.adapter(run.final_stage), run.onnx_dir,
@@ -334,6 +342,73 @@ def _onnx(run: _Run) -> None:
               "images": run.split_keys.get("test") or run.split_keys["train"]}
     run.keys["onnx"] = run.steps.run("onnx", inputs, [run.onnx_dir / "manifest.json",
                                                       run.out / REFERENCES / "references.json"], work)
+
+
+def _gate_images(run: _Run):
+    """The recipe's labelled test images, or else held-out training images (agreement only)."""
+    from ..deploy.calibration import held_out
+    from ..deploy.gate import GateImages
+    from ..features.datasets import decode_image, open_dataset
+
+    model = run.models["target"]
+    if "test" in run.splits:
+        dataset = open_dataset(run.splits["test"], run.classes)
+        pixels = torch.stack([model.preprocess(decode_image(record.path)[0]) for record in dataset.records])
+        labels = torch.tensor([record.label for record in dataset.records]).numpy()
+        return GateImages(pixels.numpy(), labels, run.recipe.data.base_classes, "test images"), 0
+    count = _held_out_count(run)
+    pixels = held_out(model, run.splits["train"], count, run.recipe.export.calibration.seed)
+    return GateImages(pixels.numpy(), None, description=f"{count} held-out training images (agreement only: "
+                                                        "the recipe has no test images)"), count
+
+
+def _held_out_count(run: _Run) -> int:
+    from ..features.datasets import open_dataset
+
+    return min(128, len(open_dataset(run.splits["train"])) // 4)
+
+
+def _calibrated(run: _Run, name: str, outcome: ExportOutcome):
+    """A calibrated precision (int8) added to the export behind its accuracy gate; returns the
+    gate's failure (reported, then raised by run_export) or None."""
+    from ..deploy.calibration import sample_calibration
+    from ..deploy.gate import GateFailed
+    from ..deploy.onnx_export import References, add_precision, calibration_inputs
+
+    target, settings = PRECISIONS[name], run.recipe.export.calibration
+    source = settings.data or run.splits["train"]
+    gate_file = run.out / "gates" / f"{name}.json"
+
+    def work() -> None:
+        gate_file.parent.mkdir(parents=True, exist_ok=True)
+        gate, held = _gate_images(run)
+        model = run.models["target"]
+        calibration = sample_calibration(model, source, settings.images, settings.minimum, settings.seed,
+                                         exclude=held if settings.data is None else 0)
+        record = read_json(run.out / REFERENCES / "references.json", "parity references")
+        tensors = load_tensors(run.out / REFERENCES / "parity.safetensors", record.get("parity.safetensors"),
+                               "parity references")
+        references = References(tensors["pixels"].numpy(), tensors["outputs"].numpy())
+        try:
+            result = add_precision(run.onnx_dir, target, calibration_inputs(model, calibration.pixels), references,
+                                   calibration.record, gate, run.log)
+        except GateFailed as exc:
+            write_json(gate_file, exc.record)
+            raise
+        write_json(gate_file, result)
+
+    inputs = {"onnx": run.keys["onnx"], "settings": asdict(settings),
+              "data": tree_sha256(settings.data) if settings.data else run.split_keys["train"],
+              "gate": run.split_keys.get("test"), "base_classes": run.recipe.data.base_classes}
+    try:
+        run.keys[f"onnx-{name}"] = run.steps.run(f"onnx-{name}", inputs,
+                                                 [run.onnx_dir / target.graph_name("model"), gate_file], work)
+        failure = None
+    except GateFailed as exc:
+        run.steps.failed(f"onnx-{name}", str(exc))
+        failure = exc
+    outcome.gates.append(read_json(gate_file, f"{name} gate"))
+    return failure
 
 
 def _pixel_graphs(run: _Run) -> list[str]:
@@ -421,7 +496,8 @@ def _validate(run: _Run, engine_keys: list[str]) -> tuple[list[dict], list[str]]
                                                                 candidate.infer(pixels), pixels.shape[0])})
         write_json(run.out / "validation.json", {"images": int(pixels.shape[0]), "rows": rows, "skipped": skipped})
 
-    run.steps.run("validate", {"onnx": run.keys["onnx"], "engines": engine_keys, "runtimes": list(run.recipe.runtimes),
+    run.steps.run("validate", {"onnx": [run.keys.get(k) for k in sorted(run.keys) if k.startswith("onnx")],
+                               "engines": engine_keys, "runtimes": list(run.recipe.runtimes),
                                "providers": available_providers()}, [run.out / "validation.json"], validate)
     validation = read_json(run.out / "validation.json", "validation table")
     return validation["rows"], validation.get("skipped", [])

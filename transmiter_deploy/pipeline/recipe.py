@@ -95,12 +95,23 @@ class BatchRange:
 
 
 @dataclass(frozen=True)
+class CalibrationSection:
+    """Calibration images of the precisions that need them (int8)."""
+
+    images: int = 128  # a seeded sample of this many unlabelled training images
+    minimum: int = 32  # fewer usable images than this is refused
+    seed: int = 0
+    data: Path | None = None  # another unlabelled image set to calibrate on (default: data.train)
+
+
+@dataclass(frozen=True)
 class ExportSection:
     precisions: tuple[str, ...] = registry.default_precisions()
     opset: int = 17
     softmax: bool = False
     batch: BatchRange = field(default_factory=BatchRange)
     workspace_mib: int = 4096
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
 
 
 @dataclass(frozen=True)
@@ -222,7 +233,8 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
         if key in nested_models:
             values[key] = reader.section(ModelRef, raw[key], key)
         elif key == "export":
-            values[key] = reader.section(ExportSection, raw[key], key, nested={"batch": BatchRange})
+            values[key] = reader.section(ExportSection, raw[key], key,
+                                         nested={"batch": BatchRange, "calibration": CalibrationSection})
         elif key == "runtimes":
             values[key] = reader.value(tuple[str, ...], raw[key], key)
         else:
@@ -294,6 +306,7 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
                               f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
     if registry.REFERENCE_PRECISION not in recipe.export.precisions:
         raise reader.fail("export.precisions", "must include fp32 (the reference every other precision is checked against)")
+    _check_calibration(recipe, reader, check_files)
     batch = recipe.export.batch
     if not 1 <= batch.min <= batch.opt <= batch.max:
         raise reader.fail("export.batch", f"need 1 <= min <= opt <= max, got {batch.min}/{batch.opt}/{batch.max}")
@@ -306,3 +319,14 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
         recipe.extraction.validate("extraction")
     except InputError as exc:
         raise RecipeError(f"recipe {recipe.path}: {exc}") from exc
+
+
+def _check_calibration(recipe: Recipe, reader: _Reader, check_files: bool) -> None:
+    calibration = recipe.export.calibration
+    if calibration.minimum < 1:
+        raise reader.fail("export.calibration.minimum", f"must be positive, got {calibration.minimum}")
+    if calibration.images < calibration.minimum:
+        raise reader.fail("export.calibration.images", f"{calibration.images} is below the minimum "
+                          f"({calibration.minimum})")
+    if check_files and calibration.data is not None and not calibration.data.exists():
+        raise reader.fail("export.calibration.data", f"not found: {calibration.data}")

@@ -22,6 +22,7 @@ class ExportOutcome:
     validation: list[dict] = field(default_factory=list)
     validation_skipped: list[str] = field(default_factory=list)
     export_dir: Path | None = None
+    gates: list[dict] = field(default_factory=list)  # calibrated precisions: their accuracy gates
 
 
 def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
@@ -32,6 +33,7 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
         "format": REPORT_FORMAT, "format_version": 1, "recipe": str(recipe.path), "name": recipe.name,
         "steps": [asdict(step) for step in outcome.steps], "accuracy": outcome.accuracy, "parity": parity,
         "validation": outcome.validation, "validation_skipped": outcome.validation_skipped,
+        "gates": outcome.gates,
     }
     write_json(out / "report.json", payload)
     lines = [f"# Export report: {recipe.name}", "", f"Recipe: `{recipe.path}`. Artifacts: `{outcome.export_dir}`.", ""]
@@ -53,6 +55,8 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
                   f"| head + adapter (folded) | {macs['model'].get('head+adapter', 0):,} |",
                   f"| head + adapter, unfolded reference | {macs['head_unfolded']:,} |",
                   f"| overhead | {macs['overhead_percent']:.4f}% of the backbone |", ""]
+    for gate in outcome.gates:
+        lines += _gate_lines(gate)
     if outcome.validation:
         lines += ["## Runtimes against PyTorch (same images)", "",
                   "| runtime | graph | precision | max abs | top-1 agreement | result |",
@@ -65,3 +69,20 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
     staging = out / ".report.md.tmp"
     staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(staging, out / "report.md")
+
+
+def _gate_lines(gate: dict) -> list[str]:
+    """One calibrated precision's gate: its accuracy beside fp32's, each criterion, the verdict."""
+    name = gate["precision"]
+    lines = [f"## {name} accuracy gate ({gate['images']}, {gate['samples']} images): "
+             f"{'pass' if gate['passed'] else 'FAIL: the ' + name + ' graphs were not added'}", ""]
+    if gate["accuracy"]:
+        cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines += ["| graph | base | novel | HM | all |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {graph} | {cell(r['base'])} | {cell(r['novel'])} | {cell(r['hm'])} | {cell(r['all'])} |"
+                  for graph, r in gate["accuracy"].items()]
+        lines.append("")
+    lines += ["| criterion | value | result |", "| --- | ---: | --- |"]
+    lines += [f"| {c['criterion']} | {c['value']:.4g} | {'pass' if c['passed'] else 'FAIL'} |" for c in gate["criteria"]]
+    lines += ["", f"Max abs difference from the fp32 graph: {gate['max_abs']:.3g}.", ""]
+    return lines

@@ -26,7 +26,7 @@ from ..errors import InputError
 @dataclass
 class StepRecord:
     name: str
-    status: str  # "ran" | "skipped" (unchanged) | "unavailable" (needs what this host lacks)
+    status: str  # "ran" | "skipped" (unchanged) | "unavailable" (needs what this host lacks) | "failed"
     seconds: float
     detail: str = ""
 
@@ -64,6 +64,11 @@ class Steps:
         write_json(record, {"key": key, "seconds": seconds})
         self.done.append(StepRecord(name, "ran", seconds))
         return key
+
+    def failed(self, name: str, reason: str) -> None:
+        """A step that ran and failed its checks; nothing it would have written was kept."""
+        self.done.append(StepRecord(name, "failed", 0.0, reason))
+        self.log(f"[FAIL] {name}: {reason}")
 
     def unavailable(self, name: str, reason: str) -> None:
         self.done.append(StepRecord(name, "unavailable", 0.0, reason))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..artifacts import read_json
-from ..errors import InputError
+from ..errors import InputError, IntegrityError
 from .registry import PRECISIONS, REFERENCE_PRECISION, precision_from_manifest
 
 EXPORT_MANIFEST = "manifest.json"  # written beside every exported graph (deploy/onnx_export.py)
@@ -134,7 +134,8 @@ def manifest_precision(path: Path) -> str | None:
 
 def graph_precision(path: Path) -> str:
     """The precision of an ONNX graph: as the export manifest beside it records, else as its
-    tensors show (float16 initialisers: fp16). Never read from the file name."""
+    nodes and tensors show (Q/DQ nodes: int8; float16 initialisers: fp16). Never read from the
+    file name."""
     recorded = manifest_precision(path)
     if recorded is not None:
         return recorded
@@ -144,6 +145,29 @@ def graph_precision(path: Path) -> str:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as exc:  # onnx raises DecodeError and friends for corrupt files
         raise InputError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0]}") from exc
+    if any(node.op_type == "QuantizeLinear" for node in graph.node):
+        return next(p.name for p in PRECISIONS.values() if p.qdq)
     if any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in graph.initializer):
         return next(p.name for p in PRECISIONS.values() if p.manifest_name == "mixed-fp16")
     return REFERENCE_PRECISION
+
+
+def check_qdq_scales(graph: Any, where: str) -> None:
+    """Refuse a Q/DQ graph (an ``onnx.ModelProto``) whose quantisation scales are zero or not
+    finite: ONNX Runtime and TensorRT would load it and return NaN or garbage."""
+    from onnx import numpy_helper
+
+    values = {tensor.name: tensor for tensor in graph.graph.initializer}
+    for node in graph.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = node.attribute[0].t
+    for node in graph.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
+            continue
+        tensor = values.get(node.input[1])
+        if tensor is None:
+            continue  # a computed scale: nothing to read statically
+        scale = numpy_helper.to_array(tensor).astype(np.float64)
+        if scale.size == 0 or not np.isfinite(scale).all() or (scale == 0).any():
+            raise IntegrityError(f"{where}: {node.op_type} node '{node.name or node.output[0]}' has a zero or "
+                                 f"non-finite scale (first values {scale.ravel()[:4].tolist()})")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DependencyError, InputError
-from .base import InputSpec, Runner, graph_precision, manifest_precision
+from .base import InputSpec, Runner, check_qdq_scales, graph_precision, manifest_precision
 from .registry import precision
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -53,6 +53,13 @@ def ort_session(path: Path, precision_name: str = "fp32", provider: str = "CPUEx
 def run_session(session, array: np.ndarray) -> np.ndarray:
     """The first output of a single-input session."""
     return session.run(None, {session.get_inputs()[0].name: array})[0]
+
+
+def _loadable_precision(path: Path) -> str:
+    try:
+        return graph_precision(path)
+    except InputError as exc:
+        raise InputError(f"ONNX Runtime cannot load {path}: {exc}") from exc
 
 
 class OnnxRuntimeRunner(Runner):
@@ -97,8 +104,12 @@ class OnnxRuntimeRunner(Runner):
         return None
 
     def activate_impl(self) -> None:
+        self.precision = self.precision or _loadable_precision(self.path)
+        if precision(self.precision).qdq:
+            import onnx
+
+            check_qdq_scales(onnx.load(str(self.path)), str(self.path))
         try:
-            self.precision = self.precision or graph_precision(self.path)
             self.session = ort_session(self.path, self.precision, PROVIDERS[self.provider], self.threads, self.spinning)
         except Exception as exc:  # ORT raises its own exception types for corrupt graphs
             raise InputError(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from exc

@@ -45,6 +45,11 @@ class Precision:
     install: str = ""  # what to install when they are missing
     gates_export: bool = True  # a failed parity check of the pixels graph fails the export
     by_default: bool = True  # exported when a recipe or the CLI names no precisions
+    skip_if_missing: bool = True  # a recipe asking for it where the converter cannot run: skip (else exit 3)
+    # calibrated precisions are gated on labelled images too: base, novel and HM accuracy each
+    # within this many points of the fp32 graph's (None: no accuracy gate)
+    accuracy_points: float | None = None
+    qdq: bool = False  # explicitly quantised (QuantizeLinear/DequantizeLinear): scales are checked on load
     # ONNX Runtime's graph optimiser may run on these graphs: its CPU optimiser has crashed on
     # AutoCast fp16 CLIP graphs (DESIGN.md section 4), which run correctly without it.
     onnxruntime_optimise: bool = True
@@ -106,6 +111,12 @@ PRECISIONS: dict[str, Precision] = {precision.name: precision for precision in (
     Precision("fp16", "_fp16", "mixed-fp16", max_abs=None, top1=0.995, needs_calibration=False,
               converter="transmiter_deploy.deploy.precisions.fp16:convert", requires=("modelopt",),
               install="pip install 'transmiter-deploy[fp16]'", gates_export=False, onnxruntime_optimise=False),
+    # int8 Q/DQ (ModelOpt PTQ) for edge CPUs and TensorRT's explicit quantisation; calibrated on the
+    # recipe's own images and gated on its labelled ones (pipeline/export.py), opt-in
+    Precision("int8", "_int8", "int8-qdq", max_abs=None, top1=0.99, needs_calibration=True,
+              converter="transmiter_deploy.deploy.precisions.int8:convert", requires=("modelopt",),
+              install="pip install 'transmiter-deploy[int8]'", by_default=False, skip_if_missing=False,
+              accuracy_points=1.0, qdq=True),
 )}
 
 RUNTIMES: dict[str, Runtime] = {runtime.name: runtime for runtime in (

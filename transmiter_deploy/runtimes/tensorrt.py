@@ -32,7 +32,8 @@ import numpy as np
 
 from ..artifacts import check_format, read_json, require_keys, sha256_file, utc_now, write_json
 from ..errors import DependencyError, InputError, IntegrityError, VerificationError
-from .base import InputSpec, Runner, graph_precision
+from .base import InputSpec, Runner, check_qdq_scales, graph_precision
+from .registry import precision
 
 ENGINE_FORMAT = "transmiter-deploy/tensorrt-engine"
 FORMER_ENGINE_FORMATS = ("transmiter-tensorrt-engine",)  # before 0.2; still read
@@ -130,10 +131,15 @@ def build_engine(onnx_path: Path, engine: Path, profile: BatchProfile = BatchPro
     onnx_path, engine = Path(onnx_path), Path(engine)
     input_name, shape = onnx_input(onnx_path)
     shapes = profile_shapes(shape, profile)
+    graph_kind = graph_precision(onnx_path)
+    if precision(graph_kind).qdq:  # TensorRT would build an engine that returns garbage
+        import onnx
+
+        check_qdq_scales(onnx.load(str(onnx_path)), str(onnx_path))
     timing_cache = Path(timing_cache) if timing_cache else engine.parent / "timing.cache"
     manifest: dict[str, Any] = {
         "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
-        "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path), "precision": graph_precision(onnx_path),
+        "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path), "precision": graph_kind,
         "input": {"name": input_name, "shapes": shapes}, "profile": asdict(profile),
         "workspace_mib": workspace_mib, "strongly_typed": True,
         "trtexec": trtexec_command(onnx_path, engine, input_name, shapes, workspace_mib, timing_cache),

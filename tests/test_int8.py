@@ -1,0 +1,164 @@
+"""int8 (ModelOpt Q/DQ) added to the small demo export: calibrated on the recipe's own images,
+gated on its labelled test images, refused cleanly when the calibration is broken or missing."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+from transmiter_deploy.cli import main
+from transmiter_deploy.errors import IntegrityError
+from transmiter_deploy.pipeline.export import run_export
+from transmiter_deploy.pipeline.recipe import load_recipe
+from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
+
+from conftest import SMALL_DEMO
+
+INT8 = SMALL_DEMO.replace("precisions: [fp32, fp16]", "precisions: [fp32, fp16, int8]")
+
+
+def copy_of(demo_export, tmp_path, recipe_text=INT8):
+    """The session's finished demo export, copied, with a recipe asking for more: only the new
+    steps run."""
+    _, outcome = demo_export
+    out = tmp_path / "out"
+    shutil.copytree(outcome.out_dir, out)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_text)
+    return path, out
+
+
+@pytest.fixture(scope="module")
+def int8_export(demo_export, tmp_path_factory):
+    path, out = copy_of(demo_export, tmp_path_factory.mktemp("int8"))
+    return out, run_export(load_recipe(path), out, progress=False, log=lambda _: None)
+
+
+@pytest.mark.precision("int8")
+def test_int8_is_calibrated_gated_and_added_to_the_export(int8_export):
+    out, outcome = int8_export
+    ran = {step.name: step.status for step in outcome.steps}
+    assert ran["onnx-int8"] == "ran" and ran["onnx"] == ran["extract"] == ran["cache-target-train"] == "skipped"
+    manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+    assert manifest["files"]["model_int8.onnx"]["precision"] == manifest["files"]["head_int8.onnx"]["precision"] == "int8-qdq"
+    assert manifest["calibration"]["int8"]["images"] == 128 and len(manifest["calibration"]["int8"]["fingerprint"]) == 64
+    graph = onnx.load(out / "onnx" / "model_int8.onnx")
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.graph.node) > 10
+    (gate,) = outcome.gates
+    assert gate["passed"] and gate["labelled"] and gate["samples"] == 64 and gate["top1_agreement"] >= 0.99
+    assert all(abs(c["value"]) <= 1.0 for c in gate["criteria"][1:]) and len(gate["criteria"]) == 4
+    validated = {row["graph"]: row for row in outcome.validation}
+    assert validated["model_int8.onnx"]["precision"] == "int8" and validated["model_int8.onnx"]["passed"]
+    report = (out / "report.md").read_text()
+    assert "## int8 accuracy gate (test images, 64 images): pass" in report
+    plan = json.loads((out / "engines" / "model_int8.engine.json").read_text())
+    assert plan["precision"] == "int8" and plan["onnx_sha256"] == manifest["files"]["model_int8.onnx"]["sha256"]
+    # the statistics stay fp32: no Q/DQ around the head's normalisation, mean, sigma, de-standardisation
+    assert not [n.name for n in graph.graph.node if n.op_type == "QuantizeLinear"
+                and any(part in n.name for part in ("/normalise/", "/stats/", "/destandardise/"))]
+
+
+def test_a_broken_calibration_fails_the_gate_and_leaves_the_export_as_it_was(demo_export, tmp_path, capsys):
+    constant = tmp_path / "grey"
+    constant.mkdir()
+    for i in range(40):  # one constant image, 40 times: activation ranges collapse
+        Image.new("RGB", (48, 48), (128, 128, 128)).save(constant / f"{i:02d}.png")
+    path, out = copy_of(demo_export, tmp_path, INT8.replace("export: {", f"export: {{calibration: {{data: {constant}}}, "))
+    before = (out / "onnx" / "manifest.json").read_bytes()
+    status = main(["--quiet", "export", str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 4 and err[-1].startswith("transmiter: error: int8 accuracy gate failed on test images")
+    assert (out / "onnx" / "manifest.json").read_bytes() == before and not (out / "onnx" / "model_int8.onnx").exists()
+    report = json.loads((out / "report.json").read_text())
+    (gate,) = report["gates"]
+    assert not gate["passed"] and gate["top1_agreement"] < 0.99
+    assert "FAIL: the int8 graphs were not added" in (out / "report.md").read_text()
+    assert {s["name"]: s["status"] for s in report["steps"]}["onnx-int8"] == "failed"
+
+
+@pytest.mark.parametrize("change, message", [
+    ("export: {calibration: {images: 16}, ", "export.calibration.images: 16 is below the minimum (32)"),
+    ("export: {calibration: {minimum: 0}, ", "export.calibration.minimum: must be positive"),
+    ("export: {calibration: {data: missing-dir}, ", "export.calibration.data: not found"),
+])
+def test_calibration_settings_are_validated_with_the_recipe(tmp_path, capsys, change, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(INT8.replace("export: {", change))
+    assert main(["export", str(path), "--check"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_too_few_or_undecodable_calibration_images_are_refused_in_one_line(demo_export, tmp_path, capsys):
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(10):
+        Image.new("RGB", (48, 48), (10 * i, 0, 0)).save(few / f"{i}.png")
+    path, out = copy_of(demo_export, tmp_path, INT8.replace("export: {", f"export: {{calibration: {{data: {few}}}, "))
+    assert main(["--quiet", "export", str(path), "--out", str(out)]) == 2
+    assert "has 10 usable images, fewer than the minimum 32" in capsys.readouterr().err
+    for i in range(10, 40):
+        Image.new("RGB", (48, 48), (0, 5 * i, 0)).save(few / f"{i}.png")
+    (few / "20.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["--quiet", "export", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "20.png" in err[-1] and not (out / "onnx" / "model_int8.onnx").exists()
+
+
+def test_a_qdq_graph_with_a_zero_scale_is_refused_at_load_naming_the_node(int8_export, tmp_path):
+    out, _ = int8_export
+    graph = onnx.load(out / "onnx" / "model_int8.onnx")
+    node = next(n for n in graph.graph.node if n.op_type == "DequantizeLinear"
+                and any(t.name == n.input[1] for t in graph.graph.initializer))
+    scale = next(t for t in graph.graph.initializer if t.name == node.input[1])
+    scale.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(scale)), scale.name))
+    broken = tmp_path / "model_int8.onnx"
+    onnx.save(graph, broken)
+    users = {n.name for n in graph.graph.node if len(n.input) > 1 and n.input[1] == scale.name}  # Q and DQ share it
+    with pytest.raises(IntegrityError, match="has a zero or non-finite scale") as refused:
+        OnnxRuntimeRunner(broken).activate()
+    assert str(refused.value).count("\n") == 0 and any(f"node '{name}'" in str(refused.value) for name in users)
+    assert main(["build-engine", str(broken), "--out", str(tmp_path / "e.engine")]) == 2
+
+
+BLOCK_MODELOPT = """
+import sys
+class NoModelOpt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "modelopt" or name.startswith("modelopt."):
+            raise ModuleNotFoundError("No module named 'modelopt'")
+sys.meta_path.insert(0, NoModelOpt())
+import importlib.util
+importlib.util.find_spec = (lambda real: lambda name, *a: None if name.split(".")[0] == "modelopt" else real(name, *a))(importlib.util.find_spec)
+from transmiter_deploy.cli import main
+sys.exit(main(["--quiet", "export", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def test_int8_without_modelopt_exits_3_naming_the_extra(demo_export, tmp_path):
+    path, out = copy_of(demo_export, tmp_path)
+    result = subprocess.run([sys.executable, "-c", BLOCK_MODELOPT, str(path), str(out)], capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "asks for int8" in last and "pip install 'transmiter-deploy[int8]'" in last
+
+
+def test_export_onnx_adds_int8_from_calibration_data_and_needs_it(int8_export, tmp_path, capsys):
+    from transmiter_deploy.demo.weights import shipped_weights_dir
+
+    out, _ = int8_export
+    common = ["export-onnx", "--model", "TM-Demo-Target", "--checkpoint",
+              str(shipped_weights_dir() / "TM-Demo-Target.safetensors"), "--adapter", str(out / "adapters" / "plus"),
+              "--head", str(out / "heads" / "target"), "--images", str(out / "data" / "test"), "--no-fp16",
+              "--precision", "int8"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2
+    assert "--precision int8 needs --calibration-data" in capsys.readouterr().err
+    assert main([*common, "--calibration-data", str(out / "data" / "train"), "--out", str(tmp_path / "b")]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx", "head.onnx", "head.safetensors", "model_int8.onnx", "head_int8.onnx"}
+    assert json.loads((tmp_path / "b" / "parity.json").read_text())["gates"]["int8"]["passed"]
