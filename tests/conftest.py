@@ -95,3 +95,30 @@ def demo_export(tmp_path_factory):
     path.write_text(SMALL_DEMO)
     recipe = load_recipe(path)
     return recipe, run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
+
+
+# The same recipe asking for int8 as well (calibrated and gated: tests/test_int8.py).
+SMALL_DEMO_INT8 = SMALL_DEMO.replace("precisions: [fp32, fp16]", "precisions: [fp32, fp16, int8]")
+
+
+def copy_export(demo_export, tmp_path: Path, recipe_text: str = SMALL_DEMO_INT8) -> tuple[Path, Path]:
+    """``(recipe, out)``: the session's finished demo export copied to ``tmp_path`` with a recipe
+    asking for more, so only the new steps run."""
+    import shutil
+
+    _, outcome = demo_export
+    out = tmp_path / "out"
+    shutil.copytree(outcome.out_dir, out)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_text)
+    return path, out
+
+
+@pytest.fixture(scope="session")
+def demo_int8_export(demo_export, tmp_path_factory):
+    """``(out, outcome)`` of the small demo export with int8 added."""
+    from transmiter_deploy.pipeline.export import run_export
+    from transmiter_deploy.pipeline.recipe import load_recipe
+
+    path, out = copy_export(demo_export, tmp_path_factory.mktemp("int8"))
+    return out, run_export(load_recipe(path), out, progress=False, log=lambda _: None)

@@ -2,7 +2,6 @@
 gated on its labelled test images, refused cleanly when the calibration is broken or missing."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -14,30 +13,20 @@ from PIL import Image
 
 from transmiter_deploy.cli import main
 from transmiter_deploy.errors import IntegrityError
-from transmiter_deploy.pipeline.export import run_export
-from transmiter_deploy.pipeline.recipe import load_recipe
 from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
-from conftest import SMALL_DEMO
+from conftest import SMALL_DEMO_INT8, copy_export
 
-INT8 = SMALL_DEMO.replace("precisions: [fp32, fp16]", "precisions: [fp32, fp16, int8]")
+INT8 = SMALL_DEMO_INT8
 
 
 def copy_of(demo_export, tmp_path, recipe_text=INT8):
-    """The session's finished demo export, copied, with a recipe asking for more: only the new
-    steps run."""
-    _, outcome = demo_export
-    out = tmp_path / "out"
-    shutil.copytree(outcome.out_dir, out)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(recipe_text)
-    return path, out
+    return copy_export(demo_export, tmp_path, recipe_text)
 
 
 @pytest.fixture(scope="module")
-def int8_export(demo_export, tmp_path_factory):
-    path, out = copy_of(demo_export, tmp_path_factory.mktemp("int8"))
-    return out, run_export(load_recipe(path), out, progress=False, log=lambda _: None)
+def int8_export(demo_int8_export):
+    return demo_int8_export
 
 
 @pytest.mark.precision("int8")

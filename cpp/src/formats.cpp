@@ -325,6 +325,7 @@ Manifest Manifest::parse(const std::string& text, const std::string& path) {
     entry.sha256 = detail::string_member(*it, "sha256", at);
     if (!detail::is_hex64(entry.sha256)) input_error(at + ": sha256 must be 64 lower-case hex digits");
     entry.bytes = static_cast<std::uint64_t>(detail::int_member(*it, "bytes", at, 0, INT64_MAX));
+    if (it->contains("precision")) entry.precision = detail::string_member(*it, "precision", at);
     manifest.files.emplace(it.key(), entry);
   }
   manifest.output = detail::string_member(root, "output", where);

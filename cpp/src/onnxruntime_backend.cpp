@@ -1,4 +1,4 @@
-// The ONNX Runtime backend: model.onnx on pixels.
+// The ONNX Runtime backend: model.onnx (or another pixels graph of the export, Options::graph) on pixels.
 //
 // ONNX Runtime is loaded at run time with dlopen + OrtGetApiBase: the PyPI wheels ship
 // libonnxruntime.so.<version> with version-tagged symbols and no headers, and the headers we
@@ -62,28 +62,36 @@ class OnnxRuntimeClassifier final : public Classifier {
     init_api(library_path(options));
     // Read and verify the graph ourselves, then hand ONNX Runtime the verified bytes (no
     // second read of a file that could have changed in between).
-    std::vector<std::uint8_t> model = manifest_.read_verified("model.onnx");
+    graph_ = options.graph.empty() ? "model.onnx" : options.graph;
+    auto listed = manifest_.files.find(graph_);
+    if (listed == manifest_.files.end() || graph_.size() < 5 || graph_.compare(graph_.size() - 5, 5, ".onnx") != 0) {
+      detail::input_error(manifest_.path + " lists no ONNX graph '" + graph_ + "'");
+    }
+    std::vector<std::uint8_t> model = manifest_.read_verified(graph_);
     try {
       env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "transmiter");
       Ort::SessionOptions session_options;
       session_options.SetIntraOpNumThreads(options.threads);
       session_options.SetInterOpNumThreads(1);
       session_options.SetExecutionMode(ORT_SEQUENTIAL);
+      // As the Python runtime does (runtimes/registry.py): ONNX Runtime's CPU graph optimiser has
+      // crashed on AutoCast fp16 graphs, which run correctly without it.
+      if (listed->second.precision == "mixed-fp16") session_options.SetGraphOptimizationLevel(ORT_DISABLE_ALL);
       session_ = std::make_unique<Ort::Session>(*env_, model.data(), model.size(), session_options);
       Ort::AllocatorWithDefaultOptions allocator;
       if (session_->GetInputCount() != 1 || session_->GetOutputCount() != 1) {
-        detail::input_error("model.onnx must have one input and one output");
+        detail::input_error(graph_ + " must have one input and one output");
       }
       input_name_ = session_->GetInputNameAllocated(0, allocator).get();
       output_name_ = session_->GetOutputNameAllocated(0, allocator).get();
       auto shape = session_->GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetShape();
       const auto& p = manifest_.preprocess;
       if (shape.size() != 4 || shape[1] != 3 || shape[2] != p.height || shape[3] != p.width) {
-        detail::input_error("model.onnx input " + shape_string(shape) + " does not match the manifest's preprocessing (3, " +
+        detail::input_error(graph_ + " input " + shape_string(shape) + " does not match the manifest's preprocessing (3, " +
                             std::to_string(p.height) + ", " + std::to_string(p.width) + ")");
       }
     } catch (const Ort::Exception& exc) {
-      detail::input_error("ONNX Runtime cannot load model.onnx: " + std::string(exc.what()));
+      detail::input_error("ONNX Runtime cannot load " + graph_ + ": " + std::string(exc.what()));
     }
   }
 
@@ -104,7 +112,7 @@ class OnnxRuntimeClassifier final : public Classifier {
       const std::int64_t k = static_cast<std::int64_t>(manifest_.class_names.size());
       if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || shape.size() != 2 || shape[0] != batch.shape[0] ||
           shape[1] != k) {
-        detail::fail(ErrorKind::Verification, "model.onnx returned " + shape_string(shape) + ", expected (" +
+        detail::fail(ErrorKind::Verification, graph_ + " returned " + shape_string(shape) + ", expected (" +
                                                   std::to_string(batch.shape[0]) + ", " + std::to_string(k) + ") float32");
       }
       Tensor out({shape[0], shape[1]});
@@ -112,13 +120,14 @@ class OnnxRuntimeClassifier final : public Classifier {
       std::copy(data, data + out.data.size(), out.data.begin());
       return out;
     } catch (const Ort::Exception& exc) {
-      detail::fail(ErrorKind::Verification, "ONNX Runtime failed to run model.onnx: " + std::string(exc.what()));
+      detail::fail(ErrorKind::Verification, "ONNX Runtime failed to run " + graph_ + ": " + std::string(exc.what()));
     }
   }
 
  private:
   std::unique_ptr<Ort::Env> env_;
   std::unique_ptr<Ort::Session> session_;
+  std::string graph_;
   std::string input_name_, output_name_;
 };
 

@@ -19,7 +19,7 @@ namespace {
 
 const char* kUsage =
     "usage: transmiter_infer --manifest PATH (--image FILE... | --features FILE.npy) [--topk N]\n"
-    "                        [--backend head|onnxruntime|tensorrt] [--threads N] [--engine PATH]\n"
+    "                        [--backend head|onnxruntime|tensorrt] [--threads N] [--engine PATH] [--graph FILE]\n"
     "                        [--onnxruntime-library PATH] [--logits-out FILE.npy] [--pixels-out FILE.npy]\n"
     "                        [--preprocess-only] [--quiet]\n"
     "       transmiter_infer --backends   (lists the backends built in)\n"
@@ -31,6 +31,8 @@ const char* kUsage =
     "  --pixels-out FILE     write the preprocessed (N, 3, H, W) pixels as float32 .npy\n"
     "  --preprocess-only     only decode and preprocess the images (needs --pixels-out); loads no model\n"
     "  --threads N           ONNX Runtime intra-op threads (default 1)\n"
+    "  --graph FILE          the export's pixels graph the onnxruntime backend runs (default model.onnx;\n"
+    "                        e.g. model_int8.onnx, as listed in the manifest)\n"
     "exit status: 0 ok, 1 internal error, 2 bad input, 3 missing backend or library, 4 verification failed\n";
 
 struct Arguments {
@@ -86,6 +88,8 @@ Arguments parse(int argc, char** argv) {
       args.options.threads = to_int(flag, value(), 1, 1024);
     } else if (flag == "--engine") {
       args.options.engine = value();
+    } else if (flag == "--graph") {
+      args.options.graph = value();
     } else if (flag == "--onnxruntime-library") {
       args.options.onnxruntime_library = value();
     } else if (flag == "--logits-out") {

@@ -220,6 +220,25 @@ def test_onnxruntime_backend_matches_python_onnxruntime_on_demo_images(demo, inf
     assert printed[1].split("\t")[:2] == ["1", names[int(reference[0].argmax())]]
 
 
+def test_onnxruntime_backend_runs_the_int8_graph_as_python_does(demo, demo_int8_export, infer, tmp_path):
+    if "onnxruntime" not in run(infer, "--backends").stdout.split():
+        pytest.skip("the onnxruntime backend was not built")
+    _, model, images = demo
+    out, _ = demo_int8_export
+    manifest_path = out / "onnx" / "manifest.json"
+    run(infer, "--manifest", manifest_path, "--image", *images, "--graph", "model_int8.onnx",
+        "--logits-out", tmp_path / "logits.npy", "--quiet")
+    pixels = torch.stack([model.preprocess(decode_image(path)[0]) for path in images]).numpy()
+    reference = ort_session(manifest_path.parent / "model_int8.onnx", "int8").run(None, {"pixel_values": pixels})[0]
+    diff = float(np.abs(np.load(tmp_path / "logits.npy") - reference).max())
+    print(f"onnxruntime backend int8 parity: max abs diff {diff:.3e}")
+    assert diff <= HEAD_ATOL
+    fp32 = ort_session(manifest_path.parent / "model.onnx").run(None, {"pixel_values": pixels})[0]
+    assert float(np.abs(fp32 - reference).max()) > 10 * HEAD_ATOL  # really the int8 graph, not model.onnx
+    missing = run(infer, "--manifest", manifest_path, "--image", images[0], "--graph", "model_int4.onnx", check=False)
+    assert missing.returncode == 2 and "lists no ONNX graph 'model_int4.onnx'" in missing.stderr
+
+
 @pytest.fixture
 def broken(demo, demo_features, tmp_path):
     """A writable copy of the demo export's manifest and head, and helpers to break them."""

@@ -52,6 +52,7 @@ struct Tensor {
 struct FileEntry {
   std::string sha256;  // lower-case hex
   std::uint64_t bytes = 0;
+  std::string precision;  // as the export recorded it (fp32, mixed-fp16, int8-qdq); empty if not recorded
 };
 
 // The preprocessing block of manifest.json (models.py preprocess_config).
@@ -94,6 +95,7 @@ struct Options {
   int threads = 1;                  // ONNX Runtime intra-op threads (the head backend is single-threaded)
   std::string onnxruntime_library;  // libonnxruntime.so to dlopen; empty: $TRANSMITER_ONNXRUNTIME_LIBRARY, then the build default
   std::string engine;               // TensorRT engine; empty: <export>/../engines/model.engine
+  std::string graph;                // ONNX graph of the export the onnxruntime backend runs; empty: model.onnx
 };
 
 struct Prediction {
