@@ -6,6 +6,7 @@ import json
 import time
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -137,14 +138,17 @@ def _row(target, runtime, batch, variant, samples):
 def test_target_checks_judge_measured_rows():
     rows = [_row("ViT-B-16", "onnxruntime-cpu", 8, "backbone", [100, 101, 99]),
             _row("ViT-B-16", "onnxruntime-cpu", 8, "fused", [100.5, 101.5, 99.5]),
+            _row("ViT-B-16", "onnxruntime-cpu", 8, "fused@int8", [40, 41, 39]),
+            _row("ViT-B-16", "onnxruntime-cpu", 8, "backbone@int8", [39, 40, 38]),
             _row("ViT-L-14", "onnxruntime-cpu", 1, "head", [0.2, 0.3, 0.25]),
             _row("ViT-L-14", "onnxruntime-cpu", 1, "fused", [10, 10, 10]),
             _row("ViT-L-14", "onnxruntime-cpu", 1, "eft:ViT-B-16", [14, 14, 14]),
             _row("ViT-L-14", "onnxruntime-cpu", 8, "fused", [80, 80, 80]),
             _row("ViT-L-14", "onnxruntime-cpu", 8, "eft:ViT-B-16", [90, 90, 90])]
     checks = target_checks({"rows": rows, "skipped": [{"runtime": "tensorrt", "reason": "no GPU"}]}, GPU_RUNTIMES)
-    assert [c["met"] for c in checks] == [True, True, False, None]  # EFT only 1.125x at batch 8
-    assert "+0.50%" in checks[0]["measured"] and "no GPU" in checks[3]["measured"]
+    assert [c["met"] for c in checks] == [True, True, False, True, None]  # EFT only 1.125x at batch 8
+    assert "+0.50%" in checks[0]["measured"] and checks[3]["measured"] == "0.40" and "no GPU" in checks[4]["measured"]
+    assert ratios(cells({"rows": rows})[("ViT-B-16", "onnxruntime-cpu", 8)])["fused@int8/backbone@int8"] == pytest.approx(40 / 39)
     grouped = cells({"rows": rows})
     assert ratios(grouped[("ViT-L-14", "onnxruntime-cpu", 1)])["eft:ViT-B-16/fused"] == pytest.approx(1.4)
     paired = paired_ratio(grouped[("ViT-B-16", "onnxruntime-cpu", 8)]["fused"],
@@ -185,3 +189,21 @@ def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
     assert main(["bench", "--pair", "nonsense", "--out", str(out)]) == 2
     assert main(["bench", "--threads", "0", "--out", str(out)]) == 2
     assert main(["bench", "--batch", "0", "--out", str(out)]) == 2
+
+
+def test_reduced_precision_variants_are_converted_graphs_timed_on_graph_runtimes_only(tmp_path):
+    group = build_group("TM-Demo-Target", ["demo"], precisions=("int8",))
+    for name in [n for n in group.variants if n not in ("backbone", "fused", "backbone@int8", "fused@int8")]:
+        del group.variants[name]
+    paths, macs = export_graphs(group, tmp_path)
+    graph = onnx.load(paths[group.variants["fused@int8"].parts[0].graph_key])
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.graph.node) > 10
+    record = json.loads(paths[group.variants["fused@int8"].parts[0].graph_key].with_suffix(".json").read_text())
+    assert record["precision"] == "int8" and record["made_s"] > 0 and record["peak_rss_mib_after"] > 0
+    ort_caller = Caller("onnxruntime-cpu", group, paths, 1, tmp_path, 4)
+    torch_caller = Caller("pytorch-cpu", group, paths, 1, tmp_path, 4)
+    assert not torch_caller.supports(group.variants["fused@int8"]) and ort_caller.supports(group.variants["fused@int8"])
+    int8, fp32 = ort_caller.call(group.variants["fused@int8"], 4)(), ort_caller.call(group.variants["fused"], 4)()
+    assert int8.shape == fp32.shape and np.isfinite(int8).all() and not np.array_equal(int8, fp32)
+    assert ort_caller._runners["fused@int8"][0].precision == "int8"
+    ort_caller.release()

@@ -28,7 +28,7 @@ def test_the_default_recipe_loads_with_its_settings():
     assert recipe.name == "demo" and recipe.data.demo_task == "colours-tinted"
     assert recipe.finetuned.demo_weights == "TM-Demo-Source-ft-colours-tinted"
     assert recipe.head.logit_width == 128 and recipe.adapter.latent_dim == 128
-    assert recipe.export.precisions == ("fp32", "fp16") and recipe.export.batch.max == 32
+    assert recipe.export.precisions == ("fp32", "fp16", "int8") and recipe.export.batch.max == 32
     assert recipe.extraction.epochs == 10 and recipe.transfer.regularisation == 500.0  # reference defaults
 
 
@@ -56,7 +56,7 @@ def test_relative_paths_resolve_against_the_recipe_file(tmp_path):
     (("name: t", "name: t\nextraction: {epochs: ten}"), r"extraction\.epochs: must be an integer, got 'ten'"),
     (("name: t", "name: t\nplus: {enabled: 1}"), r"plus\.enabled: must be true or false"),
     (("name: t", "name: t\nexport: {batch: {min: 4, opt: 2, max: 8}}"), r"export\.batch: need 1 <= min <= opt <= max"),
-    (("name: t", "name: t\nexport: {precisions: [fp32, int8]}"), r"unknown precision 'int8'"),
+    (("name: t", "name: t\nexport: {precisions: [fp32, int4]}"), r"unknown precision 'int4' \(known: fp32, fp16, int8\)"),
     (("name: t", "name: t\nexport: {precisions: [fp16]}"), r"must include fp32"),
     (("name: t", "name: t\nruntimes: [tensorflow]"), r"unknown runtime 'tensorflow'"),
     (("name: t", "name: t\nhead: {templates: nope.txt}"), r"head\.templates: 'nope.txt' is neither"),

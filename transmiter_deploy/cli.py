@@ -489,9 +489,12 @@ def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, worksp
               help="Build and time only these variants (repeatable; eft = every EFT variant; default: all).")
 @click.option("--rounds", type=click.IntRange(1, None),
               help="Exactly this many timing rounds per cell, instead of the profile's time budget.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(list(registry.PRECISIONS)),
+              help="Also time backbone and fused graphs in these precisions on the graph runtimes "
+                   "(repeatable; converted as the export does, calibrated on random pixels).")
 @click.option("--no-plots", is_flag=True, help="Write RESULTS.md without the PNG plots (no matplotlib needed).")
 @click.option("--report-only", is_flag=True, help="Only rewrite RESULTS.md and plots from the JSON already in --out.")
-def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, variants, rounds, no_plots,
+def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, variants, rounds, precisions, no_plots,
           report_only):
     """Latency per runtime (backbone alone, fused TransMiter, unfolded, EFT, head alone), MACs per
     component and the demo world's accuracy table: latency.json, flops.json, accuracy.json,
@@ -515,7 +518,8 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, var
         run_benchmark(profile_name, out, work, threads or os.cpu_count() or 1, tuple(parts) or PARTS,
                       tuple(runtimes) or tuple(registry.RUNTIMES), tuple(pairs) or None, tuple(batches) or None,
                       tuple(variants) or None, rounds, command,
-                      log=lambda line: click.echo(line, err=True), progress=_progress())
+                      log=lambda line: click.echo(line, err=True), progress=_progress(),
+                      precisions=tuple(precisions) or ("fp32",))
     click.echo(f"results: {write_report(out, command, plots=not no_plots)}")
 
 

@@ -71,10 +71,12 @@ class TensorRTClassifier final : public Classifier {
                           engine_manifest.compute_capability + "), this GPU is " + properties.name + " (sm " + capability +
                           "); rebuild it here");
     }
-    auto model = manifest_.files.find("model.onnx");
-    auto model_fp16 = manifest_.files.find("model_fp16.onnx");
-    const bool from_this_export = (model != manifest_.files.end() && model->second.sha256 == engine_manifest.onnx_sha256) ||
-                                  (model_fp16 != manifest_.files.end() && model_fp16->second.sha256 == engine_manifest.onnx_sha256);
+    // Built from one of this export's ONNX graphs (model.onnx, model_fp16.onnx, model_int8.onnx, ...).
+    bool from_this_export = false;
+    for (const auto& [name, entry] : manifest_.files) {
+      const bool onnx = name.size() > 5 && name.compare(name.size() - 5, 5, ".onnx") == 0;
+      from_this_export = from_this_export || (onnx && entry.sha256 == engine_manifest.onnx_sha256);
+    }
     if (!from_this_export) detail::input_error(manifest_path + ": the engine was not built from this export's graphs");
     std::vector<std::uint8_t> plan = detail::read_file(engine_path, "TensorRT engine");
     if (sha256_hex(plan.data(), plan.size()) != engine_manifest.engine_sha256) {

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
+import time
 from pathlib import Path
 
 import onnx
@@ -22,11 +24,13 @@ from tqdm import tqdm
 from ..artifacts import library_versions, sha256_file, write_json
 from ..deploy.graph_cost import count_macs
 from ..deploy.onnx_export import DEFAULT_OPSET, to_onnx
+from ..runtimes.registry import precision, resolve
 from .variants import TargetGroup
 
 # Modules whose code shapes the exported graphs: a change to any of them re-exports.
 _GRAPH_SOURCES = ("deploy/fusion.py", "method/adapter.py", "deploy/onnx_export.py", "method/eft.py",
-                  "benchmark/variants.py")
+                  "benchmark/variants.py", "deploy/precisions/fp16.py", "deploy/precisions/int8.py")
+CALIBRATION_IMAGES = 32  # random pixels: the weights are random too, and speed does not depend on values
 
 
 def code_digest() -> str:
@@ -63,21 +67,33 @@ def export_graphs(group: TargetGroup, work_dir: Path, opset: int = DEFAULT_OPSET
     parts = {}
     for variant in group.variants.values():
         for part in variant.parts:
-            parts.setdefault(part.graph_key, (variant.takes, part.module))
+            parts.setdefault(part.graph_key, (variant.takes, part))
+    # fp32 graphs first: the reduced precisions are converted from them
+    ordered = sorted(parts.items(), key=lambda item: item[1][1].precision != "fp32")
     paths, macs = {}, {}
-    for key, (takes, module) in tqdm(parts.items(), desc=f"ONNX graphs {group.target}", unit="graph",
-                                     disable=not progress):
+    for key, (takes, part) in tqdm(ordered, desc=f"ONNX graphs {group.target}", unit="graph", disable=not progress):
         path, record_path = folder / f"{key}.onnx", folder / f"{key}.json"
-        expected = _record(key, opset)
+        expected = {**_record(key, opset), "precision": part.precision}
         record = _cached(path, record_path, expected)
         if record is None:
             input_name = "pixel_values" if takes == "pixels" else "image_features"
-            model = to_onnx(module, group.example(takes, 2), input_name, "logits", opset, key)
+            start, peak_before = time.perf_counter(), _peak_rss_mib()
+            if part.precision == "fp32":
+                model = to_onnx(part.module, group.example(takes, 2), input_name, "logits", opset, key)
+            else:
+                convert = resolve(precision(part.precision).converter)
+                model = convert(paths[part.base_key], {input_name: group.example(takes, CALIBRATION_IMAGES).numpy()})
             staging = path.with_name(f".{path.name}.partial")
             onnx.save(model, staging)
             os.replace(staging, path)
             record = {**expected, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                      "macs_batch1": count_macs(model)}
+                      "macs_batch1": count_macs(model), "made_s": round(time.perf_counter() - start, 1),
+                      "peak_rss_mib_after": _peak_rss_mib(), "peak_rss_mib_before": peak_before}
             write_json(record_path, record)
         paths[key], macs[key] = path, record["macs_batch1"]
     return paths, macs
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory so far (the conversion's peak when it rose)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -22,6 +22,7 @@ OVERHEAD_TARGET = {"target": "ViT-B-16", "runtime": "onnxruntime-cpu", "batch": 
 HEAD_TARGET_MS = 0.5
 EFT_TARGET = {"target": "ViT-L-14", "variant": "eft:ViT-B-16", "min_ratio": 1.2}
 GPU_OVERHEAD_BATCHES = (1, 64)
+INT8_TARGET = {"target": "ViT-B-16", "runtime": "onnxruntime-cpu", "batch": 8, "max_ratio": 0.42}
 
 
 def slug(text: str) -> str:
@@ -56,6 +57,13 @@ def ratios(variants: dict[str, dict]) -> dict[str, float]:
         for name in p50:
             if name.startswith("eft:"):
                 out[f"{name}/fused"] = p50[name] / p50["fused"]
+    for name in p50:  # reduced precisions: against fp32, and their own fused/backbone
+        if name.startswith("fused@"):
+            suffix = name.partition("@")[2]
+            if "fused" in p50:
+                out[f"{name}/fused"] = p50[name] / p50["fused"]
+            if f"backbone@{suffix}" in p50:
+                out[f"{name}/backbone@{suffix}"] = p50[name] / p50[f"backbone@{suffix}"]
     return out
 
 
@@ -97,6 +105,19 @@ def target_checks(latency: dict, gpu_runtimes: tuple[str, ...]) -> list[dict]:
                        "measured": "; ".join(f"{r} b{b} {ratio:.2f}" for r, b, ratio in sorted(found))})
     else:
         checks.append({"target": label, "met": None, "measured": "not measured in this run"})
+
+    where = INT8_TARGET
+    key = (where["target"], where["runtime"], where["batch"])
+    label = (f"fused int8 / fused fp32, {where['runtime']}, {where['target']}, batch {where['batch']}: "
+             f"ratio <= {where['max_ratio']}")
+    if key in grouped and {"fused@int8", "fused"} <= set(grouped[key]):
+        ratio = ratios(grouped[key])["fused@int8/fused"]
+        others = "; ".join(f"{t} b{b} {ratios(v)['fused@int8/fused']:.2f}" for (t, r, b), v in sorted(grouped.items())
+                           if r == where["runtime"] and {"fused@int8", "fused"} <= set(v) and (t, r, b) != key)
+        checks.append({"target": label, "met": ratio <= where["max_ratio"],
+                       "measured": f"{ratio:.2f}" + (f" (also {others})" if others else "")})
+    else:
+        checks.append({"target": label, "met": None, "measured": "not measured in this run (--precision int8)"})
 
     label = f"GPU: fused vs backbone alone at batch {' and '.join(map(str, GPU_OVERHEAD_BATCHES))}: overhead <= 1%"
     found = [(t, r, b, 100 * (ratios(v)["fused/backbone"] - 1)) for (t, r, b), v in grouped.items()

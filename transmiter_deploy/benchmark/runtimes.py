@@ -71,6 +71,10 @@ class Caller:
                 runner.deactivate()
         self._runners.clear()
 
+    def supports(self, variant: Variant) -> bool:
+        """PyTorch runs the fp32 modules only; reduced precisions are graphs."""
+        return self.entry.loads != "module" or variant.precision == "fp32"
+
     def call(self, variant: Variant, batch: int) -> Callable[[], object]:
         example = self.group.example(variant.takes, batch).numpy()
         runners = self._runners.get(variant.name)
@@ -92,7 +96,7 @@ class Caller:
             # Without spinning: the sessions of all variants take turns in this process, and an
             # idle session's spinning pool would compete with the one being timed.
             return [self.entry.create(self.graphs[part.graph_key], threads=self.threads, spinning=False,
-                                      precision="fp32") for part in variant.parts]
+                                      precision=part.precision) for part in variant.parts]
         return [self.entry.create(self._engine(part.graph_key)) for part in variant.parts]  # pragma: no cover
 
     def _engine(self, graph_key: str) -> Path:  # pragma: no cover - needs TensorRT and a GPU

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..artifacts import library_versions, utc_now, write_json
-from ..errors import InputError
+from ..errors import DependencyError, InputError
+from ..runtimes.registry import precision
 from ..host import cpu_model
 from .graphs import export_graphs
 from .report import slug
@@ -47,6 +48,7 @@ class Profile:
     skip_variants: tuple[tuple[str, str], ...] = field(default=())  # (target, variant) not built
     cpu_batches_by_target: dict[str, tuple[int, ...]] = field(default_factory=dict)
     variants: tuple[str, ...] = VARIANT_NAMES  # which are built and timed ("eft" = every EFT variant)
+    precisions: tuple[str, ...] = ("fp32",)  # others add backbone@<p> and fused@<p> on graph runtimes
 
     def batches(self, runtime: str, target: str) -> tuple[int, ...]:
         if runtime not in CPU_RUNTIMES:
@@ -104,13 +106,13 @@ def measure_latency(profile: Profile, work_dir: Path, threads: int, runtimes: tu
     rows, flops = [], {}
     for target, pair_names in targets_of(list(profile.pairs)).items():
         start = time.perf_counter()
-        group = build_group(target, pair_names)
+        group = build_group(target, pair_names, precisions=profile.precisions)
         for skipped_target, variant in profile.skip_variants:
             if skipped_target == target and group.variants.pop(variant, None) is not None:
                 skipped.append({"runtime": "all", "target": target, "variant": variant,
                                 "reason": f"not built in the {profile.name} profile"})
         for name in list(group.variants):
-            if name.split(":")[0] not in profile.variants:
+            if name.split(":")[0].split("@")[0] not in profile.variants:
                 del group.variants[name]
         graphs, macs = export_graphs(group, work_dir, progress=progress)
         flops[target] = {
@@ -134,7 +136,7 @@ def measure_latency(profile: Profile, work_dir: Path, threads: int, runtimes: tu
                     samples = {}
                     for takes in ("pixels", "features"):
                         calls = {name: caller.call(variant, batch) for name, variant in group.variants.items()
-                                 if variant.takes == takes}
+                                 if variant.takes == takes and caller.supports(variant)}
                         samples.update(time_interleaved(calls, profile.plan) if calls else {})
                     for name, seconds in samples.items():
                         rows.append({"target": target, "runtime": runtime, "batch": batch, "variant": name,
@@ -171,7 +173,7 @@ def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int
                   runtimes: tuple[str, ...] = RUNTIMES, pairs: tuple[str, ...] | None = None,
                   batches: tuple[int, ...] | None = None, variants: tuple[str, ...] | None = None,
                   rounds: int | None = None, command: str = "", log=print,
-                  progress: bool = False) -> dict[str, Path]:
+                  progress: bool = False, precisions: tuple[str, ...] = ("fp32",)) -> dict[str, Path]:
     """Measure the named parts and write their JSON files into ``out_dir``; returns what was written.
     ``pairs`` narrows the profile's pairs (all of them by default); ``batches`` replaces its batch
     sizes on every runtime and target; ``variants`` keeps only those variants (``eft`` = every
@@ -196,6 +198,11 @@ def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int
         if unknown or not variants:
             raise InputError(f"unknown variant {', '.join(unknown)} (known: {', '.join(VARIANT_NAMES)})")
         profile = replace(profile, variants=tuple(variants))
+    for name in precisions:
+        missing = precision(name).missing()  # an unknown name is refused here too
+        if missing is not None:
+            raise DependencyError(f"benchmarking {name} needs its converter: {missing}")
+    profile = replace(profile, precisions=tuple(dict.fromkeys(("fp32", *precisions))))
     if rounds is not None:
         if rounds < 1:
             raise InputError(f"rounds must be at least 1, got {rounds}")

@@ -31,7 +31,8 @@ from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel, ModelIdentity, ModelSpec, load_model
 
 
-VARIANT_NAMES = ("backbone", "fused", "unfolded", "eft", "head")  # "eft" stands for every eft:<source>
+VARIANT_NAMES = ("backbone", "fused", "unfolded", "eft", "head")  # "eft" stands for every eft:<source>;
+# backbone@<precision> and fused@<precision> follow their fp32 variant's selection
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,16 @@ PAIRS = {
 
 @dataclass
 class Part:
-    """One graph: a module and the key its exported ONNX file is cached under."""
+    """One graph: a module and the key its exported ONNX file is cached under; a reduced
+    precision's part is the fp32 graph of ``base_key`` converted (graph runtimes only)."""
 
     module: nn.Module
     graph_key: str
+    precision: str = "fp32"
+
+    @property
+    def base_key(self) -> str:
+        return self.graph_key.split("@")[0]
 
 
 @dataclass
@@ -68,6 +75,10 @@ class Variant:
 
     def combine(self, outputs: list):
         return outputs[0] if len(outputs) == 1 else eft_logits(*outputs)
+
+    @property
+    def precision(self) -> str:
+        return self.parts[0].precision
 
 
 @dataclass
@@ -120,8 +131,9 @@ def _classifier(model: LoadedModel, classes: int, seed: int) -> nn.Module:
     return DeployedClassifier(model.model.visual, ZeroShotTaskHead(synthetic_head(model, classes, classes, seed)))
 
 
-def build_group(target: str, pair_names: list[str], seed: int = 0) -> TargetGroup:
-    """All variants of ``target`` for the named pairs (which must all have that target)."""
+def build_group(target: str, pair_names: list[str], seed: int = 0, precisions: tuple[str, ...] = ("fp32",)) -> TargetGroup:
+    """All variants of ``target`` for the named pairs (which must all have that target); each
+    precision other than fp32 adds ``backbone@<precision>`` and ``fused@<precision>``."""
     pairs = [PAIRS[name] for name in pair_names]
     if not pairs or any(pair.target != target for pair in pairs):
         raise InputError(f"pairs {pair_names} do not all have target {target}")
@@ -156,6 +168,13 @@ def build_group(target: str, pair_names: list[str], seed: int = 0) -> TargetGrou
         group.variants[f"eft:{pair.source}"] = Variant(
             f"eft:{pair.source}", "pixels", [backbone, Part(finetuned, key), Part(copy.deepcopy(finetuned), key)])
     group.variants["head"] = Variant("head", "features", [Part(FoldedHead(head, artifact), f"{tag}-head")])
+    for precision in precisions:
+        if precision == "fp32":
+            continue
+        for name in ("backbone", "fused"):
+            (part,) = group.variants[name].parts
+            group.variants[f"{name}@{precision}"] = Variant(f"{name}@{precision}", "pixels", [
+                Part(part.module, f"{part.graph_key}@{precision}", precision)])
     return group
 
 
