@@ -11,8 +11,10 @@ current code, or a file whose sha256 differs from its record, is exported again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 import resource
 import time
@@ -30,7 +32,10 @@ from .variants import TargetGroup
 # Modules whose code shapes the exported graphs: a change to any of them re-exports.
 _GRAPH_SOURCES = ("deploy/fusion.py", "method/adapter.py", "deploy/onnx_export.py", "method/eft.py",
                   "benchmark/variants.py", "deploy/precisions/fp16.py", "deploy/precisions/int8.py")
-CALIBRATION_IMAGES = 32  # random pixels: the weights are random too, and speed does not depend on values
+# Calibration inputs per conversion, random pixels (the weights are random too; speed does not
+# depend on values): as many as the export passes by default, 1 for AutoCast's fp16 reference
+# run (its memory grows with each image: 32 images took ViT-B-16 to 22.5 GB), 32 for int8.
+CALIBRATION_IMAGES = {True: 32, False: 1}  # by Precision.needs_calibration
 
 
 def code_digest() -> str:
@@ -77,23 +82,33 @@ def export_graphs(group: TargetGroup, work_dir: Path, opset: int = DEFAULT_OPSET
         record = _cached(path, record_path, expected)
         if record is None:
             input_name = "pixel_values" if takes == "pixels" else "image_features"
-            start, peak_before = time.perf_counter(), _peak_rss_mib()
+            start, peak = time.perf_counter(), None
+            staging = path.with_name(f".{path.name}.partial")
             if part.precision == "fp32":
                 model = to_onnx(part.module, group.example(takes, 2), input_name, "logits", opset, key)
+                onnx.save(model, staging)
             else:
-                convert = resolve(precision(part.precision).converter)
-                model = convert(paths[part.base_key], {input_name: group.example(takes, CALIBRATION_IMAGES).numpy()})
-            staging = path.with_name(f".{path.name}.partial")
-            onnx.save(model, staging)
+                count = CALIBRATION_IMAGES[precision(part.precision).needs_calibration]
+                peak = _convert_in_child(part.precision, paths[part.base_key], staging,
+                                         {input_name: group.example(takes, count).numpy()})
+                model = onnx.load(staging)
             os.replace(staging, path)
             record = {**expected, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                       "macs_batch1": count_macs(model), "made_s": round(time.perf_counter() - start, 1),
-                      "peak_rss_mib_after": _peak_rss_mib(), "peak_rss_mib_before": peak_before}
+                      "conversion_peak_rss_mib": peak}
             write_json(record_path, record)
         paths[key], macs[key] = path, record["macs_batch1"]
     return paths, macs
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory so far (the conversion's peak when it rose)."""
+def _convert_in_child(name: str, source: Path, target: Path, calibration: dict) -> float:
+    """Convert in a fresh process: its peak resident memory is the conversion's alone (the
+    figure a user's machine must hold), and the benchmark's own process does not grow by it."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_convert, name, str(source), str(target), calibration).result()
+
+
+def _convert(name: str, source: str, target: str, calibration: dict) -> float:
+    onnx.save(resolve(precision(name).converter)(Path(source), calibration), target)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -120,6 +120,7 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
         remove_stale_staging(out, log)
         run = _Run(recipe, out, Steps(out, force, log), progress, log)
         outcome = ExportOutcome(out)
+        run.precisions = _export_precisions(run)  # a precision that cannot be made stops the run here
         _data(run)
         specs = model_specs(recipe)
         run.models, run.model_keys = _Models(specs), {tag: model_key(spec) for tag, spec in specs.items()}
@@ -130,11 +131,13 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
         _plus(run)
         if "test" in run.splits:
             outcome.accuracy = _evaluate(run)
-        run.precisions = _export_precisions(run)
         _onnx(run)
         outcome.export_dir = run.onnx_dir
-        failures = [failure for name in run.precisions if PRECISIONS[name].needs_calibration
-                    for failure in [_calibrated(run, name, outcome)] if failure is not None]
+        failures = []
+        for name in run.precisions:
+            if PRECISIONS[name].needs_calibration:
+                failure = _calibrated(run, name, outcome)
+                failures += [failure] if failure is not None else []
         engine_keys = _engines(run)
         outcome.validation, outcome.validation_skipped = _validate(run, engine_keys)
         outcome.steps = run.steps.done

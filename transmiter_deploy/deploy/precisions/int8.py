@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,10 +56,25 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
         logging.getLogger("modelopt").setLevel(logging.CRITICAL)
         # ONNX Runtime's entropy calibrator prints its histogram sizes to stdout, where the CLI
         # writes its results: keep them out
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _no_progress_bars():
             quantize(str(source), quantize_mode="int8", calibration_data=data.astype(np.float32),
                      calibration_method=CALIBRATION_METHOD, calibration_eps=["cpu"], high_precision_dtype="fp32",
                      nodes_to_exclude=list(fp32_nodes), output_path=str(output), log_level="ERROR")
         model = onnx.load(str(output))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """ModelOpt's calibration draws tqdm bars on stderr whatever the caller's --quiet says;
+    tqdm reads TQDM_DISABLE when a bar is made."""
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
