@@ -2,6 +2,7 @@
 gated on its labelled test images, refused cleanly when the calibration is broken or missing."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ from PIL import Image
 
 from transmiter_deploy.cli import main
 from transmiter_deploy.errors import IntegrityError
+from transmiter_deploy.pipeline.export import run_export
+from transmiter_deploy.pipeline.recipe import load_recipe
 from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
 from conftest import SMALL_DEMO_INT8, copy_export
@@ -151,3 +154,47 @@ def test_export_onnx_adds_int8_from_calibration_data_and_needs_it(int8_export, t
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.onnx", "head.onnx", "head.safetensors", "model_int8.onnx", "head_int8.onnx"}
     assert json.loads((tmp_path / "b" / "parity.json").read_text())["gates"]["int8"]["passed"]
+
+
+def test_without_test_images_the_gate_uses_held_out_training_images_and_says_so(demo_export, tmp_path):
+    recipe, outcome = demo_export
+    names = json.loads((outcome.export_dir / "manifest.json").read_text())["class_names"]
+    text = f"""\
+name: no-test-split
+source: {{name: TM-Demo-Source, demo_weights: TM-Demo-Source}}
+finetuned: {{name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-colours-tinted}}
+target: {{name: TM-Demo-Target, demo_weights: TM-Demo-Target}}
+data: {{train: {outcome.out_dir / "data" / "train"}, classes: {json.dumps(names)}}}
+head: {{logit_width: 64}}
+extraction: {{epochs: 2}}
+plus: {{enabled: false}}
+export: {{precisions: [fp32, int8], batch: {{min: 1, opt: 4, max: 8}}}}
+runtimes: [onnxruntime]
+"""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    result = run_export(load_recipe(path), tmp_path / "out", progress=False, log=lambda _: None)
+    (gate,) = result.gates
+    assert not gate["labelled"] and gate["accuracy"] == {} and len(gate["criteria"]) == 1
+    assert gate["images"].startswith("80 held-out training images (agreement only")
+    manifest = json.loads((result.export_dir / "manifest.json").read_text())
+    assert manifest["calibration"]["int8"]["images"] == 128  # drawn from the 240 images not held out
+    assert "held-out training images (agreement only" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_recipe_that_drops_int8_takes_its_graphs_out_of_the_export(int8_export, tmp_path):
+    out, _ = int8_export
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "onnx" / "manifest.json").read_text())["files"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(SMALL_DEMO_INT8.replace("precisions: [fp32, fp16, int8]", "precisions: [fp32, fp16]"))
+    outcome = run_export(load_recipe(path), copy, progress=False, log=lambda _: None)
+    manifest = json.loads((copy / "onnx" / "manifest.json").read_text())
+    assert set(before) - set(manifest["files"]) == {"model_int8.onnx", "head_int8.onnx"}
+    assert {name: manifest["files"][name]["sha256"] for name in manifest["files"]} == \
+        {name: before[name]["sha256"] for name in manifest["files"]}  # the rest untouched
+    assert not (copy / "onnx" / "model_int8.onnx").exists() and "int8" not in manifest.get("calibration", {})
+    assert outcome.gates == [] and all(row["graph"] != "model_int8.onnx" for row in outcome.validation)
+    parity = json.loads((copy / "onnx" / "parity.json").read_text())
+    assert not [name for name in parity["checks"] if "int8" in name] and "int8" not in parity.get("gates", {})

@@ -16,7 +16,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -111,4 +110,7 @@ def _convert_in_child(name: str, source: Path, target: Path, calibration: dict) 
 
 def _convert(name: str, source: str, target: str, calibration: dict) -> float:
     onnx.save(resolve(precision(name).converter)(Path(source), calibration), target)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # VmHWM, not getrusage: Linux carries ru_maxrss across fork and exec, so a spawned child
+    # would report its parent's peak whenever that was higher
+    status = Path("/proc/self/status").read_text().splitlines()
+    return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024, 1)

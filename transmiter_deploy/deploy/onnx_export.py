@@ -26,9 +26,10 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -380,6 +381,34 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+@dataclass
+class _Rewrite:
+    staging: Path
+    body: dict[str, Any]  # the manifest without its format tag, versions and date
+    parity: dict[str, Any]
+
+
+@contextmanager
+def _rewritten(export_dir: Path, target: Precision) -> Iterator[_Rewrite]:
+    """A new version of a verified export without ``target``'s files, checks, gate and
+    calibration record, replacing the old one atomically when the block ends without error."""
+    manifest = read_manifest(export_dir / MANIFEST, FORMAT, FORMAT_VERSION, "export manifest")
+    parity = read_json(export_dir / "parity.json", "parity report")
+    body = {key: value for key, value in manifest.items() if key not in ("format", "format_version", "versions", "created")}
+    body["files"] = {name: entry for name, entry in manifest["files"].items()
+                     if entry.get("precision") != target.manifest_name}
+    body.get("calibration", {}).pop(target.name, None)
+    parity["checks"] = {name: check for name, check in parity["checks"].items() if f"_{target.name}_vs_" not in name}
+    parity.get("gates", {}).pop(target.name, None)
+    with atomic_directory(export_dir, MANIFEST) as staging:
+        for name in [*body["files"], "parity.json"]:
+            _link_or_copy(export_dir / name, staging / name)
+        rewrite = _Rewrite(staging, body, parity)
+        yield rewrite
+        write_json(staging / "parity.json", rewrite.parity)
+        write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, rewrite.body)
+
+
 def add_precision(export_dir: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
                   references: References, calibration_record: dict, gate: GateImages | None = None,
                   log=print) -> dict | None:
@@ -387,15 +416,9 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
     checked against the PyTorch references, then gated on ``gate``'s images. Returns the gate's
     table; a failed check or gate raises (GateFailed carries the table) and leaves the export
     as it was."""
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir / MANIFEST, FORMAT, FORMAT_VERSION, "export manifest")
-    parity = read_json(export_dir / "parity.json", "parity report")
-    kept = {name: entry for name, entry in manifest["files"].items() if entry.get("precision") != target.manifest_name}
-    start = time.perf_counter()
-    with atomic_directory(export_dir, MANIFEST) as staging:
-        for name in [*kept, "parity.json"]:
-            _link_or_copy(export_dir / name, staging / name)
-        checks = _Checks(parity["checks"])
+    export_dir, start = Path(export_dir), time.perf_counter()
+    with _rewritten(export_dir, target) as rewrite:
+        staging, checks = rewrite.staging, _Checks(rewrite.parity["checks"])
         features = calibration["head"]["image_features"]
         head_reference = run_session(ort_session(staging / "head.onnx"), features)
         files = _convert(staging, target, calibration, references.pixels, references.outputs, features,
@@ -405,31 +428,42 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
             reference = run_session(ort_session(staging / "model.onnx"), gate.pixels)
             candidate = run_session(ort_session(staging / target.graph_name("model"), target.name), gate.pixels)
             record = accuracy_gate(reference, candidate, target, gate)
-        failed = [name for name in (f"onnx_{target.name}_vs_torch_fp32", f"head_{target.name}_vs_onnx_fp32")
-                  if checks[name]["required"] and not checks[name]["passed"]]
-        reasons = [f"checks failed: {', '.join(failed)}"] if failed else []
-        if record is not None:
-            record["checks_failed"] = failed
-            if not record["passed"]:
-                missed = "; ".join(c["criterion"] for c in record["criteria"] if not c["passed"])
-                reasons.insert(0, f"accuracy gate failed on {record['images']} ({missed})")
-            record["passed"] = record["passed"] and not failed
-        if reasons:
-            raise GateFailed(f"{target.name} {'; '.join(reasons)}; {export_dir} is unchanged",
-                             record or {"precision": target.name, "checks_failed": failed, "passed": False})
-        parity["checks"] = dict(checks)
-        parity.setdefault("gates", {})[target.name] = record
-        write_json(staging / "parity.json", parity)
-        body = {key: value for key, value in manifest.items()
-                if key not in ("format", "format_version", "versions", "created")}
-        body["files"] = {**kept, **{name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size,
-                                           "precision": target.manifest_name,
-                                           **_io_contract(onnx.load(staging / name, load_external_data=False))}
-                                    for name in files}}
-        body.setdefault("calibration", {})[target.name] = calibration_record
-        write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, body)
+        _raise_if_failed(target, checks, record, export_dir)
+        rewrite.parity["checks"] = dict(checks)
+        rewrite.parity.setdefault("gates", {})[target.name] = record
+        rewrite.body["files"].update({name: {
+            "sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size,
+            "precision": target.manifest_name, **_io_contract(onnx.load(staging / name, load_external_data=False))}
+            for name in files})
+        rewrite.body.setdefault("calibration", {})[target.name] = calibration_record
     log(f"added {', '.join(files)} to {export_dir} in {time.perf_counter() - start:.1f} s")
     return record
+
+
+def _raise_if_failed(target: Precision, checks: _Checks, record: dict | None, export_dir: Path) -> None:
+    failed = [name for name in (f"onnx_{target.name}_vs_torch_fp32", f"head_{target.name}_vs_onnx_fp32")
+              if checks[name]["required"] and not checks[name]["passed"]]
+    reasons = [f"checks failed: {', '.join(failed)}"] if failed else []
+    if record is not None:
+        record["checks_failed"] = failed
+        if not record["passed"]:
+            missed = "; ".join(c["criterion"] for c in record["criteria"] if not c["passed"])
+            reasons.insert(0, f"accuracy gate failed on {record['images']} ({missed})")
+        record["passed"] = record["passed"] and not failed
+    if reasons:
+        raise GateFailed(f"{target.name} {'; '.join(reasons)}; {export_dir} is unchanged",
+                         record or {"precision": target.name, "checks_failed": failed, "passed": False})
+
+
+def remove_precision(export_dir: Path, target: Precision) -> bool:
+    """Take ``target``'s graphs out of an export (a recipe that no longer asks for them);
+    returns whether there were any."""
+    manifest = read_manifest(Path(export_dir) / MANIFEST, FORMAT, FORMAT_VERSION, "export manifest")
+    if not any(entry.get("precision") == target.manifest_name for entry in manifest["files"].values()):
+        return False
+    with _rewritten(Path(export_dir), target):
+        pass
+    return True
 
 
 def format_report(report: ExportReport) -> str:

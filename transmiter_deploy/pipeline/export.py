@@ -133,6 +133,7 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
             outcome.accuracy = _evaluate(run)
         _onnx(run)
         outcome.export_dir = run.onnx_dir
+        _drop_unasked(run)
         failures = []
         for name in run.precisions:
             if PRECISIONS[name].needs_calibration:
@@ -371,12 +372,33 @@ def _held_out_count(run: _Run) -> int:
     return min(128, len(open_dataset(run.splits["train"])) // 4)
 
 
+def _drop_unasked(run: _Run) -> None:
+    """Calibrated graphs an earlier run added that this recipe no longer asks for leave the export."""
+    from ..deploy.onnx_export import remove_precision
+
+    for name, entry in PRECISIONS.items():
+        if entry.needs_calibration and name not in run.precisions and remove_precision(run.onnx_dir, entry):
+            run.log(f"removed the {name} graphs from {run.onnx_dir} (the recipe no longer asks for {name})")
+            for path in (run.out / "gates" / f"{name}.json", run.steps.records_dir / f"onnx-{name}.json"):
+                path.unlink(missing_ok=True)
+
+
+def _references(run: _Run):
+    """What the onnx step's PyTorch run computed on the parity images (pixels, outputs)."""
+    from ..deploy.onnx_export import References
+
+    record = read_json(run.out / REFERENCES / "references.json", "parity references")
+    tensors = load_tensors(run.out / REFERENCES / "parity.safetensors", record.get("parity.safetensors"),
+                           "parity references")
+    return References(tensors["pixels"].numpy(), tensors["outputs"].numpy())
+
+
 def _calibrated(run: _Run, name: str, outcome: ExportOutcome):
     """A calibrated precision (int8) added to the export behind its accuracy gate; returns the
     gate's failure (reported, then raised by run_export) or None."""
     from ..deploy.calibration import sample_calibration
     from ..deploy.gate import GateFailed
-    from ..deploy.onnx_export import References, add_precision, calibration_inputs
+    from ..deploy.onnx_export import add_precision, calibration_inputs
 
     target, settings = PRECISIONS[name], run.recipe.export.calibration
     source = settings.data or run.splits["train"]
@@ -388,13 +410,9 @@ def _calibrated(run: _Run, name: str, outcome: ExportOutcome):
         model = run.models["target"]
         calibration = sample_calibration(model, source, settings.images, settings.minimum, settings.seed,
                                          exclude=held if settings.data is None else 0)
-        record = read_json(run.out / REFERENCES / "references.json", "parity references")
-        tensors = load_tensors(run.out / REFERENCES / "parity.safetensors", record.get("parity.safetensors"),
-                               "parity references")
-        references = References(tensors["pixels"].numpy(), tensors["outputs"].numpy())
         try:
-            result = add_precision(run.onnx_dir, target, calibration_inputs(model, calibration.pixels), references,
-                                   calibration.record, gate, run.log)
+            result = add_precision(run.onnx_dir, target, calibration_inputs(model, calibration.pixels),
+                                   _references(run), calibration.record, gate, run.log)
         except GateFailed as exc:
             write_json(gate_file, exc.record)
             raise
@@ -487,10 +505,8 @@ def _validate(run: _Run, engine_keys: list[str]) -> tuple[list[dict], list[str]]
     from ..runtimes.onnxruntime import available_providers
 
     def validate() -> None:
-        record = read_json(run.out / REFERENCES / "references.json", "parity references")
-        tensors = load_tensors(run.out / REFERENCES / "parity.safetensors", record.get("parity.safetensors"),
-                               "parity references")
-        pixels, expected = tensors["pixels"].numpy(), tensors["outputs"].numpy()
+        references = _references(run)
+        pixels, expected = references.pixels, references.outputs
         candidates, skipped = _candidates(run, (None, *pixels.shape[1:]))
         rows = []
         for candidate in candidates:

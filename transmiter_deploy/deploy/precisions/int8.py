@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,8 +34,9 @@ CALIBRATION_METHOD = "entropy"
 
 
 def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
-            fp32_nodes: tuple[str, ...] = FP32_NODES) -> onnx.ModelProto:
-    """The Q/DQ graph of ``fp32_path``, calibrated on ``calibration`` (the graph's one input)."""
+            fp32_nodes: tuple[str, ...] = FP32_NODES, per_node: bool = False) -> onnx.ModelProto:
+    """The Q/DQ graph of ``fp32_path``, calibrated on ``calibration`` (the graph's one input).
+    ``per_node``: ModelOpt calibrates one node at a time (``calibrate_per_node``), for less memory."""
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
@@ -55,26 +55,15 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
         # ERROR line on CPU-only machines, harmless): keep its warnings only.
         logging.getLogger("modelopt").setLevel(logging.CRITICAL)
         # ONNX Runtime's entropy calibrator prints its histogram sizes to stdout, where the CLI
-        # writes its results: keep them out
-        with contextlib.redirect_stdout(io.StringIO()), _no_progress_bars():
+        # writes its results, and ModelOpt's calibration draws tqdm bars on stderr whatever the
+        # caller's --quiet says: both kept out (logging handlers keep their own streams, so
+        # ModelOpt's warnings still show)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             quantize(str(source), quantize_mode="int8", calibration_data=data.astype(np.float32),
                      calibration_method=CALIBRATION_METHOD, calibration_eps=["cpu"], high_precision_dtype="fp32",
-                     nodes_to_exclude=list(fp32_nodes), output_path=str(output), log_level="ERROR")
+                     nodes_to_exclude=list(fp32_nodes), output_path=str(output), log_level="ERROR",
+                     calibrate_per_node=per_node)
         model = onnx.load(str(output))
     onnx.checker.check_model(model, full_check=True)
     return model
 
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """ModelOpt's calibration draws tqdm bars on stderr whatever the caller's --quiet says;
-    tqdm reads TQDM_DISABLE when a bar is made."""
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
