@@ -51,8 +51,8 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
         # it gets a copy: an artifact is never written by anyone but its own export.
         source, output = Path(work) / "model.onnx", Path(work) / "model_int8.onnx"
         shutil.copyfile(fp32_path, source)
-        # ModelOpt logs at INFO through the root logger's handlers and asks NVML for GPUs (an
-        # ERROR line on CPU-only machines, harmless): keep its warnings only.
+        # ModelOpt logs at INFO, and at ERROR when NVML is absent (every CPU-only machine:
+        # "Failed to get GPU count", harmless). Its failures raise, so its log is silenced.
         logging.getLogger("modelopt").setLevel(logging.CRITICAL)
         # ONNX Runtime's entropy calibrator prints its histogram sizes to stdout, where the CLI
         # writes its results, and ModelOpt's calibration draws tqdm bars on stderr whatever the
@@ -61,7 +61,7 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             quantize(str(source), quantize_mode="int8", calibration_data=data.astype(np.float32),
                      calibration_method=CALIBRATION_METHOD, calibration_eps=["cpu"], high_precision_dtype="fp32",
-                     nodes_to_exclude=list(fp32_nodes), output_path=str(output), log_level="ERROR",
+                     nodes_to_exclude=list(fp32_nodes), output_path=str(output), log_level="CRITICAL",
                      calibrate_per_node=per_node)
         model = onnx.load(str(output))
     onnx.checker.check_model(model, full_check=True)
