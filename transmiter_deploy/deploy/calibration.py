@@ -22,6 +22,7 @@ from ..features.models import LoadedModel
 
 DEFAULT_IMAGES = 128
 DEFAULT_MINIMUM = 32
+HELD_OUT_MAX = 128  # gate images held out of the training images: a quarter of them, at most this many
 
 
 @dataclass
@@ -29,9 +30,15 @@ class Calibration:
     pixels: torch.Tensor  # (N, 3, H, W), preprocessed
     record: dict  # images, seed, source, fingerprint: what the manifest records
 
-    @property
-    def count(self) -> int:
-        return int(self.pixels.shape[0])
+
+def _seeded_order(count: int, seed: int) -> np.ndarray:
+    """The one order both the calibration sample and the held-out images are cut from."""
+    return np.random.default_rng(seed).permutation(count)
+
+
+def preprocess_records(model: LoadedModel, records: list) -> torch.Tensor:
+    """The dataset records' images, decoded and preprocessed as at inference, as one batch."""
+    return torch.stack([model.preprocess(decode_image(record.path)[0]) for record in records])
 
 
 def sample_calibration(model: LoadedModel, images: Path, count: int = DEFAULT_IMAGES,
@@ -45,7 +52,7 @@ def sample_calibration(model: LoadedModel, images: Path, count: int = DEFAULT_IM
         raise InputError(f"calibration: {count} images asked for, the minimum is {minimum}")
     if available < minimum:
         raise InputError(f"calibration: {images} has {available} usable images, fewer than the minimum {minimum}")
-    order = np.random.default_rng(seed).permutation(len(dataset))
+    order = _seeded_order(len(dataset), seed)
     chosen = [dataset.records[i] for i in sorted(order[: min(count, available)])]
     digest = hashlib.sha256(json.dumps(model.preprocess_config, sort_keys=True).encode())
     pictures = []
@@ -61,10 +68,11 @@ def sample_calibration(model: LoadedModel, images: Path, count: int = DEFAULT_IM
                                 "fingerprint": digest.hexdigest()})
 
 
-def held_out(model: LoadedModel, images: Path, count: int, seed: int = 0) -> torch.Tensor:
-    """The last ``count`` images of the seeded order :func:`sample_calibration` never draws from
-    when given ``exclude=count``: gate images for recipes without a test split."""
+def held_out(model: LoadedModel, images: Path, seed: int = 0) -> torch.Tensor:
+    """Gate images for recipes without a test split: the last quarter (at most
+    :data:`HELD_OUT_MAX`) of the seeded order, which :func:`sample_calibration` never draws from
+    when given ``exclude`` = their number."""
     dataset = open_dataset(Path(images))
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    chosen = [dataset.records[i] for i in sorted(order[len(dataset) - count:])]
-    return torch.stack([model.preprocess(decode_image(record.path)[0]) for record in chosen])
+    count = min(HELD_OUT_MAX, len(dataset) // 4)
+    order = _seeded_order(len(dataset), seed)
+    return preprocess_records(model, [dataset.records[i] for i in sorted(order[len(dataset) - count:])])

@@ -79,7 +79,7 @@ class ExportSettings:
     def reduced(self) -> list[Precision]:
         """Converted with the fp32 graphs, in one directory."""
         return [PRECISIONS[name] for name in self.precisions
-                if name != REFERENCE_PRECISION and not PRECISIONS[name].needs_calibration]
+                if not PRECISIONS[name].reference and not PRECISIONS[name].needs_calibration]
 
     def calibrated(self) -> list[Precision]:
         """Added to the verified export afterwards (:func:`add_precision`), each behind its gate."""
@@ -147,6 +147,11 @@ def _io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
         ]
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _file_entry(path: Path, kind: Precision, contract: dict[str, Any]) -> dict[str, Any]:
+    """A file's entry in the export manifest: hash, size, precision (what runners read), contract."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size, "precision": kind.manifest_name, **contract}
 
 
 def parity_pixels(model: LoadedModel, images: Path | None, count: int = 16, seed: int = 0) -> torch.Tensor:
@@ -282,9 +287,7 @@ def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, he
                            "outputs": [{"name": "logits", "dtype": "float32",
                                         "shape": ["batch", len(artifact.class_names)]}]}
     write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, {
-        "files": {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size,
-                         "precision": PRECISIONS[kind].manifest_name, **contract[name]}
-                  for name, kind in files.items()},
+        "files": {name: _file_entry(staging / name, PRECISIONS[kind], contract[name]) for name, kind in files.items()},
         "output": output,
         "class_names": artifact.class_names,
         "preprocess": model.preprocess_config,
@@ -431,10 +434,8 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
         _raise_if_failed(target, checks, record, export_dir)
         rewrite.parity["checks"] = dict(checks)
         rewrite.parity.setdefault("gates", {})[target.name] = record
-        rewrite.body["files"].update({name: {
-            "sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size,
-            "precision": target.manifest_name, **_io_contract(onnx.load(staging / name, load_external_data=False))}
-            for name in files})
+        rewrite.body["files"].update({name: _file_entry(staging / name, target, _io_contract(
+            onnx.load(staging / name, load_external_data=False))) for name in files})
         rewrite.body.setdefault("calibration", {})[target.name] = calibration_record
     log(f"added {', '.join(files)} to {export_dir} in {time.perf_counter() - start:.1f} s")
     return record

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..artifacts import atomic_directory, load_tensors, read_json, save_tensors, sha256_file, write_json
@@ -349,27 +350,21 @@ def _onnx(run: _Run) -> None:
 
 
 def _gate_images(run: _Run):
-    """The recipe's labelled test images, or else held-out training images (agreement only)."""
-    from ..deploy.calibration import held_out
+    """The recipe's labelled test images, or else held-out training images (agreement only);
+    and how many training images were held out."""
+    from ..deploy.calibration import held_out, preprocess_records
     from ..deploy.gate import GateImages
-    from ..features.datasets import decode_image, open_dataset
+    from ..features.datasets import open_dataset
 
     model = run.models["target"]
     if "test" in run.splits:
-        dataset = open_dataset(run.splits["test"], run.classes)
-        pixels = torch.stack([model.preprocess(decode_image(record.path)[0]) for record in dataset.records])
-        labels = torch.tensor([record.label for record in dataset.records]).numpy()
-        return GateImages(pixels.numpy(), labels, run.recipe.data.base_classes, "test images"), 0
-    count = _held_out_count(run)
-    pixels = held_out(model, run.splits["train"], count, run.recipe.export.calibration.seed)
-    return GateImages(pixels.numpy(), None, description=f"{count} held-out training images (agreement only: "
-                                                        "the recipe has no test images)"), count
-
-
-def _held_out_count(run: _Run) -> int:
-    from ..features.datasets import open_dataset
-
-    return min(128, len(open_dataset(run.splits["train"])) // 4)
+        records = open_dataset(run.splits["test"], run.classes).records
+        labels = np.array([record.label for record in records])
+        return GateImages(preprocess_records(model, records).numpy(), labels, run.recipe.data.base_classes,
+                          "test images"), 0
+    pixels = held_out(model, run.splits["train"], run.recipe.export.calibration.seed)
+    return GateImages(pixels.numpy(), None, description=f"{len(pixels)} held-out training images (agreement "
+                                                        "only: the recipe has no test images)"), len(pixels)
 
 
 def _drop_unasked(run: _Run) -> None:
@@ -379,8 +374,8 @@ def _drop_unasked(run: _Run) -> None:
     for name, entry in PRECISIONS.items():
         if entry.needs_calibration and name not in run.precisions and remove_precision(run.onnx_dir, entry):
             run.log(f"removed the {name} graphs from {run.onnx_dir} (the recipe no longer asks for {name})")
-            for path in (run.out / "gates" / f"{name}.json", run.steps.records_dir / f"onnx-{name}.json"):
-                path.unlink(missing_ok=True)
+            (run.out / "gates" / f"{name}.json").unlink(missing_ok=True)
+            run.steps.forget(f"onnx-{name}")
 
 
 def _references(run: _Run):

@@ -65,6 +65,10 @@ class Steps:
         self.done.append(StepRecord(name, "ran", seconds))
         return key
 
+    def forget(self, name: str) -> None:
+        """Drop a step's record, so that its next run is not skipped (its outputs are gone)."""
+        (self.records_dir / f"{name}.json").unlink(missing_ok=True)
+
     def failed(self, name: str, reason: str) -> None:
         """A step that ran and failed its checks; nothing it would have written was kept."""
         self.done.append(StepRecord(name, "failed", 0.0, reason))
