@@ -418,22 +418,24 @@ def export(recipe_path, out, force, check):
     """Run a recipe end to end: caches, adapter (extract, transfer, TransMiter+), fused ONNX
     (fp32, fp16), parity, TensorRT engines where possible, and report.md / report.json.
 
-    Re-running skips every step whose inputs are unchanged. See docs/recipes.md.
+    Re-running skips every step whose inputs are unchanged. See docs/recipes.md; a recipe
+    with a tasks: list exports a task bank, one backbone and a head per task (docs/bank.md).
 
     \b
     Example:
       transmiter export export/recipes/demo.yaml
     """
+    from .pipeline.bank_export import run_bank_export
     from .pipeline.export import run_export
     from .pipeline.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     if check:
-        click.echo(f"recipe {recipe_path} is valid")
+        click.echo(f"recipe {recipe_path} is valid" + (f" (a bank of {len(recipe.tasks)} tasks)" if recipe.bank else ""))
         return
     out = out or Path("export") / "out" / recipe.name
-    outcome = run_export(recipe, out, force=force, progress=_progress(),
-                         log=lambda line: click.echo(line, err=True))
+    outcome = (run_bank_export if recipe.bank else run_export)(recipe, out, force=force, progress=_progress(),
+                                                               log=lambda line: click.echo(line, err=True))
     for step in outcome.steps:
         if step.status == "unavailable":
             click.echo(f"skipped {step.name}: {step.detail}", err=True)

@@ -135,7 +135,7 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
     return model
 
 
-def _io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
+def io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
     def describe(values):
         return [
             {
@@ -149,7 +149,7 @@ def _io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def _file_entry(path: Path, kind: Precision, contract: dict[str, Any]) -> dict[str, Any]:
+def file_entry(path: Path, kind: Precision, contract: dict[str, Any]) -> dict[str, Any]:
     """A file's entry in the export manifest: hash, size, precision (what runners read), contract."""
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size, "precision": kind.manifest_name, **contract}
 
@@ -215,14 +215,14 @@ def _modules(model: LoadedModel, head: ZeroShotHead, artifact: AdapterArtifact, 
                     unfolded_logits.numpy())
 
 
-class _Checks(dict):
+class Checks(dict):
     """The parity table: name -> comparison, verdict, whether it gates the export, criterion."""
 
     def add(self, name: str, result: dict, passed: bool, required: bool, criterion: str) -> None:
         self[name] = {**result, "passed": bool(passed), "required": required, "criterion": criterion}
 
 
-def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: _Checks) -> None:
+def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: Checks) -> None:
     """ONNX Runtime (two batch sizes) and the head file's own reading against PyTorch."""
     atol = FP32_LOGIT_ATOL
     session = ort_session(staging / "model.onnx")
@@ -244,21 +244,30 @@ def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: _
     checks.add("head_safetensors_vs_torch", result, result["max_abs"] <= atol, True, f"max_abs <= {atol}")
 
 
+def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[str, np.ndarray]) -> str:
+    """``directory/<stem>.onnx`` converted to ``target`` by its registry converter (the
+    statistic nodes kept fp32), saved beside it; returns the new file's name."""
+    convert: Callable = resolve(target.converter)
+    converted = convert(directory / f"{stem}.onnx", inputs, FP32_NODES)
+    if target.qdq:
+        check_qdq_scales(converted, f"{target.graph_name(stem)} as converted")
+    onnx.save(converted, directory / target.graph_name(stem))
+    return target.graph_name(stem)
+
+
+def tolerance_criterion(target: Precision) -> str:
+    """``target``'s registry tolerance against fp32, as the parity table states it."""
+    return f"finite, top-1 agreement >= {target.top1:.1%}" + (
+        f", max_abs <= {target.max_abs}" if target.max_abs is not None else "") + " (ONNX Runtime CPU)"
+
+
 def _convert(staging: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
              pixels: np.ndarray, model_reference: np.ndarray, features: np.ndarray, head_reference: np.ndarray,
-             checks: _Checks, head_reference_name: str = "torch") -> list[str]:
+             checks: Checks, head_reference_name: str = "torch") -> list[str]:
     """``target``'s model and head graphs from the fp32 ones in ``staging``, each checked against
     its fp32 reference outputs (``calibration``: per graph stem, the converter's input arrays)."""
-    convert: Callable = resolve(target.converter)
-    files = []
-    for stem in GRAPHS:
-        converted = convert(staging / f"{stem}.onnx", calibration[stem], FP32_NODES)
-        if target.qdq:
-            check_qdq_scales(converted, f"{target.graph_name(stem)} as converted")
-        onnx.save(converted, staging / target.graph_name(stem))
-        files.append(target.graph_name(stem))
-    criterion = f"finite, top-1 agreement >= {target.top1:.1%}" + (
-        f", max_abs <= {target.max_abs}" if target.max_abs is not None else "") + " (ONNX Runtime CPU)"
+    files = [convert_graph(staging, stem, target, calibration[stem]) for stem in GRAPHS]
+    criterion = tolerance_criterion(target)
     result = compare_outputs(model_reference, run_session(ort_session(staging / target.graph_name("model"),
                                                                       target.name), pixels))
     checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
@@ -279,7 +288,7 @@ def _macs(model_onnx: onnx.ModelProto, head_onnx: onnx.ModelProto, unfolded_onnx
 def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, head: ZeroShotHead,
                     artifact: AdapterArtifact, parts: _Modules, settings: ExportSettings, output: str) -> None:
     """``files``: name -> precision name, in writing order."""
-    contract = {name: _io_contract(onnx.load(staging / name, load_external_data=False))
+    contract = {name: io_contract(onnx.load(staging / name, load_external_data=False))
                 for name in files if name.endswith(".onnx")}
     contract[HEAD_FILE] = {"tensor_format": HEAD_FORMAT, "tensor_format_version": HEAD_FORMAT_VERSION,
                            "input": "image features [batch, feature_dim], raw or L2-normalised "
@@ -287,7 +296,7 @@ def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, he
                            "outputs": [{"name": "logits", "dtype": "float32",
                                         "shape": ["batch", len(artifact.class_names)]}]}
     write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, {
-        "files": {name: _file_entry(staging / name, PRECISIONS[kind], contract[name]) for name, kind in files.items()},
+        "files": {name: file_entry(staging / name, PRECISIONS[kind], contract[name]) for name, kind in files.items()},
         "output": output,
         "class_names": artifact.class_names,
         "preprocess": model.preprocess_config,
@@ -341,7 +350,7 @@ def export_deployment(
 
         start = time.perf_counter()
         write_head_safetensors(parts.folded, staging / HEAD_FILE)
-        checks = _Checks()
+        checks = Checks()
         _verify_fp32(staging, parts, pixels, checks)
         files = {"model.onnx": REFERENCE_PRECISION, "head.onnx": REFERENCE_PRECISION}
         converter_inputs = {"model": {"pixel_values": pixels[: settings.calibration_images].numpy()},
@@ -376,7 +385,7 @@ def calibration_inputs(model: LoadedModel, pixels: torch.Tensor) -> dict[str, di
     return {"model": {"pixel_values": pixels.numpy()}, "head": {"image_features": features.numpy()}}
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     """Artifacts are never modified in place, so the new directory may share their inodes."""
     try:
         os.link(source, target)
@@ -405,7 +414,7 @@ def _rewritten(export_dir: Path, target: Precision) -> Iterator[_Rewrite]:
     parity.get("gates", {}).pop(target.name, None)
     with atomic_directory(export_dir, MANIFEST) as staging:
         for name in [*body["files"], "parity.json"]:
-            _link_or_copy(export_dir / name, staging / name)
+            link_or_copy(export_dir / name, staging / name)
         rewrite = _Rewrite(staging, body, parity)
         yield rewrite
         write_json(staging / "parity.json", rewrite.parity)
@@ -421,7 +430,7 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
     as it was."""
     export_dir, start = Path(export_dir), time.perf_counter()
     with _rewritten(export_dir, target) as rewrite:
-        staging, checks = rewrite.staging, _Checks(rewrite.parity["checks"])
+        staging, checks = rewrite.staging, Checks(rewrite.parity["checks"])
         features = calibration["head"]["image_features"]
         head_reference = run_session(ort_session(staging / "head.onnx"), features)
         files = _convert(staging, target, calibration, references.pixels, references.outputs, features,
@@ -434,14 +443,14 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
         _raise_if_failed(target, checks, record, export_dir)
         rewrite.parity["checks"] = dict(checks)
         rewrite.parity.setdefault("gates", {})[target.name] = record
-        rewrite.body["files"].update({name: _file_entry(staging / name, target, _io_contract(
+        rewrite.body["files"].update({name: file_entry(staging / name, target, io_contract(
             onnx.load(staging / name, load_external_data=False))) for name in files})
         rewrite.body.setdefault("calibration", {})[target.name] = calibration_record
     log(f"added {', '.join(files)} to {export_dir} in {time.perf_counter() - start:.1f} s")
     return record
 
 
-def _raise_if_failed(target: Precision, checks: _Checks, record: dict | None, export_dir: Path) -> None:
+def _raise_if_failed(target: Precision, checks: Checks, record: dict | None, export_dir: Path) -> None:
     failed = [name for name in (f"onnx_{target.name}_vs_torch_fp32", f"head_{target.name}_vs_onnx_fp32")
               if checks[name]["required"] and not checks[name]["passed"]]
     reasons = [f"checks failed: {', '.join(failed)}"] if failed else []

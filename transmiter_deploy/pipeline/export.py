@@ -18,23 +18,25 @@ import numpy as np
 import torch
 
 from ..artifacts import atomic_directory, load_tensors, read_json, save_tensors, sha256_file, write_json
-from ..errors import DependencyError
+from ..errors import DependencyError, InputError
 from ..runtimes.registry import PRECISIONS, RUNTIMES, reference_runtime
-from .recipe import ModelRef, Recipe
+from .recipe import ModelRef, Recipe, TaskRecipe
 from .report import ExportOutcome, write_report
-from .steps import Steps, exclusive, remove_stale_staging, tree_sha256
+from .steps import Steps, exclusive, remove_stale_staging, step_key, tree_sha256
 
 _exclusive = exclusive  # the name tests and earlier callers import
 
 REFERENCES = "references"  # the onnx step's PyTorch outputs on the parity images, read by validate
 
 
-def model_specs(recipe: Recipe) -> dict[str, Any]:
-    """The ModelSpec of source, teacher and target; the shipped demo weights are verified once."""
+def model_specs(recipe: Recipe, task: TaskRecipe | None = None) -> dict[str, Any]:
+    """The ModelSpec of source, teacher (``task``'s, by default the first task's) and target;
+    the shipped demo weights are verified once."""
     from ..demo.weights import demo_model_spec, shipped_weights_dir, verify_weights
     from ..features.models import ModelSpec
 
-    refs: dict[str, ModelRef] = {"source": recipe.source, "teacher": recipe.finetuned, "target": recipe.target}
+    task = task or recipe.tasks[0]
+    refs: dict[str, ModelRef] = {"source": recipe.source, "teacher": task.finetuned, "target": recipe.target}
     if any(ref.demo_weights is not None for ref in refs.values()):
         verify_weights(shipped_weights_dir())
     return {tag: demo_model_spec(shipped_weights_dir(), ref.demo_weights) if ref.demo_weights is not None
@@ -50,18 +52,23 @@ def model_key(spec) -> dict[str, Any]:
 
 
 class _Models:
-    """Loads each model on first use only: a fully incremental re-run loads none."""
+    """Loads each model on first use only: a fully incremental re-run loads none. The tasks of
+    a bank share one instance of each model (``loaded`` is keyed by the weights, not the tag)."""
 
-    def __init__(self, specs: dict[str, Any]) -> None:
+    def __init__(self, specs: dict[str, Any], loaded: dict[str, Any] | None = None) -> None:
         self.specs = specs
-        self.loaded: dict[str, Any] = {}
+        self.loaded: dict[str, Any] = {} if loaded is None else loaded
 
     def __getitem__(self, tag: str):
         from ..features.models import load_model
 
-        if tag not in self.loaded:
-            self.loaded[tag] = load_model(self.specs[tag])
-        return self.loaded[tag]
+        key = step_key(model_key(self.specs[tag]))
+        if key not in self.loaded:
+            self.loaded[key] = load_model(self.specs[tag])
+        return self.loaded[key]
+
+    def for_specs(self, specs: dict[str, Any]) -> "_Models":
+        return _Models(specs, self.loaded)
 
 
 @dataclass
@@ -73,6 +80,8 @@ class _Run:
     steps: Steps
     progress: bool
     log: Callable[[str], None]
+    task: TaskRecipe | None = None  # whose data and settings the per-task steps use (default: the only one)
+    root: Path | None = None  # where the per-task outputs go (default: out)
     splits: dict[str, Path] = field(default_factory=dict)
     split_keys: dict[str, str] = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)
@@ -86,9 +95,13 @@ class _Run:
     final_stage: str = "transferred"
     precisions: tuple[str, ...] = ()  # the recipe's, less those skipped here
 
+    def __post_init__(self) -> None:
+        self.task = self.task or self.recipe.tasks[0]
+        self.root = self.root or self.out
+
     @property
     def adapters(self) -> Path:
-        return self.out / "adapters"
+        return self.root / "adapters"
 
     @property
     def onnx_dir(self) -> Path:
@@ -97,12 +110,12 @@ class _Run:
     def cache(self, tag: str, split: str):
         from ..features.cache import load_cache
 
-        return load_cache(self.out / "caches" / f"{tag}-{split}")
+        return load_cache(self.root / "caches" / f"{tag}-{split}")
 
     def head(self, tag: str):
         from ..features.heads import load_head
 
-        return load_head(self.out / "heads" / tag)
+        return load_head(self.root / "heads" / tag)
 
     def adapter(self, stage: str):
         from ..features.adapter_artifact import load_adapter
@@ -151,7 +164,7 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
 
 def _data(run: _Run) -> None:
     """Split locations and their content keys, the class names, the demo templates and vocabulary."""
-    data = run.recipe.data
+    data = run.task.data
     if data.demo_task is None:
         classes = list(data.classes) if data.classes is not None else [
             line.strip() for line in data.classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -165,8 +178,8 @@ def _data(run: _Run) -> None:
     from ..demo.tasks import auxiliary_phrases, get_task, write_split
 
     task = get_task(data.demo_task)
-    root = run.out / "data"
-    sizes = {"train": data.train_per_class, "fewshot": run.recipe.plus.shots, "test": data.test_per_class}
+    root = run.root / "data"
+    sizes = {"train": data.train_per_class, "fewshot": run.task.plus.shots, "test": data.test_per_class}
     renderer = {name: sha256_file(Path(module.__file__)) for name, module in
                 (("world", demo_world), ("tasks", demo_tasks))}
 
@@ -187,12 +200,12 @@ def _caches(run: _Run) -> None:
     from ..features.datasets import open_dataset
 
     needed = [("source", "train"), ("teacher", "train"), ("target", "train")]
-    if run.recipe.plus.enabled:
+    if run.task.plus.enabled:
         needed.append(("target", "fewshot"))
     if "test" in run.splits:
         needed += [("source", "test"), ("teacher", "test"), ("target", "test")]
     for tag, split in needed:
-        where = run.out / "caches" / f"{tag}-{split}"
+        where = run.root / "caches" / f"{tag}-{split}"
         run.cache_keys[tag, split] = run.steps.run(
             f"cache-{tag}-{split}", {"model": run.model_keys[tag], "data": run.split_keys[split], "classes": run.classes},
             [where / "cache.json"],
@@ -206,7 +219,7 @@ def _heads(run: _Run) -> None:
     from ..features.templates import resolve_templates
     from ..features.vocabulary import select_auxiliary
 
-    head_recipe = run.recipe.head
+    head_recipe = run.task.head
     templates = resolve_templates(head_recipe.templates) if head_recipe.templates is not None else (
         run.task_templates or resolve_templates("simple"))
     if head_recipe.auxiliary_vocabulary is not None:
@@ -216,7 +229,7 @@ def _heads(run: _Run) -> None:
         vocabulary = run.demo_vocabulary
     auxiliary = select_auxiliary(run.classes, head_recipe.logit_width, head_recipe.seed, vocabulary=vocabulary)
     for tag in ("source", "teacher", "target"):
-        where = run.out / "heads" / tag
+        where = run.root / "heads" / tag
         names = [] if tag == "teacher" else auxiliary
         run.head_keys[tag] = run.steps.run(
             f"head-{tag}", {"model": run.model_keys[tag], "classes": run.classes, "auxiliary": names,
@@ -230,7 +243,7 @@ def _extract(run: _Run) -> None:
     from ..features.adapter_artifact import save_adapter
     from .phases import extract_adapter
 
-    recipe = run.recipe
+    recipe = run.task
     run.keys["extract"] = run.steps.run(
         "extract", {"caches": [run.cache_keys["source", "train"], run.cache_keys["teacher", "train"]],
                     "heads": [run.head_keys["source"], run.head_keys["teacher"]], "adapter": asdict(recipe.adapter),
@@ -246,7 +259,7 @@ def _transfer(run: _Run) -> None:
     from ..features.adapter_artifact import save_adapter
     from .phases import transfer_adapter
 
-    transfer = run.recipe.transfer
+    transfer = run.task.transfer
     run.keys["transfer"] = run.keys["final"] = run.steps.run(
         "transfer", {"extract": run.keys["extract"],
                      "caches": [run.cache_keys["source", "train"], run.cache_keys["target", "train"]],
@@ -259,15 +272,15 @@ def _transfer(run: _Run) -> None:
 
 def _plus(run: _Run) -> None:
     """TransMiter+ on the few labelled shots; when it runs, its adapter is the one exported."""
-    if not run.recipe.plus.enabled:
+    if not run.task.plus.enabled:
         return
     from ..features.adapter_artifact import save_adapter
     from ..method.plus import PlusSettings
     from .phases import plus_adapter
 
-    plus = run.recipe.plus
+    plus = run.task.plus
     settings = PlusSettings(epochs=plus.epochs, batch_size=plus.batch_size, lr=plus.lr,
-                            keep_orthogonal=plus.keep_orthogonal, seed=run.recipe.extraction.seed)
+                            keep_orthogonal=plus.keep_orthogonal, seed=run.task.extraction.seed)
     run.final_stage = "plus"
     run.keys["final"] = run.steps.run(
         "plus", {"transfer": run.keys["transfer"], "cache": run.cache_keys["target", "fewshot"],
@@ -283,7 +296,7 @@ def _evaluate(run: _Run) -> list[dict]:
     from ..features.cache import zero_shot_logits
     from ..method.evaluation import base_to_novel
 
-    recipe, out = run.recipe, run.out
+    recipe, out = run.task, run.root
 
     def evaluate() -> None:
         test_labels = run.cache("target", "test").labels
@@ -360,7 +373,7 @@ def _gate_images(run: _Run):
     if "test" in run.splits:
         records = open_dataset(run.splits["test"], run.classes).records
         labels = np.array([record.label for record in records])
-        return GateImages(preprocess_records(model, records).numpy(), labels, run.recipe.data.base_classes,
+        return GateImages(preprocess_records(model, records).numpy(), labels, run.task.data.base_classes,
                           "test images"), 0
     pixels = held_out(model, run.splits["train"], run.recipe.export.calibration.seed)
     return GateImages(pixels.numpy(), None, description=f"{len(pixels)} held-out training images (agreement "
@@ -415,7 +428,7 @@ def _calibrated(run: _Run, name: str, outcome: ExportOutcome):
 
     inputs = {"onnx": run.keys["onnx"], "settings": asdict(settings),
               "data": tree_sha256(settings.data) if settings.data else run.split_keys["train"],
-              "gate": run.split_keys.get("test"), "base_classes": run.recipe.data.base_classes}
+              "gate": run.split_keys.get("test"), "base_classes": run.task.data.base_classes}
     try:
         run.keys[f"onnx-{name}"] = run.steps.run(f"onnx-{name}", inputs,
                                                  [run.onnx_dir / target.graph_name("model"), gate_file], work)
@@ -428,9 +441,9 @@ def _calibrated(run: _Run, name: str, outcome: ExportOutcome):
 
 
 def _pixel_graphs(run: _Run) -> list[str]:
-    """The exported pixels -> outputs graphs, one per precision."""
+    """The exported pixels -> outputs graphs, one per precision (and a bank's backbone graphs)."""
     files = read_json(run.onnx_dir / "manifest.json", "export manifest")["files"]
-    return sorted(name for name in files if name.startswith("model"))
+    return sorted(name for name in files if name.startswith(("model", "backbone")) and name.endswith(".onnx"))
 
 
 def _engines(run: _Run) -> list[str]:
@@ -448,10 +461,11 @@ def _engines(run: _Run) -> list[str]:
         engine = run.out / "engines" / graph.replace(".onnx", ".engine")
         reason = tensorrt_available()
         if reason is not None:
-            try:
-                build_engine(run.onnx_dir / graph, engine, profile, export.workspace_mib)
-            except DependencyError:
-                pass  # expected here: the manifest now holds the trtexec command
+            if not _command_recorded(engine, files[graph]["sha256"], profile, export.workspace_mib):
+                try:
+                    build_engine(run.onnx_dir / graph, engine, profile, export.workspace_mib)
+                except DependencyError:
+                    pass  # expected here: the manifest now holds the trtexec command
             run.steps.unavailable(f"tensorrt-{graph}", f"{reason}; trtexec command in {manifest_path(engine)}")
             continue
         keys.append(run.steps.run(
@@ -461,6 +475,19 @@ def _engines(run: _Run) -> list[str]:
             lambda graph=graph, engine=engine: build_engine(run.onnx_dir / graph, engine, profile,
                                                             export.workspace_mib)))
     return keys
+
+
+def _command_recorded(engine: Path, onnx_sha256: str, profile, workspace_mib: int) -> bool:
+    """Whether the manifest beside ``engine`` already holds the trtexec command for this graph,
+    profile and workspace: then it is left as it is, byte for byte (a bank's unchanged backbone)."""
+    from ..runtimes.tensorrt import manifest_path
+
+    try:
+        record = read_json(manifest_path(engine), "engine manifest")
+    except InputError:
+        return False
+    return (record.get("built") is False and record.get("onnx_sha256") == onnx_sha256
+            and record.get("profile") == asdict(profile) and record.get("workspace_mib") == workspace_mib)
 
 
 def _candidates(run: _Run, input_shape: tuple) -> tuple[list, list[str]]:

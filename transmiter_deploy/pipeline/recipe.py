@@ -10,6 +10,7 @@ to the recipe file. The schema, with defaults, is documented in
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -22,6 +23,8 @@ from ..errors import InputError
 from ..method.extraction import ExtractionSettings
 from ..method.plus import PlusSettings
 from ..runtimes import registry
+
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # as deploy/bank.py reads them back
 
 PRECISIONS = tuple(registry.PRECISIONS)  # what export.precisions may name
 RUNTIMES = registry.families()  # what runtimes may name
@@ -115,13 +118,36 @@ class ExportSection:
 
 
 @dataclass(frozen=True)
+class TaskRecipe:
+    """One task: its teacher, its data and its settings (a bank recipe's ``tasks:`` entry, or
+    the top level of a single-task recipe)."""
+
+    name: str
+    finetuned: ModelRef
+    data: DataSection
+    head: HeadSection = field(default_factory=HeadSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+    transfer: TransferSection = field(default_factory=TransferSection)
+    plus: PlusSection = field(default_factory=PlusSection)
+
+
+TASK_KEYS = tuple(f.name for f in fields(TaskRecipe))
+SHARED_KEYS = ("source", "target", "export", "runtimes")  # one per recipe, never per task
+# sections a task's mapping is merged into key by key (finetuned is replaced whole: a model
+# has exactly one weight source)
+MERGED_SECTIONS = {"data": DataSection, "head": HeadSection, "adapter": AdapterSection,
+                   "extraction": ExtractionSettings, "transfer": TransferSection, "plus": PlusSection}
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path
     name: str
     source: ModelRef
-    finetuned: ModelRef
     target: ModelRef
-    data: DataSection
+    finetuned: ModelRef | None = None  # a bank recipe may give it per task only
+    data: DataSection | None = None
     head: HeadSection = field(default_factory=HeadSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
     extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
@@ -129,6 +155,8 @@ class Recipe:
     plus: PlusSection = field(default_factory=PlusSection)
     export: ExportSection = field(default_factory=ExportSection)
     runtimes: tuple[str, ...] = RUNTIMES
+    tasks: tuple[TaskRecipe, ...] = ()  # always filled: a single-task recipe is a bank of one
+    bank: bool = False  # the recipe has a tasks: list (the export writes a bank, docs/bank.md)
 
 
 class _Reader:
@@ -217,19 +245,23 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
         "name": str, "source": ModelRef, "finetuned": ModelRef, "target": ModelRef, "data": DataSection,
         "head": HeadSection, "adapter": AdapterSection, "extraction": ExtractionSettings,
         "transfer": TransferSection, "plus": PlusSection, "export": ExportSection, "runtimes": tuple,
+        "tasks": list,
     }
     for key in raw:
         if key not in top:
             close = difflib.get_close_matches(str(key), list(top), n=1)
             raise reader.fail(str(key), "unknown key" + (f" (did you mean '{close[0]}'?)" if close else
                                                           f" (known: {', '.join(top)})"))
-    for key in ("name", "source", "finetuned", "target", "data"):
+    bank = "tasks" in raw
+    for key in ("name", "source", "target") if bank else ("name", "source", "finetuned", "target", "data"):
         if key not in raw:
             raise reader.fail(key, "missing key")
-    values: dict[str, Any] = {"path": path, "name": reader.value(str, raw["name"], "name")}
+    values: dict[str, Any] = {"path": path, "name": reader.value(str, raw["name"], "name"), "bank": bank}
     for key, cls in top.items():
-        if key == "name" or key not in raw:
+        if key in ("name", "tasks") or key not in raw:
             continue
+        if bank and key == "data":
+            continue  # only defaults for the tasks' data: checked merged into each task
         if key in nested_models:
             values[key] = reader.section(ModelRef, raw[key], key)
         elif key == "export":
@@ -239,9 +271,56 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
             values[key] = reader.value(tuple[str, ...], raw[key], key)
         else:
             values[key] = reader.section(cls, raw[key], key)
+    values["tasks"] = _tasks(raw, reader) if bank else (TaskRecipe(
+        values["name"], values["finetuned"], values["data"],
+        **{key: values[key] for key in MERGED_SECTIONS if key != "data" and key in values}),)
     recipe = Recipe(**values)
     _check_semantics(recipe, reader, check_files)
     return recipe
+
+
+def _tasks(raw: dict, reader: _Reader) -> tuple[TaskRecipe, ...]:
+    """The ``tasks:`` list, each task's sections merged over the top level's."""
+    listed = raw["tasks"]
+    if not isinstance(listed, list) or not listed:
+        raise reader.fail("tasks", "must be a non-empty list of tasks")
+    tasks, seen = [], set()
+    for index, task in enumerate(listed):
+        where = f"tasks[{index}]"
+        if not isinstance(task, dict):
+            raise reader.fail(where, f"must be a mapping, got {type(task).__name__}")
+        if "name" not in task:
+            raise reader.fail(where, "missing key 'name'")
+        name = task["name"]
+        if not isinstance(name, str) or TASK_NAME.fullmatch(name) is None:
+            raise reader.fail(f"{where}.name", f"{name!r} is not an identifier (letters, digits and _, not starting "
+                              "with a digit, at most 64 characters): task names become tensor and file names")
+        if name in seen:
+            raise reader.fail(f"{where}.name", f"task '{name}' is given twice")
+        seen.add(name)
+        where = f"tasks.{name}"
+        for key in task:
+            if key in SHARED_KEYS:
+                raise reader.fail(f"{where}.{key}", f"every task of a bank shares the recipe's {key} "
+                                  "(give it once, at the top level)")
+            if key not in TASK_KEYS:
+                close = difflib.get_close_matches(str(key), TASK_KEYS, n=1)
+                raise reader.fail(f"{where}.{key}", "unknown key" + (f" (did you mean '{close[0]}'?)" if close else
+                                                                     f" (known: {', '.join(TASK_KEYS)})"))
+        finetuned = task.get("finetuned", raw.get("finetuned"))
+        if finetuned is None:
+            raise reader.fail(f"{where}.finetuned", "missing key (give it in the task or at the top level)")
+        values: dict[str, Any] = {"name": name, "finetuned": reader.section(ModelRef, finetuned, f"{where}.finetuned")}
+        for key, cls in MERGED_SECTIONS.items():
+            own, default = task.get(key), raw.get(key)
+            merged = {**default, **own} if isinstance(own, dict) and isinstance(default, dict) else (
+                own if key in task else default)
+            if key == "data" and merged is None:
+                raise reader.fail(f"{where}.data", "missing key (give it in the task or at the top level)")
+            if merged is not None or key == "data":
+                values[key] = reader.section(cls, merged, f"{where}.{key}")
+        tasks.append(TaskRecipe(**values))
+    return tuple(tasks)
 
 
 def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None:
@@ -250,56 +329,20 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
     from ..features.templates import BUILTIN_TEMPLATES
 
     known = known_models()
-    for key in ("source", "finetuned", "target"):
-        ref: ModelRef = getattr(recipe, key)
-        chosen = [k for k in ("pretrained", "checkpoint", "demo_weights", "init_seed") if getattr(ref, k) is not None]
-        if len(chosen) != 1:
-            raise reader.fail(key, "give exactly one of pretrained, checkpoint, demo_weights, init_seed"
-                              + (f" (got {', '.join(chosen)})" if chosen else ""))
-        if ref.name not in known:
-            close = difflib.get_close_matches(ref.name, known, n=3)
-            raise reader.fail(f"{key}.name", f"open_clip does not know model '{ref.name}'"
-                              + (f" (close: {', '.join(close)})" if close else ""))
-        if check_files and ref.checkpoint is not None and not ref.checkpoint.is_file():
-            raise reader.fail(f"{key}.checkpoint", f"file not found: {ref.checkpoint}")
-        if ref.demo_weights is not None:
-            from ..demo.weights import shipped_weights_dir
-
-            shipped = sorted(p.stem for p in shipped_weights_dir().glob("*.safetensors"))
-            if ref.demo_weights not in shipped:
-                raise reader.fail(f"{key}.demo_weights", f"not a shipped demo model: '{ref.demo_weights}' "
-                                  f"(known: {', '.join(shipped)})")
-    data = recipe.data
-    if data.demo_task is not None:
-        from ..demo.tasks import TASKS
-
-        if data.demo_task not in TASKS:
-            raise reader.fail("data.demo_task", f"unknown demo task '{data.demo_task}' (known: {', '.join(TASKS)})")
-        for key in ("train", "fewshot", "test", "classes", "classes_file"):
-            if getattr(data, key) is not None:
-                raise reader.fail(f"data.{key}", "not used with data.demo_task (the task brings its own data)")
-    else:
-        if data.train is None:
-            raise reader.fail("data", "give data.demo_task or data.train (the unlabelled images)")
-        if (data.classes is None) == (data.classes_file is None):
-            raise reader.fail("data", "give exactly one of data.classes and data.classes_file")
-        if recipe.plus.enabled and data.fewshot is None:
-            raise reader.fail("data.fewshot", "missing: plus.enabled needs labelled few-shot images "
-                              "(or set plus.enabled: false)")
-        if check_files:
-            for key in ("train", "fewshot", "test", "classes_file"):
-                value = getattr(data, key)
-                if value is not None and not value.exists():
-                    raise reader.fail(f"data.{key}", f"not found: {value}")
-    templates = recipe.head.templates
-    if templates is not None and templates not in BUILTIN_TEMPLATES and check_files \
-            and not (reader.base / templates).is_file():
-        raise reader.fail("head.templates", f"'{templates}' is neither a built-in set "
-                          f"({', '.join(BUILTIN_TEMPLATES)}) nor a file")
-    for key, value in (("head.logit_width", recipe.head.logit_width), ("plus.shots", recipe.plus.shots),
-                       ("export.opset", recipe.export.opset)):
-        if value < 1:
-            raise reader.fail(key, f"must be positive, got {value}")
+    for key, ref in (("source", recipe.source), ("target", recipe.target),
+                     *((("finetuned", recipe.finetuned),) if recipe.bank and recipe.finetuned is not None else ()),
+                     *((_prefix(recipe, task) + "finetuned", task.finetuned) for task in recipe.tasks)):
+        _check_model(ref, key, known, reader, check_files)
+    for task in recipe.tasks:
+        _check_task(task, _prefix(recipe, task), reader, check_files, BUILTIN_TEMPLATES)
+    if recipe.bank:
+        calibrated = [name for name in recipe.export.precisions if name in PRECISIONS
+                      and registry.PRECISIONS[name].needs_calibration]
+        if calibrated:
+            raise reader.fail("export.precisions", f"{calibrated[0]} is not available for task banks yet "
+                              "(export it from a single-task recipe)")
+    if recipe.export.opset < 1:
+        raise reader.fail("export.opset", f"must be positive, got {recipe.export.opset}")
     for precision in recipe.export.precisions:
         if precision not in PRECISIONS:
             raise reader.fail("export.precisions",
@@ -313,12 +356,71 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
     for runtime in recipe.runtimes:
         if runtime not in RUNTIMES:
             raise reader.fail("runtimes", f"unknown runtime '{runtime}' (known: {', '.join(RUNTIMES)})")
-    if recipe.transfer.lambda_mode not in ("sum", "mean"):
-        raise reader.fail("transfer.lambda_mode", f"must be 'sum' or 'mean', got '{recipe.transfer.lambda_mode}'")
+
+
+def _prefix(recipe: Recipe, task: TaskRecipe) -> str:
+    """Where a task's keys are, as errors name them: the top level of a single-task recipe."""
+    return f"tasks.{task.name}." if recipe.bank else ""
+
+
+def _check_model(ref: ModelRef, key: str, known: list[str], reader: _Reader, check_files: bool) -> None:
+    chosen = [k for k in ("pretrained", "checkpoint", "demo_weights", "init_seed") if getattr(ref, k) is not None]
+    if len(chosen) != 1:
+        raise reader.fail(key, "give exactly one of pretrained, checkpoint, demo_weights, init_seed"
+                          + (f" (got {', '.join(chosen)})" if chosen else ""))
+    if ref.name not in known:
+        close = difflib.get_close_matches(ref.name, known, n=3)
+        raise reader.fail(f"{key}.name", f"open_clip does not know model '{ref.name}'"
+                          + (f" (close: {', '.join(close)})" if close else ""))
+    if check_files and ref.checkpoint is not None and not ref.checkpoint.is_file():
+        raise reader.fail(f"{key}.checkpoint", f"file not found: {ref.checkpoint}")
+    if ref.demo_weights is not None:
+        from ..demo.weights import shipped_weights_dir
+
+        shipped = sorted(p.stem for p in shipped_weights_dir().glob("*.safetensors"))
+        if ref.demo_weights not in shipped:
+            raise reader.fail(f"{key}.demo_weights", f"not a shipped demo model: '{ref.demo_weights}' "
+                              f"(known: {', '.join(shipped)})")
+
+
+def _check_task(task: TaskRecipe, prefix: str, reader: _Reader, check_files: bool, builtin_templates) -> None:
+    data = task.data
+    if data.demo_task is not None:
+        from ..demo.tasks import TASKS
+
+        if data.demo_task not in TASKS:
+            raise reader.fail(f"{prefix}data.demo_task", f"unknown demo task '{data.demo_task}' "
+                              f"(known: {', '.join(TASKS)})")
+        for key in ("train", "fewshot", "test", "classes", "classes_file"):
+            if getattr(data, key) is not None:
+                raise reader.fail(f"{prefix}data.{key}", "not used with data.demo_task (the task brings its own data)")
+    else:
+        if data.train is None:
+            raise reader.fail(f"{prefix}data", "give data.demo_task or data.train (the unlabelled images)")
+        if (data.classes is None) == (data.classes_file is None):
+            raise reader.fail(f"{prefix}data", "give exactly one of data.classes and data.classes_file")
+        if task.plus.enabled and data.fewshot is None:
+            raise reader.fail(f"{prefix}data.fewshot", "missing: plus.enabled needs labelled few-shot images "
+                              "(or set plus.enabled: false)")
+        if check_files:
+            for key in ("train", "fewshot", "test", "classes_file"):
+                value = getattr(data, key)
+                if value is not None and not value.exists():
+                    raise reader.fail(f"{prefix}data.{key}", f"not found: {value}")
+    templates = task.head.templates
+    if templates is not None and templates not in builtin_templates and check_files \
+            and not (reader.base / templates).is_file():
+        raise reader.fail(f"{prefix}head.templates", f"'{templates}' is neither a built-in set "
+                          f"({', '.join(builtin_templates)}) nor a file")
+    for key, value in (("head.logit_width", task.head.logit_width), ("plus.shots", task.plus.shots)):
+        if value < 1:
+            raise reader.fail(prefix + key, f"must be positive, got {value}")
+    if task.transfer.lambda_mode not in ("sum", "mean"):
+        raise reader.fail(f"{prefix}transfer.lambda_mode", f"must be 'sum' or 'mean', got '{task.transfer.lambda_mode}'")
     try:
-        recipe.extraction.validate("extraction")
+        task.extraction.validate(f"{prefix}extraction")
     except InputError as exc:
-        raise RecipeError(f"recipe {recipe.path}: {exc}") from exc
+        raise RecipeError(f"recipe {reader.path}: {exc}") from exc
 
 
 def _check_calibration(recipe: Recipe, reader: _Reader, check_files: bool) -> None:

@@ -19,6 +19,7 @@ class ExportOutcome:
     out_dir: Path
     steps: list[StepRecord] = field(default_factory=list)
     accuracy: list[dict] = field(default_factory=list)
+    task_accuracy: dict[str, list[dict]] = field(default_factory=dict)  # a bank: per task, in recipe order
     validation: list[dict] = field(default_factory=list)
     validation_skipped: list[str] = field(default_factory=list)
     export_dir: Path | None = None
@@ -31,19 +32,20 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
     parity = read_json(outcome.export_dir / "parity.json", "parity report") if outcome.export_dir else None
     payload = {
         "format": REPORT_FORMAT, "format_version": 1, "recipe": str(recipe.path), "name": recipe.name,
-        "steps": [asdict(step) for step in outcome.steps], "accuracy": outcome.accuracy, "parity": parity,
+        "steps": [asdict(step) for step in outcome.steps], "accuracy": outcome.accuracy,
+        "task_accuracy": outcome.task_accuracy, "parity": parity,
         "validation": outcome.validation, "validation_skipped": outcome.validation_skipped,
         "gates": outcome.gates,
     }
     write_json(out / "report.json", payload)
     lines = [f"# Export report: {recipe.name}", "", f"Recipe: `{recipe.path}`. Artifacts: `{outcome.export_dir}`.", ""]
     if outcome.accuracy:
-        lines += ["## Accuracy (test images)", "", "| model | base | novel | HM | all |", "| --- | ---: | ---: | ---: | ---: |"]
-        cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        lines += [f"| {r['model']} | {cell(r['base'])} | {cell(r['novel'])} | {cell(r['hm'])} | {cell(r['all'])} |"
-                  for r in outcome.accuracy]
-        lines.append("")
-    if parity:
+        lines += _accuracy_lines("## Accuracy (test images)", outcome.accuracy)
+    for task, rows in outcome.task_accuracy.items():
+        lines += _accuracy_lines(f"## Accuracy: task {task} (test images)", rows)
+    if parity and "tasks" in parity.get("macs", {}):
+        lines += _bank_lines(parity)
+    elif parity:
         lines += ["## Parity (ONNX Runtime CPU vs PyTorch)", "",
                   "| check | max abs | top-1 agreement | criterion | result |", "| --- | ---: | ---: | --- | --- |"]
         for name, c in parity["checks"].items():
@@ -59,16 +61,39 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
         lines += _gate_lines(gate)
     if outcome.validation:
         lines += ["## Runtimes against PyTorch (same images)", "",
-                  "| runtime | graph | precision | max abs | top-1 agreement | result |",
-                  "| --- | --- | --- | ---: | ---: | --- |"]
-        lines += [f"| {r['candidate']} | {r['graph']} | {r['precision']} | {r['max_abs']:.2e} | "
-                  f"{r['top1_agreement']:.2%} | {'pass' if r['passed'] else 'FAIL'} |" for r in outcome.validation]
+                  "| runtime | graph | output | precision | max abs | top-1 agreement | result |",
+                  "| --- | --- | --- | --- | ---: | ---: | --- |"]
+        lines += [f"| {r['candidate']} | {r['graph']} | {r.get('output', '-')} | {r['precision']} | "
+                  + (f"{r['max_abs']:.2e} | {r['top1_agreement']:.2%}" if "max_abs" in r else f"{r.get('error')} | -")
+                  + f" | {'pass' if r['passed'] else 'FAIL'} |" for r in outcome.validation]
         lines += ["", *(f"Not run here: {reason}." for reason in outcome.validation_skipped), ""]
     lines += ["## Steps", "", "| step | status | seconds | detail |", "| --- | --- | ---: | --- |"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail} |" for s in outcome.steps]
     staging = out / ".report.md.tmp"
     staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(staging, out / "report.md")
+
+
+def _accuracy_lines(title: str, rows: list[dict]) -> list[str]:
+    cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    return [title, "", "| model | base | novel | HM | all |", "| --- | ---: | ---: | ---: | ---: |",
+            *(f"| {r['model']} | {cell(r['base'])} | {cell(r['novel'])} | {cell(r['hm'])} | {cell(r['all'])} |"
+              for r in rows), ""]
+
+
+def _bank_lines(parity: dict) -> list[str]:
+    """A bank's assembly checks and its cost: the backbone once, each task's head."""
+    lines = ["## Bank assembly (the fused graph against its parts, ONNX Runtime CPU)", "",
+             "| check | max abs | top-1 agreement | criterion | result |", "| --- | ---: | ---: | --- | --- |"]
+    for name, c in parity["checks"].items():
+        lines.append(f"| {name} | {c['max_abs']:.2e} | {c['top1_agreement']:.2%} | {c['criterion']} | "
+                     f"{'pass' if c['passed'] else 'FAIL'} |")
+    macs = parity["macs"]
+    count = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+    lines += ["", "## Cost (multiply-accumulates at batch 1)", "", "| component | MACs |", "| --- | ---: |",
+              f"| backbone (once) | {count(macs.get('backbone'))} |",
+              *(f"| head + adapter: {task} | {count(value)} |" for task, value in macs["tasks"].items()), ""]
+    return lines
 
 
 def _gate_lines(gate: dict) -> list[str]:

@@ -9,6 +9,7 @@ output directory (a lock file); staging left by a killed run is removed.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -43,8 +44,17 @@ class Steps:
         self.records_dir.mkdir(parents=True, exist_ok=True)
         self.force, self.log = force, log
         self.done: list[StepRecord] = []
+        self.prefix = ""
+
+    def scoped(self, prefix: str) -> "Steps":
+        """The same steps with names under ``prefix`` (a bank's tasks: ``<task>.extract``);
+        records and the list of what ran are shared."""
+        view = copy.copy(self)
+        view.prefix = self.prefix + prefix
+        return view
 
     def run(self, name: str, inputs: dict[str, Any], outputs: list[Path], work: Callable[[], Any]) -> str:
+        name = self.prefix + name
         key = step_key({"step": name, **inputs})
         record = self.records_dir / f"{name}.json"
         if not self.force and record.is_file() and all(path.exists() for path in outputs):
@@ -67,16 +77,16 @@ class Steps:
 
     def forget(self, name: str) -> None:
         """Drop a step's record, so that its next run is not skipped (its outputs are gone)."""
-        (self.records_dir / f"{name}.json").unlink(missing_ok=True)
+        (self.records_dir / f"{self.prefix}{name}.json").unlink(missing_ok=True)
 
     def failed(self, name: str, reason: str) -> None:
         """A step that ran and failed its checks; nothing it would have written was kept."""
-        self.done.append(StepRecord(name, "failed", 0.0, reason))
-        self.log(f"[FAIL] {name}: {reason}")
+        self.done.append(StepRecord(self.prefix + name, "failed", 0.0, reason))
+        self.log(f"[FAIL] {self.prefix}{name}: {reason}")
 
     def unavailable(self, name: str, reason: str) -> None:
-        self.done.append(StepRecord(name, "unavailable", 0.0, reason))
-        self.log(f"[skip] {name}: {reason}")
+        self.done.append(StepRecord(self.prefix + name, "unavailable", 0.0, reason))
+        self.log(f"[skip] {self.prefix}{name}: {reason}")
 
 
 @contextmanager

@@ -98,6 +98,13 @@ class Runner:
         self.input_spec.check(batch, self.name)
         return self.infer_impl(batch)
 
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the graph, by name, in the graph's order (a task bank has one per
+        task); ``infer`` returns the first."""
+        self._require_active()
+        self.input_spec.check(batch, self.name)
+        return self.outputs_impl(batch)
+
     def timed_call(self, batch: np.ndarray) -> Callable[[], object]:
         """A zero-argument call that runs ``batch`` to completion: what a benchmark times.
         Runtimes that keep inputs on a device place them there first (outside the call)."""
@@ -117,6 +124,10 @@ class Runner:
 
     def deactivate_impl(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def outputs_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Runtimes whose graphs can have several outputs override this."""
+        return {"output": self.infer_impl(batch)}
 
 
 def manifest_precision(path: Path) -> str | None:

@@ -53,3 +53,18 @@ def compare(reference, candidate, batch: np.ndarray) -> dict:
     """One parity row: ``candidate`` against ``reference`` (both active runners) on the same
     batch, judged by the tolerance of the candidate's precision."""
     return judge(reference.name, reference.infer(batch), candidate, candidate.infer(batch), batch.shape[0])
+
+
+def judge_outputs(reference_name: str, expected: dict[str, np.ndarray], candidate,
+                  actual: dict[str, np.ndarray], batch: int) -> list[dict]:
+    """One parity row per output of a multi-output graph (a task bank: one per task), matched
+    by name; an output the candidate lacks is a failed row, not a skipped one."""
+    rows = []
+    for name, reference in expected.items():
+        if name not in actual:
+            rows.append({"reference": reference_name, "candidate": candidate.name, "precision": candidate.precision,
+                         "batch": int(batch), "output": name, "passed": False,
+                         "error": f"{candidate.graph} has no output '{name}'"})
+            continue
+        rows.append({"output": name, **judge(reference_name, reference, candidate, actual[name], batch)})
+    return rows

@@ -125,3 +125,8 @@ class OnnxRuntimeRunner(Runner):
 
     def infer_impl(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_spec.name: batch})[0], dtype=np.float32)
+
+    def outputs_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        names = [output.name for output in self.session.get_outputs()]
+        return {name: np.asarray(value, dtype=np.float32)
+                for name, value in zip(names, self.session.run(None, {self.input_spec.name: batch}))}

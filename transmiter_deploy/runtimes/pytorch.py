@@ -55,12 +55,19 @@ class TorchRunner(Runner):
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    @torch.no_grad()
     def infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        return next(iter(self.outputs_impl(batch).values()))
+
+    @torch.no_grad()
+    def outputs_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """A module returns a tensor, or a dict of named tensors (a task bank's outputs)."""
         if self.cuda_graphs:  # pragma: no cover - needs a GPU
             self.timed_call(batch)()
-            return self._graph_output.float().cpu().numpy()
-        return self.module(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+            result = self._graph_output
+        else:
+            result = self.module(torch.from_numpy(batch).to(self.device))
+        named = result if isinstance(result, dict) else {"output": result}
+        return {name: value.float().cpu().numpy() for name, value in named.items()}
 
     def timed_call(self, batch: np.ndarray) -> Callable[[], object]:
         """The input is placed on the device first; outputs stay there (no copies are timed)."""

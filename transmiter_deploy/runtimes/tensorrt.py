@@ -228,21 +228,27 @@ class TensorRTRunner(Runner):
             raise IntegrityError(f"TensorRT cannot deserialise {self.engine_path}")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        # every output needs an address before a run (a task bank's engine has one per task)
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
     def deactivate_impl(self) -> None:  # pragma: no cover - needs TensorRT and a GPU
         self.context = self.engine = self.runtime = None
 
     def infer_impl(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - needs TensorRT and a GPU
+        return next(iter(self.outputs_impl(batch).values()))
+
+    def outputs_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:  # pragma: no cover - needs TensorRT and a GPU
         import torch
 
         pixels = torch.from_numpy(batch).cuda()
         self.context.set_input_shape(self.input_spec.name, tuple(batch.shape))
-        output = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=torch.float32, device="cuda")
         self.context.set_tensor_address(self.input_spec.name, pixels.data_ptr())
-        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise VerificationError("TensorRT execution failed")
         stream.synchronize()
-        return output.cpu().numpy()
+        return {name: output.cpu().numpy() for name, output in outputs.items()}

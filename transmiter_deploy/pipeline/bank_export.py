@@ -1,0 +1,191 @@
+"""`transmiter export RECIPE` on a bank recipe (a ``tasks:`` list): one backbone, many tasks.
+
+Per task, the steps of a single-task export (data, caches, heads, extract, transfer, plus,
+evaluate) under ``tasks/<task>/``, named ``<task>.<step>``, then the task's head export. The
+backbone export is keyed by the target model, the opset and the precisions only, so adding,
+removing or changing a task never re-runs it. The bank (``onnx/``) is assembled from the parts
+by hard links plus the composed fused graph, so ``backbone.onnx``, its engine and every
+untouched task's head files stay byte-identical (``docs/bank.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..artifacts import read_json, write_json
+from ..runtimes.registry import RUNTIMES, reference_runtime
+from .export import (_caches, _data, _engines, _evaluate, _export_precisions, _extract, _heads, _Models, _plus, _Run,
+                     _transfer, model_key, model_specs)
+from .recipe import Recipe
+from .report import ExportOutcome, write_report
+from .steps import Steps, exclusive, remove_stale_staging
+
+BACKBONE_DIR = "backbone"
+TASKS_DIR = "tasks"
+HEAD_EXPORT_DIR = "head-export"
+PARITY_IMAGES = 16  # seeded synthetic images: the backbone's parity must not depend on any task's data
+
+
+def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: bool = True,
+                    log: Callable[[str], None] = print) -> ExportOutcome:
+    """Run a validated bank recipe; returns what ran, what was skipped, each task's accuracy."""
+    out = Path(out_dir)
+    with exclusive(out):
+        remove_stale_staging(out, log)
+        steps = Steps(out, force, log)
+        shared = _Run(recipe, out, steps, progress, log)
+        shared.precisions = _export_precisions(shared)
+        outcome = ExportOutcome(out)
+        models = None
+        head_keys, task_runs = {}, []
+        for task in recipe.tasks:
+            specs = model_specs(recipe, task)
+            models = models.for_specs(specs) if models is not None else _Models(specs)
+            run = _Run(recipe, out, steps.scoped(f"{task.name}."), progress, log, task=task,
+                       root=out / TASKS_DIR / task.name)
+            run.models, run.model_keys, run.precisions = models, {t: model_key(s) for t, s in specs.items()}, shared.precisions
+            _data(run)
+            _caches(run)
+            _heads(run)
+            _extract(run)
+            _transfer(run)
+            _plus(run)
+            if "test" in run.splits:
+                outcome.task_accuracy[task.name] = _evaluate(run)
+            head_keys[task.name] = _head_export(run)
+            task_runs.append(run)
+        shared.models, shared.model_keys = models, task_runs[0].model_keys
+        backbone_key = _backbone(shared)
+        _assemble(shared, backbone_key, head_keys)
+        outcome.export_dir = shared.onnx_dir
+        engine_keys = _engines(shared)
+        outcome.validation, outcome.validation_skipped = _validate(shared, task_runs, engine_keys)
+        outcome.steps = steps.done
+        write_report(recipe, outcome)
+    return outcome
+
+
+def _settings(run: _Run):
+    from ..deploy.onnx_export import ExportSettings
+
+    return ExportSettings(opset=run.recipe.export.opset, softmax=False, precisions=run.precisions)
+
+
+def _parity_features(run: _Run) -> torch.Tensor:
+    """The target's features of the task's own images (test, else train): what its head is checked on."""
+    split = "test" if "test" in run.splits else "train"
+    return run.cache("target", split).features[:PARITY_IMAGES]
+
+
+def _head_export(run: _Run) -> str:
+    from ..deploy.bank import export_head
+
+    where = run.root / HEAD_EXPORT_DIR
+    inputs = {"adapter": run.keys["final"], "head": run.head_keys["target"], "opset": run.recipe.export.opset,
+              "precisions": list(run.precisions),
+              "cache": run.cache_keys.get(("target", "test")) or run.cache_keys[("target", "train")]}
+    return run.steps.run("head-export", inputs, [where / "manifest.json"], lambda: export_head(
+        run.head("target"), run.adapter(run.final_stage), _parity_features(run), where, _settings(run), run.log))
+
+
+def _backbone(run: _Run) -> str:
+    from ..deploy.bank import export_backbone
+    from ..deploy.onnx_export import parity_pixels
+
+    where = run.out / BACKBONE_DIR
+    model = lambda: run.models["target"]  # noqa: E731 (loaded only when the step runs)
+    inputs = {"target": run.model_keys["target"], "opset": run.recipe.export.opset, "precisions": list(run.precisions),
+              "parity_images": PARITY_IMAGES}
+    return run.steps.run("backbone", inputs, [where / "manifest.json"], lambda: export_backbone(
+        model(), where, parity_pixels(model(), None, count=PARITY_IMAGES), _settings(run), run.log))
+
+
+def _assemble(run: _Run, backbone_key: str, head_keys: dict[str, str]) -> None:
+    from ..deploy.bank import BankTask, assemble_bank, read_backbone, read_head
+
+    def work() -> None:
+        tasks = [BankTask(task.name, read_head(run.out / TASKS_DIR / task.name / HEAD_EXPORT_DIR))
+                 for task in run.recipe.tasks]
+        assemble_bank(run.onnx_dir, read_backbone(run.out / BACKBONE_DIR), tasks, run.recipe.export.softmax, run.log)
+
+    run.keys["onnx"] = run.steps.run(
+        "bank", {"backbone": backbone_key, "heads": [[name, key] for name, key in head_keys.items()],
+                 "softmax": run.recipe.export.softmax}, [run.onnx_dir / "manifest.json"], work)
+
+
+class BankModule(torch.nn.Module):
+    """The bank in PyTorch (the validation reference): pixels -> {output name: tensor}."""
+
+    def __init__(self, visual: torch.nn.Module, heads: dict[str, torch.nn.Module], softmax: bool) -> None:
+        super().__init__()
+        from ..deploy.bank import Backbone
+
+        self.backbone = Backbone(visual)
+        self.heads = torch.nn.ModuleDict(heads)
+        self.softmax = softmax
+        self.eval()
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(pixel_values)
+        outputs = {}
+        for name, head in self.heads.items():
+            outputs[f"logits_{name}"] = head(features)
+            if self.softmax:
+                outputs[f"probs_{name}"] = outputs[f"logits_{name}"].softmax(dim=-1)
+        return outputs
+
+
+def _validate(run: _Run, task_runs: list[_Run], engine_keys: list[str]) -> tuple[list[dict], list[str]]:
+    """Every available runtime's bank outputs against PyTorch's, per output, on the first
+    images of each task's parity set (test, else train)."""
+    from ..deploy.fusion import FoldedHead
+    from ..deploy.onnx_export import parity_pixels
+    from ..runtimes.base import InputSpec
+    from ..runtimes.compare import judge_outputs
+    from ..runtimes.onnxruntime import available_providers
+
+    softmax = run.recipe.export.softmax
+
+    def module() -> BankModule:
+        return BankModule(run.models["target"].model.visual,
+                          {t.task.name: FoldedHead(t.head("target"), t.adapter(t.final_stage)) for t in task_runs},
+                          softmax)
+
+    def validate() -> None:
+        model = run.models["target"]
+        per_task = max(2, 8 // len(task_runs))
+        pixels = torch.cat([parity_pixels(model, t.parity_images(), count=per_task) for t in task_runs]).numpy()
+        with torch.no_grad():
+            expected = {name: value.numpy() for name, value in module()(torch.from_numpy(pixels)).items()}
+        rows, skipped = [], []
+        files = read_json(run.onnx_dir / "manifest.json", "bank manifest")["graphs"]
+        for entry in RUNTIMES.values():
+            if entry.reference or entry.family not in run.recipe.runtimes:
+                continue
+            reason = entry.unavailable()
+            if reason is not None:
+                skipped.append(f"{entry.name}: {reason}")
+                continue
+            if entry.loads == "module":
+                candidates = [entry.create(module, input_spec=InputSpec("pixel_values", (None, *pixels.shape[1:])))]
+            elif entry.loads == "onnx":
+                candidates = [entry.create(run.onnx_dir / graph) for graph in files.values()]
+            else:
+                candidates = [entry.create(run.out / "engines" / graph.replace(".onnx", ".engine"))
+                              for graph in files.values()]
+            for candidate in candidates:
+                with candidate:
+                    rows += [{"graph": candidate.graph, **row} for row in judge_outputs(
+                        reference_runtime().name, expected, candidate, candidate.infer_outputs(pixels), len(pixels))]
+        write_json(run.out / "validation.json", {"images": int(len(pixels)), "rows": rows, "skipped": skipped})
+
+    run.steps.run("validate", {"bank": run.keys["onnx"], "engines": engine_keys, "runtimes": list(run.recipe.runtimes),
+                               "providers": available_providers(),
+                               "images": [t.split_keys.get("test") or t.split_keys["train"] for t in task_runs]},
+                  [run.out / "validation.json"], validate)
+    validation = read_json(run.out / "validation.json", "validation table")
+    return validation["rows"], validation.get("skipped", [])
+
