@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,59 @@ def demo_export(tmp_path_factory):
     path.write_text(SMALL_DEMO)
     recipe = load_recipe(path)
     return recipe, run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
+
+
+# A bank of two demo tasks at the small demo's size; its colours_tinted task has exactly the
+# settings of SMALL_DEMO, so its accuracy table must equal the single-task export's.
+SMALL_BANK = """\
+name: small-bank
+source: {name: TM-Demo-Source, demo_weights: TM-Demo-Source}
+target: {name: TM-Demo-Target, demo_weights: TM-Demo-Target}
+data: {train_per_class: 40, test_per_class: 8}
+head: {logit_width: 64}
+extraction: {epochs: 3}
+transfer: {regularisation: 500}
+plus: {shots: 2, epochs: 2}
+tasks:
+  - name: colours_tinted
+    finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-colours-tinted}
+    data: {demo_task: colours-tinted}
+  - name: textures_foggy
+    finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-textures-foggy}
+    data: {demo_task: textures-foggy}
+export: {precisions: [fp32, fp16], batch: {min: 1, opt: 4, max: 8}}
+"""
+THIRD_BANK_TASK = """\
+  - name: colours_dusk
+    finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-colours-dusk}
+    data: {demo_task: colours-dusk}
+"""
+
+
+def bank_recipe_text(extra_tasks: str = "") -> str:
+    """SMALL_BANK with more tasks appended to its list."""
+    return SMALL_BANK.replace("export: {", extra_tasks + "export: {")
+
+
+@pytest.fixture(scope="session")
+def demo_bank_export(tmp_path_factory) -> Path:
+    """The ``--out`` directory of the small two-task bank, exported once per session (the bank
+    is ``<out>/onnx``); tests that change it work on a copy (:func:`copy_tree`)."""
+    from transmiter_deploy.pipeline.bank_export import run_bank_export
+    from transmiter_deploy.pipeline.recipe import load_recipe
+
+    tmp_path = tmp_path_factory.mktemp("demo-bank")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(SMALL_BANK)
+    run_bank_export(load_recipe(path), tmp_path / "out", progress=False, log=lambda _: None)
+    return tmp_path / "out"
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    """A copy that shares no inodes with ``source`` (hard-linked files are copied as separate files),
+    so a test can change it without touching the session fixture."""
+    shutil.copytree(source, target, symlinks=True)
+    return target
 
 
 # The same recipe asking for int8 as well (calibrated and gated: tests/test_int8.py).

@@ -443,6 +443,59 @@ def export(recipe_path, out, force, check):
     click.echo(f"report:    {out / 'report.md'}")
 
 
+@cli.group("bank")
+def bank_group():
+    """Inspect and edit a task bank (the onnx/ directory a bank recipe exports, docs/bank.md).
+
+    A recipe re-run is the usual way to grow or shrink a bank; these commands edit a bank
+    directory directly, e.g. to add a head exported elsewhere for the same backbone.
+    """
+
+
+@bank_group.command("list")
+@click.argument("bank_dir", metavar="BANK", type=click.Path(path_type=Path))
+def bank_list(bank_dir):
+    """The bank's tasks in order, with their classes and output names (every file verified)."""
+    from .deploy.bank import read_bank
+
+    bank = read_bank(bank_dir)
+    click.echo(f"bank {bank_dir}: {bank.manifest['target_model'].get('name')} backbone, "
+               f"{bank.manifest['feature_dim']}-dim features, graphs: {', '.join(bank.manifest['graphs'].values())}")
+    for task in bank.tasks:
+        classes = task.head.manifest["class_names"]
+        click.echo(f"  {task.name}: {len(classes)} classes ({', '.join(classes[:4])}{', ...' if len(classes) > 4 else ''}) "
+                   f"-> {bank.output(task.name)}")
+
+
+@bank_group.command("add")
+@click.argument("bank_dir", metavar="BANK", type=click.Path(path_type=Path))
+@click.argument("name")
+@click.argument("head_dir", metavar="HEAD", type=click.Path(path_type=Path))
+def bank_add(bank_dir, name, head_dir):
+    """Add task NAME, its head read from HEAD: a head export (tasks/<task>/head-export of a
+    bank export) or a single-task export's onnx/ directory, built for the bank's backbone.
+
+    \b
+    Example:
+      transmiter bank add export/out/demo-bank/onnx tinted export/out/demo/onnx
+    """
+    from .deploy.bank import add_task
+
+    bank = add_task(bank_dir, name, head_dir, log=lambda line: click.echo(line, err=True))
+    click.echo(f"bank {bank_dir}: tasks {', '.join(bank.task_names)}")
+
+
+@bank_group.command("remove")
+@click.argument("bank_dir", metavar="BANK", type=click.Path(path_type=Path))
+@click.argument("name")
+def bank_remove(bank_dir, name):
+    """Take task NAME out of the bank (the backbone and the other heads stay byte-identical)."""
+    from .deploy.bank import remove_task
+
+    bank = remove_task(bank_dir, name, log=lambda line: click.echo(line, err=True))
+    click.echo(f"bank {bank_dir}: tasks {', '.join(bank.task_names)}")
+
+
 @cli.command("build-engine")
 @click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file to write (its manifest: OUT.json).")
