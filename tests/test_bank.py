@@ -239,3 +239,34 @@ def test_assembly_refuses_duplicate_and_empty_task_lists(demo_bank_export, tmp_p
         assemble_bank(single, backbone, [bank.tasks[0]], log=lambda _: None)
         remove_task(single, bank.tasks[0].name)
     assert not (tmp_path / "b").exists()
+
+
+# ---- runners on multi-output graphs -----------------------------------------------------------
+
+def test_runners_return_every_output_and_parity_is_judged_per_output(demo_bank_export):
+    from transmiter_deploy.runtimes.base import InputSpec
+    from transmiter_deploy.runtimes.compare import judge_outputs
+    from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
+    from transmiter_deploy.runtimes.pytorch import TorchRunner
+
+    pixels = np.random.default_rng(1).standard_normal((4, 3, 48, 48), dtype=np.float32)
+    with OnnxRuntimeRunner(demo_bank_export / "onnx" / "model.onnx") as runner:
+        outputs = runner.infer_outputs(pixels)
+        first = runner.infer(pixels)
+    assert list(outputs) == ["logits_colours_tinted", "logits_textures_foggy"]
+    assert np.array_equal(first, outputs["logits_colours_tinted"])
+    assert outputs["logits_textures_foggy"].shape == (4, 6)
+
+    class TwoOutputs(torch.nn.Module):
+        def forward(self, x):
+            return {"logits_a": x.mean(dim=(2, 3)), "logits_b": -x.mean(dim=(2, 3))}
+
+    with TorchRunner(TwoOutputs(), InputSpec("pixel_values", (None, 3, 48, 48))) as torch_runner:
+        named = torch_runner.infer_outputs(pixels)
+        assert list(named) == ["logits_a", "logits_b"] and np.allclose(named["logits_b"], -named["logits_a"])
+        rows = judge_outputs("pytorch-cpu", {**named, "logits_c": named["logits_a"]}, torch_runner,
+                             {"logits_a": named["logits_a"], "logits_b": named["logits_a"]}, len(pixels))
+    by_output = {row["output"]: row for row in rows}
+    assert by_output["logits_a"]["passed"] and by_output["logits_a"]["max_abs"] == 0.0
+    assert not by_output["logits_b"]["passed"]  # wrong values fail their own row
+    assert not by_output["logits_c"]["passed"] and "no output 'logits_c'" in by_output["logits_c"]["error"]

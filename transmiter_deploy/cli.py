@@ -549,8 +549,15 @@ def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, worksp
                    "(repeatable; converted as the export does, calibrated on random pixels).")
 @click.option("--no-plots", is_flag=True, help="Write RESULTS.md without the PNG plots (no matplotlib needed).")
 @click.option("--report-only", is_flag=True, help="Only rewrite RESULTS.md and plots from the JSON already in --out.")
+@click.option("--bank-sweep", "bank_sweep", metavar="N,N,...",
+              help="Instead of the suite: the task-bank sweep, backbone alone vs banks of these many synthetic "
+                   "heads (e.g. 1,2,4,8,16,32), in one interleaved loop (default --out: <host label>-bank).")
+@click.option("--bank-model", default="ViT-B-16", show_default=True, help="Backbone architecture of --bank-sweep.")
+@click.option("--bank-compact", "bank_compact", multiple=True, metavar="SETTING[@N,...]",
+              help="Compact-head banks to time in --bank-sweep (q8, q8i, q4, or none; @N: only at these N; "
+                   "repeatable; default: q8i and q8@16).")
 def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, variants, rounds, precisions, no_plots,
-          report_only):
+          report_only, bank_sweep, bank_model, bank_compact):
     """Latency per runtime (backbone alone, fused TransMiter, unfolded, EFT, head alone), MACs per
     component and the demo world's accuracy table: latency.json, flops.json, accuracy.json,
     RESULTS.md and plots. Random weights for speed; GPU runtimes only where a GPU is visible.
@@ -566,9 +573,27 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, var
     from .benchmark.report import write_report
     from .benchmark.suite import PARTS, host_label, run_benchmark
 
-    out = out or Path("benchmarks") / "results" / host_label()
     # what produced the results, recorded in them (the argv of a console-script run)
     command = "transmiter " + shlex.join(sys.argv[1:]) if sys.argv and "transmiter" in sys.argv[0] else "transmiter bench"
+    if bank_sweep is not None:
+        from dataclasses import replace
+
+        from .benchmark import bank
+
+        out = out or bank.default_out(bank_model)
+        if not report_only:
+            tasks = bank.parse_tasks(bank_sweep)
+            settings = bank.BankSettings(bank_model, tasks, tuple(batches) or bank.DEFAULT_BATCHES,
+                                         compact=bank.parse_compact(tuple(bank_compact) or bank.DEFAULT_COMPACT, tasks,
+                                                                    strict=bool(bank_compact)))
+            if rounds is not None:
+                settings = replace(settings, plan=replace(settings.plan, min_rounds=rounds, max_rounds=rounds))
+            bank.run_bank_sweep(settings, out, work, threads or os.cpu_count() or 1,
+                                tuple(runtimes) or tuple(bank.ONNX_RUNTIMES), command,
+                                log=lambda line: click.echo(line, err=True))
+        click.echo(f"results: {bank.write_bank_report(out, plots=not no_plots)}")
+        return
+    out = out or Path("benchmarks") / "results" / host_label()
     if not report_only:
         run_benchmark(profile_name, out, work, threads or os.cpu_count() or 1, tuple(parts) or PARTS,
                       tuple(runtimes) or tuple(registry.RUNTIMES), tuple(pairs) or None, tuple(batches) or None,

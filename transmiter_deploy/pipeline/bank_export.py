@@ -16,9 +16,8 @@ from typing import Callable
 import torch
 
 from ..artifacts import read_json, write_json
-from ..runtimes.registry import RUNTIMES, reference_runtime
-from .export import (_caches, _data, _engines, _evaluate, _export_precisions, _extract, _heads, _Models, _plus, _Run,
-                     _transfer, model_key, model_specs)
+from ..runtimes.registry import reference_runtime
+from .export import _candidates, _engines, _export_precisions, _Models, _Run, model_key, model_specs, task_steps
 from .recipe import Recipe
 from .report import ExportOutcome, write_report
 from .steps import Steps, exclusive, remove_stale_staging
@@ -47,14 +46,9 @@ def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress
             run = _Run(recipe, out, steps.scoped(f"{task.name}."), progress, log, task=task,
                        root=out / TASKS_DIR / task.name)
             run.models, run.model_keys, run.precisions = models, {t: model_key(s) for t, s in specs.items()}, shared.precisions
-            _data(run)
-            _caches(run)
-            _heads(run)
-            _extract(run)
-            _transfer(run)
-            _plus(run)
-            if "test" in run.splits:
-                outcome.task_accuracy[task.name] = _evaluate(run)
+            accuracy = task_steps(run)
+            if accuracy:
+                outcome.task_accuracy[task.name] = accuracy
             head_keys[task.name] = _head_export(run)
             task_runs.append(run)
         shared.models, shared.model_keys = models, task_runs[0].model_keys
@@ -143,7 +137,6 @@ def _validate(run: _Run, task_runs: list[_Run], engine_keys: list[str]) -> tuple
     images of each task's parity set (test, else train)."""
     from ..deploy.fusion import FoldedHead
     from ..deploy.onnx_export import parity_pixels
-    from ..runtimes.base import InputSpec
     from ..runtimes.compare import judge_outputs
     from ..runtimes.onnxruntime import available_providers
 
@@ -160,26 +153,13 @@ def _validate(run: _Run, task_runs: list[_Run], engine_keys: list[str]) -> tuple
         pixels = torch.cat([parity_pixels(model, t.parity_images(), count=per_task) for t in task_runs]).numpy()
         with torch.no_grad():
             expected = {name: value.numpy() for name, value in module()(torch.from_numpy(pixels)).items()}
-        rows, skipped = [], []
-        files = read_json(run.onnx_dir / "manifest.json", "bank manifest")["graphs"]
-        for entry in RUNTIMES.values():
-            if entry.reference or entry.family not in run.recipe.runtimes:
-                continue
-            reason = entry.unavailable()
-            if reason is not None:
-                skipped.append(f"{entry.name}: {reason}")
-                continue
-            if entry.loads == "module":
-                candidates = [entry.create(module, input_spec=InputSpec("pixel_values", (None, *pixels.shape[1:])))]
-            elif entry.loads == "onnx":
-                candidates = [entry.create(run.onnx_dir / graph) for graph in files.values()]
-            else:
-                candidates = [entry.create(run.out / "engines" / graph.replace(".onnx", ".engine"))
-                              for graph in files.values()]
-            for candidate in candidates:
-                with candidate:
-                    rows += [{"graph": candidate.graph, **row} for row in judge_outputs(
-                        reference_runtime().name, expected, candidate, candidate.infer_outputs(pixels), len(pixels))]
+        graphs = list(read_json(run.onnx_dir / "manifest.json", "bank manifest")["graphs"].values())
+        candidates, skipped = _candidates(run, (None, *pixels.shape[1:]), module, graphs)
+        rows = []
+        for candidate in candidates:
+            with candidate:
+                rows += [{"graph": candidate.graph, **row} for row in judge_outputs(
+                    reference_runtime().name, expected, candidate, candidate.infer_outputs(pixels), len(pixels))]
         write_json(run.out / "validation.json", {"images": int(len(pixels)), "rows": rows, "skipped": skipped})
 
     run.steps.run("validate", {"bank": run.keys["onnx"], "engines": engine_keys, "runtimes": list(run.recipe.runtimes),

@@ -135,16 +135,9 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
         run = _Run(recipe, out, Steps(out, force, log), progress, log)
         outcome = ExportOutcome(out)
         run.precisions = _export_precisions(run)  # a precision that cannot be made stops the run here
-        _data(run)
         specs = model_specs(recipe)
         run.models, run.model_keys = _Models(specs), {tag: model_key(spec) for tag, spec in specs.items()}
-        _caches(run)
-        _heads(run)
-        _extract(run)
-        _transfer(run)
-        _plus(run)
-        if "test" in run.splits:
-            outcome.accuracy = _evaluate(run)
+        outcome.accuracy = task_steps(run)
         _onnx(run)
         outcome.export_dir = run.onnx_dir
         _drop_unasked(run)
@@ -160,6 +153,18 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
     if failures:  # after the report, which shows the failed gate; the other artifacts stay
         raise failures[0]
     return outcome
+
+
+def task_steps(run: _Run) -> list[dict]:
+    """A task's steps up to its adapter and accuracy table (empty without test images): data,
+    caches, heads, extract, transfer, TransMiter+, evaluate. ``run.models`` is set."""
+    _data(run)
+    _caches(run)
+    _heads(run)
+    _extract(run)
+    _transfer(run)
+    _plus(run)
+    return _evaluate(run) if "test" in run.splits else []
 
 
 def _data(run: _Run) -> None:
@@ -490,17 +495,12 @@ def _command_recorded(engine: Path, onnx_sha256: str, profile, workspace_mib: in
             and record.get("profile") == asdict(profile) and record.get("workspace_mib") == workspace_mib)
 
 
-def _candidates(run: _Run, input_shape: tuple) -> tuple[list, list[str]]:
+def _candidates(run: _Run, input_shape: tuple, module: Callable, graphs: list[str]) -> tuple[list, list[str]]:
     """A runner (not yet active) for every registered runtime the recipe names, other than the
-    reference, over every graph it can run; and why each unavailable one is not run."""
+    reference: ``module`` (a zero-argument builder of the PyTorch module) for module runtimes,
+    each of ``graphs`` (in the export directory) or its engine for the others; and why each
+    unavailable runtime is not run."""
     from ..runtimes.base import InputSpec
-
-    def classifier():
-        from ..deploy.fusion import DeployedClassifier, FoldedHead
-
-        return DeployedClassifier(run.models["target"].model.visual,
-                                  FoldedHead(run.head("target"), run.adapter(run.final_stage)),
-                                  softmax=run.recipe.export.softmax)
 
     candidates, skipped = [], []
     for entry in RUNTIMES.values():
@@ -511,12 +511,11 @@ def _candidates(run: _Run, input_shape: tuple) -> tuple[list, list[str]]:
             skipped.append(f"{entry.name}: {reason}")
             continue
         if entry.loads == "module":
-            candidates.append(entry.create(classifier, input_spec=InputSpec("pixel_values", input_shape)))
+            candidates.append(entry.create(module, input_spec=InputSpec("pixel_values", input_shape)))
         elif entry.loads == "onnx":
-            candidates += [entry.create(run.onnx_dir / graph) for graph in _pixel_graphs(run)]
+            candidates += [entry.create(run.onnx_dir / graph) for graph in graphs]
         else:  # "engine"
-            candidates += [entry.create(run.out / "engines" / graph.replace(".onnx", ".engine"))
-                           for graph in _pixel_graphs(run)]
+            candidates += [entry.create(run.out / "engines" / graph.replace(".onnx", ".engine")) for graph in graphs]
     return candidates, skipped
 
 
@@ -529,7 +528,14 @@ def _validate(run: _Run, engine_keys: list[str]) -> tuple[list[dict], list[str]]
     def validate() -> None:
         references = _references(run)
         pixels, expected = references.pixels, references.outputs
-        candidates, skipped = _candidates(run, (None, *pixels.shape[1:]))
+        def classifier():
+            from ..deploy.fusion import DeployedClassifier, FoldedHead
+
+            return DeployedClassifier(run.models["target"].model.visual,
+                                      FoldedHead(run.head("target"), run.adapter(run.final_stage)),
+                                      softmax=run.recipe.export.softmax)
+
+        candidates, skipped = _candidates(run, (None, *pixels.shape[1:]), classifier, _pixel_graphs(run))
         rows = []
         for candidate in candidates:
             with candidate:
