@@ -9,7 +9,7 @@
 
 namespace transmiter {
 
-std::unique_ptr<Classifier> make_head_classifier(const Manifest& manifest);
+std::unique_ptr<Classifier> make_head_classifier(const Manifest& manifest, const Options& options);
 std::unique_ptr<Classifier> make_onnxruntime_classifier(const Manifest& manifest, const Options& options);
 std::unique_ptr<Classifier> make_tensorrt_classifier(const Manifest& manifest, const Options& options);
 
@@ -21,6 +21,7 @@ void check_pixels(const Tensor& batch, const Manifest& manifest);
 }  // namespace transmiter
 
 namespace transmiter {
-// The head backend from an already verified head.safetensors buffer (used by the fuzz test).
+// The head backend of a one-task manifest from its already verified head.safetensors buffer
+// (used by the fuzz test).
 std::unique_ptr<Classifier> make_head_classifier(const Manifest& manifest, const std::vector<std::uint8_t>& buffer);
 }  // namespace transmiter

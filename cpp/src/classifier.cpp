@@ -48,8 +48,41 @@ void check_pixels(const Tensor& batch, const Manifest& manifest) {
   }
 }
 
+Classifier::Classifier(Manifest manifest, const std::vector<std::string>& tasks) : manifest_(std::move(manifest)) {
+  for (const std::string& name : tasks) manifest_.task(name);  // refuses an unknown name, listing the known ones
+  for (const TaskSpec& task : manifest_.tasks) {
+    if (tasks.empty() || std::find(tasks.begin(), tasks.end(), task.name) != tasks.end()) tasks_.push_back(task);
+  }
+}
+
+std::vector<std::string> Classifier::task_names() const {
+  std::vector<std::string> names;
+  for (const TaskSpec& task : tasks_) names.push_back(task.name);
+  return names;
+}
+
+const TaskSpec& Classifier::only_task(const char* what) const {
+  if (tasks_.size() != 1) {
+    std::string names;
+    for (const TaskSpec& task : tasks_) names += (names.empty() ? "" : ", ") + task.name;
+    detail::input_error(std::string(what) + ": this classifier runs " + std::to_string(tasks_.size()) + " tasks (" + names +
+                        "); name one, or load one with Options::tasks");
+  }
+  return tasks_[0];
+}
+
+Tensor Classifier::classify(const Tensor& batch) {
+  only_task("classify");
+  return std::move(classify_tasks(batch).at(0));
+}
+
 std::vector<std::vector<Prediction>> Classifier::top_k(const Tensor& outputs, int k) const {
-  const std::int64_t width = static_cast<std::int64_t>(manifest_.class_names.size());
+  return top_k(outputs, k, only_task("top_k").name);
+}
+
+std::vector<std::vector<Prediction>> Classifier::top_k(const Tensor& outputs, int k, const std::string& task) const {
+  const std::vector<std::string>& class_names = manifest_.task(task).class_names;
+  const std::int64_t width = static_cast<std::int64_t>(class_names.size());
   if (outputs.shape.size() != 2 || outputs.shape[1] != width) {
     detail::input_error("outputs must have shape (batch, " + std::to_string(width) + ")");
   }
@@ -65,7 +98,7 @@ std::vector<std::vector<Prediction>> Classifier::top_k(const Tensor& outputs, in
                       [row](int a, int c) { return row[a] > row[c] || (row[a] == row[c] && a < c); });
     std::vector<Prediction> top;
     for (int r = 0; r < take; ++r) {
-      top.push_back({r + 1, order[r], manifest_.class_names[static_cast<std::size_t>(order[r])], row[order[r]]});
+      top.push_back({r + 1, order[r], class_names[static_cast<std::size_t>(order[r])], row[order[r]]});
     }
     result.push_back(std::move(top));
   }
@@ -107,7 +140,7 @@ std::unique_ptr<Classifier> load_classifier(const Manifest& manifest, Backend ba
                                             " backend was not built into this library (see cpp/README.md)");
   }
   switch (backend) {
-    case Backend::Head: return make_head_classifier(manifest);
+    case Backend::Head: return make_head_classifier(manifest, options);
     case Backend::OnnxRuntime: return make_onnxruntime_classifier(manifest, options);
     case Backend::TensorRT: return make_tensorrt_classifier(manifest, options);
   }

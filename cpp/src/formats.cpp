@@ -1,8 +1,6 @@
-// The two on-disk formats the runtime reads: manifest.json and safetensors (plus engine
-// manifests). Both are untrusted input: every key, type, size and offset is checked and any
-// problem is one Error naming the file, never a crash.
-#include <nlohmann/json.hpp>
-
+// The on-disk formats below the manifest (manifest.cpp): safetensors, engine manifests, strict
+// JSON and whole-file reads. All are untrusted input: every key, type, size and offset is
+// checked and any problem is one Error naming the file, never a crash.
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -13,12 +11,10 @@
 #include <set>
 #include <sys/stat.h>
 
-#include "detail.hpp"
+#include "json_fields.hpp"
 
 namespace transmiter {
 namespace detail {
-
-using json = nlohmann::json;
 
 void fail(ErrorKind kind, const std::string& message) { throw Error(kind, one_line(message)); }
 
@@ -68,8 +64,6 @@ long long parse_int(const std::string& text, const std::string& what, long long 
   }
   return value;
 }
-
-namespace {
 
 // nlohmann accepts duplicate keys (the last wins); a manifest or header with two values for one
 // key is ambiguous, so refuse it. Invalid UTF-8 and trailing garbage are parse errors already.
@@ -134,6 +128,8 @@ bool is_hex64(const std::string& text) {
            return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
          });
 }
+
+namespace {
 
 std::size_t dtype_size(const std::string& dtype) {
   static const std::map<std::string, std::size_t> sizes = {
@@ -291,122 +287,4 @@ EngineManifest parse_engine_manifest(const std::string& text, const std::string&
 }
 
 }  // namespace detail
-
-using detail::input_error;
-using detail::json;
-
-Manifest Manifest::parse(const std::string& text, const std::string& path) {
-  const std::string& where = path;
-  json root = detail::parse_strict_json(text, "manifest " + path);
-  Manifest manifest;
-  manifest.path = path;
-  std::size_t slash = path.find_last_of('/');
-  manifest.directory = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
-  manifest.format = detail::string_member(root, "format", where);
-  if (manifest.format != "transmiter-deploy/onnx-export") {
-    input_error(where + ": format is '" + manifest.format + "', expected 'transmiter-deploy/onnx-export'");
-  }
-  manifest.format_version = static_cast<int>(detail::int_member(root, "format_version", where, 1, 1000000));
-  if (manifest.format_version > 1) {
-    input_error(where + ": format version " + std::to_string(manifest.format_version) +
-                " is newer than this runtime understands (1); upgrade it");
-  }
-  const json& files = detail::member(root, "files", where);
-  if (!files.is_object() || files.empty()) input_error(where + ": 'files' must be a non-empty object");
-  for (auto it = files.begin(); it != files.end(); ++it) {
-    const std::string at = where + ": files['" + it.key() + "']";
-    // File names are plain names inside the export directory: no paths, no escapes.
-    if (it.key().empty() || it.key().find('/') != std::string::npos || it.key() == "." || it.key() == ".." ||
-        it.key().find('\0') != std::string::npos) {
-      input_error(at + ": not a plain file name");
-    }
-    if (!it->is_object()) input_error(at + " must be an object");
-    FileEntry entry;
-    entry.sha256 = detail::string_member(*it, "sha256", at);
-    if (!detail::is_hex64(entry.sha256)) input_error(at + ": sha256 must be 64 lower-case hex digits");
-    entry.bytes = static_cast<std::uint64_t>(detail::int_member(*it, "bytes", at, 0, INT64_MAX));
-    if (it->contains("precision")) entry.precision = detail::string_member(*it, "precision", at);
-    manifest.files.emplace(it.key(), entry);
-  }
-  manifest.output = detail::string_member(root, "output", where);
-  if (manifest.output != "logits" && manifest.output != "probabilities") {
-    input_error(where + ": output must be 'logits' or 'probabilities', got '" + manifest.output + "'");
-  }
-  const json& names = detail::member(root, "class_names", where);
-  if (!names.is_array() || names.empty() || names.size() > 1000000) input_error(where + ": 'class_names' must be a non-empty list");
-  for (const json& name : names) {
-    if (!name.is_string()) input_error(where + ": 'class_names' must be a list of strings");
-    manifest.class_names.push_back(name.get<std::string>());
-  }
-  manifest.feature_dim = static_cast<int>(detail::int_member(root, "feature_dim", where, 1, 1 << 20));
-
-  const json& pre = detail::member(root, "preprocess", where);
-  const std::string at = where + ": preprocess";
-  if (!pre.is_object()) input_error(at + " must be an object");
-  PreprocessConfig& config = manifest.preprocess;
-  const json& size = detail::member(pre, "image_size", at);
-  if (!size.is_array() || size.size() != 2) input_error(at + ".image_size must be [height, width]");
-  for (int i = 0; i < 2; ++i) {
-    if (!size[i].is_number_integer() || size[i].get<long long>() < 1 || size[i].get<long long>() > 16384) {
-      input_error(at + ".image_size entries must be integers in [1, 16384]");
-    }
-  }
-  config.height = size[0].get<int>();
-  config.width = size[1].get<int>();
-  for (const char* key : {"mean", "std"}) {
-    const json& values = detail::member(pre, key, at);
-    if (!values.is_array() || values.size() != 3) input_error(at + "." + key + " must be 3 numbers (R, G, B)");
-    for (int c = 0; c < 3; ++c) {
-      // float32, as torchvision's Normalize holds them
-      float v = static_cast<float>(detail::number_value(values[c], at + "." + key));
-      (std::string(key) == "mean" ? config.mean : config.std)[c] = v;
-    }
-  }
-  for (float s : config.std) {
-    if (!(s > 0)) input_error(at + ".std entries must be positive");
-  }
-  config.interpolation = detail::string_member(pre, "interpolation", at);
-  if (config.interpolation != "bicubic" && config.interpolation != "bilinear") {
-    input_error(at + ".interpolation '" + config.interpolation + "' is not supported (bicubic, bilinear)");
-  }
-  config.resize_mode = detail::string_member(pre, "resize_mode", at);
-  static const std::map<std::string, std::string> crops = {{"shortest", "center"}, {"longest", "pad-center"}, {"squash", "none"}};
-  auto crop = crops.find(config.resize_mode);
-  if (crop == crops.end()) input_error(at + ".resize_mode '" + config.resize_mode + "' is not supported (shortest, longest, squash)");
-  config.crop = pre.contains("crop") ? detail::string_member(pre, "crop", at) : crop->second;
-  if (config.crop != crop->second) {
-    input_error(at + ".crop '" + config.crop + "' does not go with resize_mode '" + config.resize_mode + "'");
-  }
-  if (pre.contains("rescale_factor")) {
-    double factor = detail::number_value(pre["rescale_factor"], at + ".rescale_factor");
-    if (std::fabs(factor - 1.0 / 255.0) > 1e-12) input_error(at + ".rescale_factor must be 1/255");
-  }
-  if (pre.contains("layout") && detail::string_member(pre, "layout", at) != "NCHW") input_error(at + ".layout must be NCHW");
-  if (pre.contains("color_order") && detail::string_member(pre, "color_order", at) != "RGB") {
-    input_error(at + ".color_order must be RGB");
-  }
-  return manifest;
-}
-
-Manifest Manifest::load(const std::string& path) {
-  std::vector<std::uint8_t> bytes = detail::read_file(path, "manifest", std::uint64_t(256) << 20);
-  return parse(std::string(bytes.begin(), bytes.end()), path);
-}
-
-std::string Manifest::file_path(const std::string& name) const { return directory + "/" + name; }
-
-std::vector<std::uint8_t> Manifest::read_verified(const std::string& name) const {
-  auto it = files.find(name);
-  if (it == files.end()) input_error(path + ": 'files' does not list " + name);
-  std::vector<std::uint8_t> data = detail::read_file(file_path(name), name);
-  if (data.size() != it->second.bytes) {
-    input_error(file_path(name) + " has " + std::to_string(data.size()) + " bytes, the manifest says " +
-                std::to_string(it->second.bytes) + " (truncated or modified)");
-  }
-  if (sha256_hex(data.data(), data.size()) != it->second.sha256) {
-    input_error(file_path(name) + " does not match the sha256 in its manifest (truncated or modified)");
-  }
-  return data;
-}
-
 }  // namespace transmiter

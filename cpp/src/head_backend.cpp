@@ -1,23 +1,18 @@
 // The head backend: the fused TransMiter head (DESIGN.md section 3) on image features, from
-// head.safetensors. No dependencies; single-threaded; float32 GEMVs with the statistics
-// accumulated in double.
+// head.safetensors (FoldedHead, one per task of a bank). No dependencies; single-threaded;
+// float32 GEMVs with the statistics accumulated in double.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "backends.hpp"
 #include "detail.hpp"
+#include "folded_head.hpp"
 
 namespace transmiter {
 namespace {
 
 using detail::input_error;
-
-struct Block {
-  std::vector<float> norm_weight, norm_bias;  // (D)
-  std::vector<float> fc1_t, fc1_bias;         // (D, H): fc1.weight transposed, (H)
-  std::vector<float> fc2_t, fc2_bias;         // (H, D): fc2.weight transposed, (D)
-};
 
 // y[b, :] = bias + x[b, :] W for W (in, out) row-major.
 //
@@ -93,142 +88,161 @@ std::string meta(const detail::SafeTensors& file, const char* key, const std::st
   return it->second;
 }
 
+}  // namespace
+
+FoldedHead::FoldedHead(const Manifest& manifest, const TaskSpec& task)
+    : FoldedHead(manifest.read_verified(task.head_safetensors), manifest.file_path(task.head_safetensors), manifest, task) {}
+
+FoldedHead::FoldedHead(const std::vector<std::uint8_t>& buffer, const std::string& where, const Manifest& manifest,
+                       const TaskSpec& task)
+    : probabilities_(manifest.output == "probabilities") {
+  detail::SafeTensors file = detail::parse_safetensors(buffer.data(), buffer.size(), where);
+  if (meta(file, "format", where) != "transmiter-deploy/folded-head") input_error(where + ": not a transmiter-deploy head file");
+  if (detail::parse_int(meta(file, "format_version", where), where + " format_version", 1, 1000000) > 1) {
+    input_error(where + ": head format version is newer than this runtime understands (1)");
+  }
+  const long long limit = 1 << 20;
+  d_ = detail::parse_int(meta(file, "feature_dim", where), where + " feature_dim", 1, limit);
+  latent_ = detail::parse_int(meta(file, "latent_dim", where), where + " latent_dim", 1, limit);
+  hidden_ = detail::parse_int(meta(file, "hidden_dim", where), where + " hidden_dim", 0, limit);
+  k_ = detail::parse_int(meta(file, "num_task_classes", where), where + " num_task_classes", 1, limit);
+  const long long layers = detail::parse_int(meta(file, "num_layers", where), where + " num_layers", 0, 256);
+  dof_ = static_cast<double>(detail::parse_int(meta(file, "dof", where), where + " dof", 1, INT32_MAX));
+  eps_ = detail::parse_double(meta(file, "eps", where), where + " eps");
+  alpha_ = detail::parse_double(meta(file, "alpha", where), where + " alpha");
+  ln_eps_ = detail::parse_double(meta(file, "layer_norm_eps", where), where + " layer_norm_eps");
+  normalise_eps_ = detail::parse_double(meta(file, "normalise_eps", where), where + " normalise_eps");
+  if (!(eps_ > 0) || !(ln_eps_ > 0) || !(normalise_eps_ > 0)) input_error(where + ": eps values must be positive");
+  sigma_mode_ = meta(file, "sigma_mode", where);
+  if (sigma_mode_ != "norm" && sigma_mode_ != "gram") input_error(where + ": sigma_mode must be 'norm' or 'gram'");
+  if (meta(file, "activation", where) != "gelu-erf") input_error(where + ": only the exact (erf) GELU is supported");
+  if (meta(file, "input_normalisation", where) != "l2") input_error(where + ": input_normalisation must be 'l2'");
+  if (meta(file, "output", where) != "logits") input_error(where + ": output must be 'logits'");
+  if (d_ != manifest.feature_dim) {
+    input_error(where + ": feature_dim " + std::to_string(d_) + " but the manifest says " + std::to_string(manifest.feature_dim));
+  }
+  if (k_ != static_cast<long long>(task.class_names.size())) {
+    input_error(where + ": " + std::to_string(k_) + " task classes but the manifest names " +
+                std::to_string(task.class_names.size()));
+  }
+  if (layers > 0 && hidden_ < 1) input_error(where + ": hidden_dim must be positive");
+
+  std::size_t expected = 3 + (sigma_mode_ == "gram") + 6 * static_cast<std::size_t>(layers);
+  if (file.tensors.size() != expected) {
+    input_error(where + ": holds " + std::to_string(file.tensors.size()) + " tensors, expected " + std::to_string(expected));
+  }
+  mean_ = file.f32(buffer, "mean_vector", {d_}, where);
+  push_ = file.f32(buffer, "push", {d_, latent_}, where);
+  pull_ = file.f32(buffer, "pull", {latent_, k_}, where);
+  if (sigma_mode_ == "gram") gram_ = file.f32(buffer, "gram", {d_, d_}, where);
+  for (long long i = 0; i < layers; ++i) {
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    Block block;
+    block.norm_weight = file.f32(buffer, p + "norm.weight", {latent_}, where);
+    block.norm_bias = file.f32(buffer, p + "norm.bias", {latent_}, where);
+    block.fc1_t = transpose(file.f32(buffer, p + "fc1.weight", {hidden_, latent_}, where), hidden_, latent_);
+    block.fc1_bias = file.f32(buffer, p + "fc1.bias", {hidden_}, where);
+    block.fc2_t = transpose(file.f32(buffer, p + "fc2.weight", {latent_, hidden_}, where), latent_, hidden_);
+    block.fc2_bias = file.f32(buffer, p + "fc2.bias", {latent_}, where);
+    blocks_.push_back(std::move(block));
+  }
+}
+
+Tensor FoldedHead::classify(const Tensor& batch) {
+  if (batch.shape.size() != 2 || batch.shape[1] != d_ || batch.shape[0] < 1) {
+    input_error("features must have shape (batch, " + std::to_string(d_) + "), got " + shape_string(batch.shape));
+  }
+  const std::int64_t n = batch.shape[0];
+  if (static_cast<std::int64_t>(batch.data.size()) != n * d_) input_error("feature tensor data does not match its shape");
+  // L2 normalisation as torch.nn.functional.normalize: f / max(||f||, eps).
+  std::vector<float> f(batch.data);
+  for (std::int64_t b = 0; b < n; ++b) {
+    double sum = 0;
+    for (std::int64_t i = 0; i < d_; ++i) {
+      float v = f[b * d_ + i];
+      if (!std::isfinite(v)) input_error("feature row " + std::to_string(b) + " holds NaN or inf");
+      sum += double(v) * v;
+    }
+    const float norm = static_cast<float>(std::max(std::sqrt(sum), normalise_eps_));
+    for (std::int64_t i = 0; i < d_; ++i) f[b * d_ + i] /= norm;
+  }
+  std::vector<float> latent(n * latent_);
+  matmul(f.data(), n, d_, push_.data(), latent_, latent.data(), nullptr, partial_);
+  std::vector<float> mu(n), sigma(n);
+  std::vector<float> fg;
+  if (sigma_mode_ == "gram") {
+    fg.resize(n * d_);
+    matmul(f.data(), n, d_, gram_.data(), d_, fg.data(), nullptr, partial_);
+  }
+  for (std::int64_t b = 0; b < n; ++b) {
+    double m = 0, squares = 0;
+    for (std::int64_t i = 0; i < d_; ++i) m += double(f[b * d_ + i]) * mean_[i];
+    if (sigma_mode_ == "gram") {
+      for (std::int64_t i = 0; i < d_; ++i) squares += double(fg[b * d_ + i]) * f[b * d_ + i];
+    } else {
+      for (std::int64_t j = 0; j < latent_; ++j) squares += double(latent[b * latent_ + j]) * latent[b * latent_ + j];
+    }
+    mu[b] = static_cast<float>(m);
+    sigma[b] = static_cast<float>(std::sqrt(std::max(squares, 0.0) / dof_));
+    const float scale = sigma[b] + static_cast<float>(eps_);
+    for (std::int64_t j = 0; j < latent_; ++j) latent[b * latent_ + j] /= scale;
+  }
+  std::vector<float> normed(n * latent_), hidden(n * hidden_), update(n * latent_);
+  for (const Block& block : blocks_) {
+    for (std::int64_t b = 0; b < n; ++b) {  // LayerNorm (biased variance, as torch)
+      const float* x = latent.data() + b * latent_;
+      double mean = 0, var = 0;
+      for (std::int64_t j = 0; j < latent_; ++j) mean += x[j];
+      mean /= latent_;
+      for (std::int64_t j = 0; j < latent_; ++j) var += (x[j] - mean) * (x[j] - mean);
+      var /= latent_;
+      const double inv = 1.0 / std::sqrt(var + ln_eps_);
+      float* y = normed.data() + b * latent_;
+      for (std::int64_t j = 0; j < latent_; ++j) {
+        y[j] = static_cast<float>((x[j] - mean) * inv) * block.norm_weight[j] + block.norm_bias[j];
+      }
+    }
+    matmul(normed.data(), n, latent_, block.fc1_t.data(), hidden_, hidden.data(), block.fc1_bias.data(), partial_);
+    for (float& h : hidden) h = 0.5f * h * (1.0f + std::erf(h * 0.70710678118654752440f));  // exact GELU
+    matmul(hidden.data(), n, hidden_, block.fc2_t.data(), latent_, update.data(), block.fc2_bias.data(), partial_);
+    const float alpha = static_cast<float>(alpha_);
+    for (std::size_t j = 0; j < latent.size(); ++j) latent[j] += alpha * update[j];
+  }
+  Tensor out({n, k_});
+  matmul(latent.data(), n, latent_, pull_.data(), k_, out.data.data(), nullptr, partial_);
+  for (std::int64_t b = 0; b < n; ++b) {
+    float* row = out.row(b);
+    for (std::int64_t c = 0; c < k_; ++c) row[c] = row[c] * sigma[b] + mu[b];
+  }
+  if (probabilities_) softmax_rows(out);
+  return out;
+}
+
+namespace {
+
+// One FoldedHead per task, each on the caller's features.
 class HeadClassifier final : public Classifier {
  public:
-  HeadClassifier(Manifest manifest, const std::vector<std::uint8_t>& buffer) : Classifier(std::move(manifest)) {
-    const std::string where = manifest_.file_path("head.safetensors");
-    detail::SafeTensors file = detail::parse_safetensors(buffer.data(), buffer.size(), where);
-    if (meta(file, "format", where) != "transmiter-deploy/folded-head") input_error(where + ": not a transmiter-deploy head file");
-    if (detail::parse_int(meta(file, "format_version", where), where + " format_version", 1, 1000000) > 1) {
-      input_error(where + ": head format version is newer than this runtime understands (1)");
-    }
-    const long long limit = 1 << 20;
-    d_ = detail::parse_int(meta(file, "feature_dim", where), where + " feature_dim", 1, limit);
-    latent_ = detail::parse_int(meta(file, "latent_dim", where), where + " latent_dim", 1, limit);
-    hidden_ = detail::parse_int(meta(file, "hidden_dim", where), where + " hidden_dim", 0, limit);
-    k_ = detail::parse_int(meta(file, "num_task_classes", where), where + " num_task_classes", 1, limit);
-    const long long layers = detail::parse_int(meta(file, "num_layers", where), where + " num_layers", 0, 256);
-    dof_ = static_cast<double>(detail::parse_int(meta(file, "dof", where), where + " dof", 1, INT32_MAX));
-    eps_ = detail::parse_double(meta(file, "eps", where), where + " eps");
-    alpha_ = detail::parse_double(meta(file, "alpha", where), where + " alpha");
-    ln_eps_ = detail::parse_double(meta(file, "layer_norm_eps", where), where + " layer_norm_eps");
-    normalise_eps_ = detail::parse_double(meta(file, "normalise_eps", where), where + " normalise_eps");
-    if (!(eps_ > 0) || !(ln_eps_ > 0) || !(normalise_eps_ > 0)) input_error(where + ": eps values must be positive");
-    sigma_mode_ = meta(file, "sigma_mode", where);
-    if (sigma_mode_ != "norm" && sigma_mode_ != "gram") input_error(where + ": sigma_mode must be 'norm' or 'gram'");
-    if (meta(file, "activation", where) != "gelu-erf") input_error(where + ": only the exact (erf) GELU is supported");
-    if (meta(file, "input_normalisation", where) != "l2") input_error(where + ": input_normalisation must be 'l2'");
-    if (meta(file, "output", where) != "logits") input_error(where + ": output must be 'logits'");
-    if (d_ != manifest_.feature_dim) {
-      input_error(where + ": feature_dim " + std::to_string(d_) + " but the manifest says " + std::to_string(manifest_.feature_dim));
-    }
-    if (k_ != static_cast<long long>(manifest_.class_names.size())) {
-      input_error(where + ": " + std::to_string(k_) + " task classes but the manifest names " +
-                  std::to_string(manifest_.class_names.size()));
-    }
-    if (layers > 0 && hidden_ < 1) input_error(where + ": hidden_dim must be positive");
-
-    std::size_t expected = 3 + (sigma_mode_ == "gram") + 6 * static_cast<std::size_t>(layers);
-    if (file.tensors.size() != expected) {
-      input_error(where + ": holds " + std::to_string(file.tensors.size()) + " tensors, expected " + std::to_string(expected));
-    }
-    mean_ = file.f32(buffer, "mean_vector", {d_}, where);
-    push_ = file.f32(buffer, "push", {d_, latent_}, where);
-    pull_ = file.f32(buffer, "pull", {latent_, k_}, where);
-    if (sigma_mode_ == "gram") gram_ = file.f32(buffer, "gram", {d_, d_}, where);
-    for (long long i = 0; i < layers; ++i) {
-      const std::string p = "blocks." + std::to_string(i) + ".";
-      Block block;
-      block.norm_weight = file.f32(buffer, p + "norm.weight", {latent_}, where);
-      block.norm_bias = file.f32(buffer, p + "norm.bias", {latent_}, where);
-      block.fc1_t = transpose(file.f32(buffer, p + "fc1.weight", {hidden_, latent_}, where), hidden_, latent_);
-      block.fc1_bias = file.f32(buffer, p + "fc1.bias", {hidden_}, where);
-      block.fc2_t = transpose(file.f32(buffer, p + "fc2.weight", {latent_, hidden_}, where), latent_, hidden_);
-      block.fc2_bias = file.f32(buffer, p + "fc2.bias", {latent_}, where);
-      blocks_.push_back(std::move(block));
-    }
+  HeadClassifier(Manifest manifest, const Options& options) : Classifier(std::move(manifest), options.tasks) {
+    for (const TaskSpec& task : tasks_) heads_.emplace_back(manifest_, task);
+  }
+  // A manifest of one task, with its head file already read (the fuzz test's entry).
+  HeadClassifier(Manifest manifest, const std::vector<std::uint8_t>& buffer) : Classifier(std::move(manifest), {}) {
+    if (tasks_.size() != 1) input_error(manifest_.path + ": a head file in memory serves a manifest of one task");
+    heads_.emplace_back(buffer, manifest_.file_path(tasks_[0].head_safetensors), manifest_, tasks_[0]);
   }
 
   InputKind input_kind() const override { return InputKind::Features; }
   Backend backend() const override { return Backend::Head; }
 
-  Tensor classify(const Tensor& batch) override {
-    if (batch.shape.size() != 2 || batch.shape[1] != d_ || batch.shape[0] < 1) {
-      input_error("features must have shape (batch, " + std::to_string(d_) + "), got " + shape_string(batch.shape));
-    }
-    const std::int64_t n = batch.shape[0];
-    if (static_cast<std::int64_t>(batch.data.size()) != n * d_) input_error("feature tensor data does not match its shape");
-    // L2 normalisation as torch.nn.functional.normalize: f / max(||f||, eps).
-    std::vector<float> f(batch.data);
-    for (std::int64_t b = 0; b < n; ++b) {
-      double sum = 0;
-      for (std::int64_t i = 0; i < d_; ++i) {
-        float v = f[b * d_ + i];
-        if (!std::isfinite(v)) input_error("feature row " + std::to_string(b) + " holds NaN or inf");
-        sum += double(v) * v;
-      }
-      const float norm = static_cast<float>(std::max(std::sqrt(sum), normalise_eps_));
-      for (std::int64_t i = 0; i < d_; ++i) f[b * d_ + i] /= norm;
-    }
-    std::vector<float> latent(n * latent_);
-    matmul(f.data(), n, d_, push_.data(), latent_, latent.data(), nullptr, partial_);
-    std::vector<float> mu(n), sigma(n);
-    std::vector<float> fg;
-    if (sigma_mode_ == "gram") {
-      fg.resize(n * d_);
-      matmul(f.data(), n, d_, gram_.data(), d_, fg.data(), nullptr, partial_);
-    }
-    for (std::int64_t b = 0; b < n; ++b) {
-      double m = 0, squares = 0;
-      for (std::int64_t i = 0; i < d_; ++i) m += double(f[b * d_ + i]) * mean_[i];
-      if (sigma_mode_ == "gram") {
-        for (std::int64_t i = 0; i < d_; ++i) squares += double(fg[b * d_ + i]) * f[b * d_ + i];
-      } else {
-        for (std::int64_t j = 0; j < latent_; ++j) squares += double(latent[b * latent_ + j]) * latent[b * latent_ + j];
-      }
-      mu[b] = static_cast<float>(m);
-      sigma[b] = static_cast<float>(std::sqrt(std::max(squares, 0.0) / dof_));
-      const float scale = sigma[b] + static_cast<float>(eps_);
-      for (std::int64_t j = 0; j < latent_; ++j) latent[b * latent_ + j] /= scale;
-    }
-    std::vector<float> normed(n * latent_), hidden(n * hidden_), update(n * latent_);
-    for (const Block& block : blocks_) {
-      for (std::int64_t b = 0; b < n; ++b) {  // LayerNorm (biased variance, as torch)
-        const float* x = latent.data() + b * latent_;
-        double mean = 0, var = 0;
-        for (std::int64_t j = 0; j < latent_; ++j) mean += x[j];
-        mean /= latent_;
-        for (std::int64_t j = 0; j < latent_; ++j) var += (x[j] - mean) * (x[j] - mean);
-        var /= latent_;
-        const double inv = 1.0 / std::sqrt(var + ln_eps_);
-        float* y = normed.data() + b * latent_;
-        for (std::int64_t j = 0; j < latent_; ++j) {
-          y[j] = static_cast<float>((x[j] - mean) * inv) * block.norm_weight[j] + block.norm_bias[j];
-        }
-      }
-      matmul(normed.data(), n, latent_, block.fc1_t.data(), hidden_, hidden.data(), block.fc1_bias.data(), partial_);
-      for (float& h : hidden) h = 0.5f * h * (1.0f + std::erf(h * 0.70710678118654752440f));  // exact GELU
-      matmul(hidden.data(), n, hidden_, block.fc2_t.data(), latent_, update.data(), block.fc2_bias.data(), partial_);
-      const float alpha = static_cast<float>(alpha_);
-      for (std::size_t j = 0; j < latent.size(); ++j) latent[j] += alpha * update[j];
-    }
-    Tensor out({n, k_});
-    matmul(latent.data(), n, latent_, pull_.data(), k_, out.data.data(), nullptr, partial_);
-    for (std::int64_t b = 0; b < n; ++b) {
-      float* row = out.row(b);
-      for (std::int64_t c = 0; c < k_; ++c) row[c] = row[c] * sigma[b] + mu[b];
-    }
-    if (manifest_.output == "probabilities") softmax_rows(out);
-    return out;
+  std::vector<Tensor> classify_tasks(const Tensor& batch) override {
+    std::vector<Tensor> outputs;
+    for (FoldedHead& head : heads_) outputs.push_back(head.classify(batch));
+    return outputs;
   }
 
  private:
-  std::int64_t d_ = 0, latent_ = 0, hidden_ = 0, k_ = 0;
-  double dof_ = 1, eps_ = 1e-6, alpha_ = 1, ln_eps_ = 1e-5, normalise_eps_ = 1e-12;
-  std::string sigma_mode_;
-  std::vector<float> mean_, push_, pull_, gram_;
-  std::vector<Block> blocks_;
-  std::vector<float> partial_;  // scratch for matmul's partial sums (one Classifier per thread)
+  std::vector<FoldedHead> heads_;  // one per task of tasks_
 };
 
 }  // namespace
@@ -237,8 +251,8 @@ std::unique_ptr<Classifier> make_head_classifier(const Manifest& manifest, const
   return std::unique_ptr<Classifier>(new HeadClassifier(manifest, buffer));
 }
 
-std::unique_ptr<Classifier> make_head_classifier(const Manifest& manifest) {
-  return make_head_classifier(manifest, manifest.read_verified("head.safetensors"));
+std::unique_ptr<Classifier> make_head_classifier(const Manifest& manifest, const Options& options) {
+  return std::unique_ptr<Classifier>(new HeadClassifier(manifest, options));
 }
 
 }  // namespace transmiter

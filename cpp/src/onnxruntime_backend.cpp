@@ -1,4 +1,7 @@
-// The ONNX Runtime backend: model.onnx (or another pixels graph of the export, Options::graph) on pixels.
+// The ONNX Runtime backend: model.onnx (or another pixels graph of the export, Options::graph) on
+// pixels. On a bank: its backbone graph once per batch, then each task's FoldedHead on the
+// features (the head backend's code, so both backends agree on every head); or, when
+// Options::graph names one, a fused graph with each task's output read by name.
 //
 // ONNX Runtime is loaded at run time with dlopen + OrtGetApiBase: the PyPI wheels ship
 // libonnxruntime.so.<version> with version-tagged symbols and no headers, and the headers we
@@ -10,11 +13,13 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 
 #include "backends.hpp"
 #include "detail.hpp"
+#include "folded_head.hpp"
 
 #ifndef TRANSMITER_ONNXRUNTIME_DEFAULT
 #define TRANSMITER_ONNXRUNTIME_DEFAULT "libonnxruntime.so"
@@ -56,16 +61,51 @@ void init_api(const std::string& path) {
   loaded = path;
 }
 
+bool ends_with(const std::string& text, const std::string& tail) {
+  return text.size() >= tail.size() && text.compare(text.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+bool names_a_value(const std::map<std::string, std::string>& graphs, const std::string& file) {
+  for (const auto& entry : graphs) {
+    if (entry.second == file) return true;
+  }
+  return false;
+}
+
+// A single-task export runs model.onnx; a bank by default its fp32 backbone, so that the
+// backbone runs once and each selected task costs only its head.
+std::string default_graph(const Manifest& manifest) {
+  if (!manifest.is_bank()) return "model.onnx";
+  auto fp32 = manifest.backbone_graphs.find("fp32");
+  if (fp32 == manifest.backbone_graphs.end()) detail::input_error(manifest.path + ": the bank lists no fp32 backbone graph");
+  return fp32->second;
+}
+
+// What one graph of the export computes for the classifier's tasks:
+//   Export   model.onnx and the like: its one output is the only task's
+//   Fused    a bank's model*.onnx: one output per task, read by name
+//   Backbone a bank's backbone*.onnx: image features, which each task's FoldedHead classifies
+enum class GraphRole { Export, Fused, Backbone };
+
 class OnnxRuntimeClassifier final : public Classifier {
  public:
-  OnnxRuntimeClassifier(Manifest manifest, const Options& options) : Classifier(std::move(manifest)) {
+  OnnxRuntimeClassifier(Manifest manifest, const Options& options) : Classifier(std::move(manifest), options.tasks) {
     init_api(library_path(options));
     // Read and verify the graph ourselves, then hand ONNX Runtime the verified bytes (no
     // second read of a file that could have changed in between).
-    graph_ = options.graph.empty() ? "model.onnx" : options.graph;
+    graph_ = options.graph.empty() ? default_graph(manifest_) : options.graph;
     auto listed = manifest_.files.find(graph_);
-    if (listed == manifest_.files.end() || graph_.size() < 5 || graph_.compare(graph_.size() - 5, 5, ".onnx") != 0) {
+    if (listed == manifest_.files.end() || !ends_with(graph_, ".onnx")) {
       detail::input_error(manifest_.path + " lists no ONNX graph '" + graph_ + "'");
+    }
+    if (manifest_.is_bank()) {
+      if (names_a_value(manifest_.backbone_graphs, graph_)) {
+        role_ = GraphRole::Backbone;
+      } else if (names_a_value(manifest_.graphs, graph_)) {
+        role_ = GraphRole::Fused;
+      } else {  // e.g. a head graph: it does not take pixels
+        detail::input_error(manifest_.path + ": '" + graph_ + "' is neither a backbone graph nor a fused graph of the bank");
+      }
     }
     std::vector<std::uint8_t> model = manifest_.read_verified(graph_);
     try {
@@ -79,11 +119,15 @@ class OnnxRuntimeClassifier final : public Classifier {
       if (listed->second.precision == "mixed-fp16") session_options.SetGraphOptimizationLevel(ORT_DISABLE_ALL);
       session_ = std::make_unique<Ort::Session>(*env_, model.data(), model.size(), session_options);
       Ort::AllocatorWithDefaultOptions allocator;
-      if (session_->GetInputCount() != 1 || session_->GetOutputCount() != 1) {
-        detail::input_error(graph_ + " must have one input and one output");
+      if (session_->GetInputCount() != 1 || (role_ != GraphRole::Fused && session_->GetOutputCount() != 1)) {
+        detail::input_error(graph_ + (role_ == GraphRole::Fused ? " must have one input" : " must have one input and one output"));
       }
       input_name_ = session_->GetInputNameAllocated(0, allocator).get();
-      output_name_ = session_->GetOutputNameAllocated(0, allocator).get();
+      std::vector<std::string> outputs;
+      for (std::size_t i = 0; i < session_->GetOutputCount(); ++i) {
+        outputs.push_back(session_->GetOutputNameAllocated(i, allocator).get());
+      }
+      select_outputs(outputs);
       auto shape = session_->GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetShape();
       const auto& p = manifest_.preprocess;
       if (shape.size() != 4 || shape[1] != 3 || shape[2] != p.height || shape[3] != p.width) {
@@ -93,42 +137,86 @@ class OnnxRuntimeClassifier final : public Classifier {
     } catch (const Ort::Exception& exc) {
       detail::input_error("ONNX Runtime cannot load " + graph_ + ": " + std::string(exc.what()));
     }
+    // After the graph: a bad graph is reported before the heads are read.
+    if (role_ == GraphRole::Backbone) {
+      for (const TaskSpec& task : tasks_) heads_.emplace_back(manifest_, task);
+    }
   }
 
   InputKind input_kind() const override { return InputKind::Pixels; }
   Backend backend() const override { return Backend::OnnxRuntime; }
 
-  Tensor classify(const Tensor& batch) override {
+  std::vector<Tensor> classify_tasks(const Tensor& batch) override {
     check_pixels(batch, manifest_);
+    std::vector<Tensor> outputs;
     try {
       Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
       Ort::Value input = Ort::Value::CreateTensor<float>(memory, const_cast<float*>(batch.data.data()), batch.data.size(),
                                                          batch.shape.data(), batch.shape.size());
       const char* inputs[] = {input_name_.c_str()};
-      const char* outputs[] = {output_name_.c_str()};
-      auto result = session_->Run(Ort::RunOptions{nullptr}, inputs, &input, 1, outputs, 1);
-      auto info = result[0].GetTensorTypeAndShapeInfo();
-      auto shape = info.GetShape();
-      const std::int64_t k = static_cast<std::int64_t>(manifest_.class_names.size());
-      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || shape.size() != 2 || shape[0] != batch.shape[0] ||
-          shape[1] != k) {
-        detail::fail(ErrorKind::Verification, graph_ + " returned " + shape_string(shape) + ", expected (" +
-                                                  std::to_string(batch.shape[0]) + ", " + std::to_string(k) + ") float32");
-      }
-      Tensor out({shape[0], shape[1]});
-      const float* data = result[0].GetTensorData<float>();
-      std::copy(data, data + out.data.size(), out.data.begin());
-      return out;
+      std::vector<const char*> names;
+      for (const std::string& name : output_names_) names.push_back(name.c_str());
+      auto result = session_->Run(Ort::RunOptions{nullptr}, inputs, &input, 1, names.data(), names.size());
+      for (std::size_t i = 0; i < result.size(); ++i) outputs.push_back(fetch(result[i], i, batch.shape[0]));
     } catch (const Ort::Exception& exc) {
       detail::fail(ErrorKind::Verification, "ONNX Runtime failed to run " + graph_ + ": " + std::string(exc.what()));
     }
+    if (role_ != GraphRole::Backbone) return outputs;
+    std::vector<Tensor> scores;
+    for (FoldedHead& head : heads_) scores.push_back(head.classify(outputs[0]));
+    return scores;
   }
 
  private:
+  // The graph outputs to fetch, and the width each must have.
+  void select_outputs(const std::vector<std::string>& outputs) {
+    if (role_ == GraphRole::Export) {
+      output_names_ = outputs;
+      widths_ = {static_cast<std::int64_t>(tasks_[0].class_names.size())};
+    } else if (role_ == GraphRole::Backbone) {
+      if (outputs[0] != manifest_.backbone_output) {
+        detail::input_error(graph_ + " has output '" + outputs[0] + "', the manifest's backbone output is '" +
+                            manifest_.backbone_output + "'");
+      }
+      output_names_ = outputs;
+      widths_ = {manifest_.feature_dim};
+    } else {
+      // The outputs the manifest's "output" promises: probabilities read from the graph's softmax.
+      for (const TaskSpec& task : tasks_) {
+        const std::string& name = manifest_.output == "probabilities" ? task.probabilities : task.output;
+        if (std::find(outputs.begin(), outputs.end(), name) == outputs.end()) {
+          detail::input_error(graph_ + " has no output '" + name + "' (task " + task.name + ")");
+        }
+        output_names_.push_back(name);
+        widths_.push_back(static_cast<std::int64_t>(task.class_names.size()));
+      }
+    }
+  }
+
+  Tensor fetch(const Ort::Value& value, std::size_t index, std::int64_t rows) const {
+    auto info = value.GetTensorTypeAndShapeInfo();
+    auto shape = info.GetShape();
+    const std::int64_t k = widths_[index];
+    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || shape.size() != 2 || shape[0] != rows || shape[1] != k) {
+      // A single-task export's message names the graph alone, as it always has.
+      const std::string what = role_ == GraphRole::Export ? graph_ : graph_ + " output '" + output_names_[index] + "'";
+      detail::fail(ErrorKind::Verification, what + " returned " + shape_string(shape) + ", expected (" + std::to_string(rows) +
+                                                ", " + std::to_string(k) + ") float32");
+    }
+    Tensor out({shape[0], shape[1]});
+    const float* data = value.GetTensorData<float>();
+    std::copy(data, data + out.data.size(), out.data.begin());
+    return out;
+  }
+
   std::unique_ptr<Ort::Env> env_;
   std::unique_ptr<Ort::Session> session_;
   std::string graph_;
-  std::string input_name_, output_name_;
+  GraphRole role_ = GraphRole::Export;
+  std::string input_name_;
+  std::vector<std::string> output_names_;  // fetched, in order: one per task, or the backbone's features
+  std::vector<std::int64_t> widths_;       // the width of each
+  std::vector<FoldedHead> heads_;          // GraphRole::Backbone: one per task of tasks_
 };
 
 }  // namespace

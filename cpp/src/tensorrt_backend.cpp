@@ -6,9 +6,14 @@
 // An engine runs only on the TensorRT version and GPU model that built it: the engine
 // manifest (<engine>.json, written by transmiter_deploy/tensorrt_engine.py) records both and
 // the engine's sha256, and loading refuses any mismatch (exit status 2), as Python does.
+//
+// A bank runs through an engine of its fused graph (model.onnx): the engine has one output per
+// task, and each selected task's output is read by name. An engine of the bank's backbone graph
+// is refused (its heads would have to run on the host; use the onnxruntime backend for that).
 #include <NvInfer.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "backends.hpp"
@@ -44,9 +49,45 @@ struct Destroy {
   void operator()(T* p) const { delete p; }
 };
 
+// A device allocation that grows on demand.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& other) noexcept : data_(other.data_), capacity_(other.capacity_) {
+    other.data_ = nullptr;
+    other.capacity_ = 0;
+  }
+  ~DeviceBuffer() {
+    if (data_) cudaFree(data_);
+  }
+  void* reserve(std::size_t bytes) {
+    if (bytes > capacity_) {
+      if (data_) cudaFree(data_);
+      data_ = nullptr;
+      capacity_ = 0;
+      cuda_check(cudaMalloc(&data_, bytes), "cudaMalloc");
+      capacity_ = bytes;
+    }
+    return data_;
+  }
+  void* data() const { return data_; }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+struct EngineOutput {
+  std::string name;
+  DeviceBuffer buffer;
+  nvinfer1::Dims dims{};  // of the current batch
+};
+
 class TensorRTClassifier final : public Classifier {
  public:
-  TensorRTClassifier(Manifest manifest, const Options& options) : Classifier(std::move(manifest)) {
+  TensorRTClassifier(Manifest manifest, const Options& options) : Classifier(std::move(manifest), options.tasks) {
     const std::string engine_path =
         options.engine.empty() ? manifest_.directory + "/../engines/model.engine" : options.engine;
     const std::string manifest_path = engine_path + ".json";
@@ -88,12 +129,33 @@ class TensorRTClassifier final : public Classifier {
     if (!engine_) detail::input_error("TensorRT cannot deserialise " + engine_path);
     context_.reset(engine_->createExecutionContext());
     if (!context_) detail::fail(ErrorKind::Dependency, "cannot create a TensorRT execution context");
+    std::vector<std::string> inputs;
     for (int i = 0; i < engine_->getNbIOTensors(); ++i) {
       const char* name = engine_->getIOTensorName(i);
-      (engine_->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT ? input_ : output_) = name;
+      if (engine_->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT) {
+        inputs.push_back(name);
+      } else {
+        if (engine_->getTensorDataType(name) != nvinfer1::DataType::kFLOAT) {
+          detail::input_error(engine_path + ": output '" + std::string(name) + "' is not float32");
+        }
+        outputs_.push_back(EngineOutput{name, DeviceBuffer(), nvinfer1::Dims{}});
+      }
     }
-    if (input_.empty() || output_.empty() || input_ != engine_manifest.input_name) {
-      detail::input_error(engine_path + ": expected one input named '" + engine_manifest.input_name + "' and one output");
+    const bool bank = manifest_.is_bank();
+    if (inputs.size() != 1 || inputs[0] != engine_manifest.input_name || outputs_.empty() || (!bank && outputs_.size() != 1)) {
+      detail::input_error(engine_path + ": expected one input named '" + engine_manifest.input_name + "' and " +
+                          (bank ? "one output per task" : "one output"));
+    }
+    input_ = inputs[0];
+    for (const TaskSpec& task : tasks_) {  // a single-task export's task reads the only output
+      const std::string& wanted = manifest_.output == "probabilities" ? task.probabilities : task.output;
+      std::size_t index = 0;
+      while (bank && index < outputs_.size() && outputs_[index].name != wanted) ++index;
+      if (index == outputs_.size()) {
+        detail::input_error(engine_path + " has no output '" + wanted + "' (task " + task.name +
+                            "): build the engine from the bank's fused graph (model.onnx)");
+      }
+      task_outputs_.push_back(index);
     }
     min_batch_ = engine_manifest.min_shape[0];
     max_batch_ = engine_manifest.max_shape[0];
@@ -101,15 +163,13 @@ class TensorRTClassifier final : public Classifier {
   }
 
   ~TensorRTClassifier() override {
-    if (input_buffer_) cudaFree(input_buffer_);
-    if (output_buffer_) cudaFree(output_buffer_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
   InputKind input_kind() const override { return InputKind::Pixels; }
   Backend backend() const override { return Backend::TensorRT; }
 
-  Tensor classify(const Tensor& batch) override {
+  std::vector<Tensor> classify_tasks(const Tensor& batch) override {
     check_pixels(batch, manifest_);
     const std::int64_t n = batch.shape[0];
     if (n < min_batch_ || n > max_batch_) {
@@ -120,50 +180,49 @@ class TensorRTClassifier final : public Classifier {
     dims.nbDims = 4;
     for (int i = 0; i < 4; ++i) dims.d[i] = batch.shape[i];
     if (!context_->setInputShape(input_.c_str(), dims)) detail::input_error("TensorRT rejected input shape " + shape_string(batch.shape));
-    const nvinfer1::Dims out_dims = context_->getTensorShape(output_.c_str());
-    const std::int64_t k = static_cast<std::int64_t>(manifest_.class_names.size());
-    if (out_dims.nbDims != 2 || out_dims.d[0] != n || out_dims.d[1] != k) {
-      detail::fail(ErrorKind::Verification, "the engine's output shape does not match (batch, " + std::to_string(k) + ")");
+    // Every output needs an address, including those of tasks not selected.
+    for (EngineOutput& output : outputs_) {
+      output.dims = context_->getTensorShape(output.name.c_str());
+      std::size_t count = 1;
+      for (int i = 0; i < output.dims.nbDims; ++i) count *= static_cast<std::size_t>(std::max<std::int64_t>(output.dims.d[i], 0));
+      context_->setTensorAddress(output.name.c_str(), output.buffer.reserve(std::max<std::size_t>(count, 1) * sizeof(float)));
     }
-    Tensor out({n, k});
-    reserve(batch.data.size() * sizeof(float), out.data.size() * sizeof(float));
-    cuda_check(cudaMemcpyAsync(input_buffer_, batch.data.data(), batch.data.size() * sizeof(float), cudaMemcpyHostToDevice, stream_),
+    std::vector<Tensor> results;
+    for (std::size_t t = 0; t < tasks_.size(); ++t) {
+      const EngineOutput& output = outputs_[task_outputs_[t]];
+      const std::int64_t k = static_cast<std::int64_t>(tasks_[t].class_names.size());
+      if (output.dims.nbDims != 2 || output.dims.d[0] != n || output.dims.d[1] != k) {
+        const std::string what = manifest_.is_bank() ? "output '" + output.name + "'" : "output";
+        detail::fail(ErrorKind::Verification, "the engine's " + what + " shape does not match (batch, " + std::to_string(k) + ")");
+      }
+      results.emplace_back(std::vector<std::int64_t>{n, k});
+    }
+    const std::size_t input_bytes = batch.data.size() * sizeof(float);
+    cuda_check(cudaMemcpyAsync(input_buffer_.reserve(input_bytes), batch.data.data(), input_bytes, cudaMemcpyHostToDevice, stream_),
                "copy to the GPU");
-    context_->setTensorAddress(input_.c_str(), input_buffer_);
-    context_->setTensorAddress(output_.c_str(), output_buffer_);
+    context_->setTensorAddress(input_.c_str(), input_buffer_.data());
     if (!context_->enqueueV3(stream_)) detail::fail(ErrorKind::Verification, "TensorRT execution failed");
-    cuda_check(cudaMemcpyAsync(out.data.data(), output_buffer_, out.data.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
-               "copy from the GPU");
+    for (std::size_t t = 0; t < tasks_.size(); ++t) {
+      Tensor& out = results[t];
+      cuda_check(cudaMemcpyAsync(out.data.data(), outputs_[task_outputs_[t]].buffer.data(), out.data.size() * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream_),
+                 "copy from the GPU");
+    }
     cuda_check(cudaStreamSynchronize(stream_), "TensorRT execution");
-    return out;  // logits, or probabilities when the exported graph ends in a softmax
+    return results;  // logits, or probabilities when the exported graph ends in a softmax
   }
 
  private:
-  void reserve(std::size_t input_bytes, std::size_t output_bytes) {
-    if (input_bytes > input_capacity_) {
-      if (input_buffer_) cudaFree(input_buffer_);
-      input_buffer_ = nullptr;
-      cuda_check(cudaMalloc(&input_buffer_, input_bytes), "cudaMalloc");
-      input_capacity_ = input_bytes;
-    }
-    if (output_bytes > output_capacity_) {
-      if (output_buffer_) cudaFree(output_buffer_);
-      output_buffer_ = nullptr;
-      cuda_check(cudaMalloc(&output_buffer_, output_bytes), "cudaMalloc");
-      output_capacity_ = output_bytes;
-    }
-  }
-
   Logger logger_;
   std::unique_ptr<nvinfer1::IRuntime, Destroy<nvinfer1::IRuntime>> runtime_;
   std::unique_ptr<nvinfer1::ICudaEngine, Destroy<nvinfer1::ICudaEngine>> engine_;
   std::unique_ptr<nvinfer1::IExecutionContext, Destroy<nvinfer1::IExecutionContext>> context_;
-  std::string input_, output_;
+  std::string input_;
+  std::vector<EngineOutput> outputs_;      // every output of the engine
+  std::vector<std::size_t> task_outputs_;  // per task of tasks_: its index in outputs_
   std::int64_t min_batch_ = 1, max_batch_ = 1;
   cudaStream_t stream_ = nullptr;
-  void* input_buffer_ = nullptr;
-  void* output_buffer_ = nullptr;
-  std::size_t input_capacity_ = 0, output_capacity_ = 0;
+  DeviceBuffer input_buffer_;
 };
 
 }  // namespace

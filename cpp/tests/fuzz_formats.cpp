@@ -21,57 +21,18 @@
 #include <vector>
 
 #include "backends.hpp"
+#include "cases.hpp"
 #include "detail.hpp"
 #include "transmiter/transmiter.hpp"
 
 using json = nlohmann::json;
 using Bytes = std::vector<std::uint8_t>;
 using transmiter::Manifest;
+using cases::must_accept;
+using cases::must_reject;
+using cases::run_case;
 
 namespace {
-
-int failures = 0;
-long cases = 0, rejected = 0;
-
-enum class Outcome { Accepted, Rejected };
-
-Outcome run_case(const std::string& label, const std::function<void()>& body) {
-  ++cases;
-  try {
-    body();
-    return Outcome::Accepted;
-  } catch (const transmiter::Error& error) {
-    ++rejected;
-    const std::string message = error.what();
-    if (message.empty() || message.find('\n') != std::string::npos || error.exit_status() != 2) {
-      std::fprintf(stderr, "FAIL %s: error is not one line with status 2: [%d] %s\n", label.c_str(), error.exit_status(),
-                   message.c_str());
-      ++failures;
-    }
-    return Outcome::Rejected;
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "FAIL %s: escaped as %s\n", label.c_str(), error.what());
-    ++failures;
-  } catch (...) {
-    std::fprintf(stderr, "FAIL %s: unknown exception\n", label.c_str());
-    ++failures;
-  }
-  return Outcome::Rejected;
-}
-
-void must_reject(const std::string& label, const std::function<void()>& body) {
-  if (run_case(label, body) == Outcome::Accepted) {
-    std::fprintf(stderr, "FAIL %s: accepted, must be rejected\n", label.c_str());
-    ++failures;
-  }
-}
-
-void must_accept(const std::string& label, const std::function<void()>& body) {
-  if (run_case(label, body) != Outcome::Accepted) {
-    std::fprintf(stderr, "FAIL %s: a valid input was rejected\n", label.c_str());
-    ++failures;
-  }
-}
 
 Bytes read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -371,6 +332,7 @@ int main(int argc, char** argv) {
     fuzz_head(seed);
     fuzz_manifest(seed);
   }
-  std::printf("fuzz_formats: %ld cases, %ld rejected with a clean error, %d failures\n", cases, rejected, failures);
-  return failures == 0 ? 0 : 1;
+  std::printf("fuzz_formats: %ld cases, %ld rejected with a clean error, %d failures\n", cases::count, cases::rejected,
+              cases::failures);
+  return cases::failures == 0 ? 0 : 1;
 }

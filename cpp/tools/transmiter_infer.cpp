@@ -3,8 +3,12 @@
 //   transmiter_infer --manifest export/out/demo/onnx/manifest.json --image a.png b.jpg --topk 3
 //   transmiter_infer --manifest .../manifest.json --features feats.npy --logits-out logits.npy
 //
-// For each input: a line "# <input>" then "rank<TAB>class_name<TAB>score" lines. Errors are one
-// line on stderr with the exit statuses of the Python toolkit (see cpp/README.md).
+//   transmiter_infer --manifest bank/onnx/manifest.json --image a.png --task colours_tinted
+//
+// For each input: a line "# <input>" then "rank<TAB>class_name<TAB>score" lines; on a bank, each
+// task's lines follow a line "task <name>". Errors are one line on stderr with the exit statuses
+// of the Python toolkit (see cpp/README.md).
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +16,8 @@
 #include <new>
 #include <string>
 #include <vector>
+
+#include <sys/stat.h>
 
 #include "transmiter/transmiter.hpp"
 
@@ -21,18 +27,21 @@ const char* kUsage =
     "usage: transmiter_infer --manifest PATH (--image FILE... | --features FILE.npy) [--topk N]\n"
     "                        [--backend head|onnxruntime|tensorrt] [--threads N] [--engine PATH] [--graph FILE]\n"
     "                        [--onnxruntime-library PATH] [--logits-out FILE.npy] [--pixels-out FILE.npy]\n"
-    "                        [--preprocess-only] [--quiet]\n"
+    "                        [--task NAME]... [--preprocess-only] [--quiet]\n"
     "       transmiter_infer --backends   (lists the backends built in)\n"
     "\n"
     "  --image FILE...       PNG/JPEG images, preprocessed as the manifest says (default backend: onnxruntime)\n"
     "  --features FILE.npy   image features (N, feature_dim), float32/float64, raw or L2-normalised (head backend)\n"
     "  --topk N              classes printed per input (default 5)\n"
-    "  --logits-out FILE     write the (N, K) outputs as float32 .npy (full precision)\n"
+    "  --logits-out FILE     write the (N, K) outputs as float32 .npy (full precision); on a bank, FILE is a\n"
+    "                        directory (created if missing) that receives <task>.npy for each task\n"
+    "  --task NAME           a bank's task to run (repeatable; default: every task)\n"
     "  --pixels-out FILE     write the preprocessed (N, 3, H, W) pixels as float32 .npy\n"
     "  --preprocess-only     only decode and preprocess the images (needs --pixels-out); loads no model\n"
     "  --threads N           ONNX Runtime intra-op threads (default 1)\n"
     "  --graph FILE          the export's pixels graph the onnxruntime backend runs (default model.onnx;\n"
-    "                        e.g. model_int8.onnx, as listed in the manifest)\n"
+    "                        e.g. model_int8.onnx, as listed in the manifest; on a bank default backbone.onnx,\n"
+    "                        or backbone_fp16.onnx, model.onnx, model_fp16.onnx)\n"
     "exit status: 0 ok, 1 internal error, 2 bad input, 3 missing backend or library, 4 verification failed\n";
 
 struct Arguments {
@@ -90,6 +99,8 @@ Arguments parse(int argc, char** argv) {
       args.options.engine = value();
     } else if (flag == "--graph") {
       args.options.graph = value();
+    } else if (flag == "--task") {
+      args.options.tasks.push_back(value());
     } else if (flag == "--onnxruntime-library") {
       args.options.onnxruntime_library = value();
     } else if (flag == "--logits-out") {
@@ -122,9 +133,23 @@ transmiter::Backend choose_backend(const Arguments& args) {
                           "classifying images needs the onnxruntime or tensorrt backend, and neither was built");
 }
 
+// A bank's outputs: one .npy per task in `directory`.
+void write_task_outputs(const std::string& directory, const std::vector<std::string>& tasks,
+                        const std::vector<transmiter::Tensor>& outputs) {
+  if (::mkdir(directory.c_str(), 0777) != 0 && errno != EEXIST) {
+    bad_usage("cannot create the --logits-out directory " + directory + ": " + std::strerror(errno));
+  }
+  struct stat info {};
+  if (::stat(directory.c_str(), &info) != 0 || !S_ISDIR(info.st_mode)) {
+    bad_usage("--logits-out names a directory for a bank (one <task>.npy per task); " + directory + " is not one");
+  }
+  for (std::size_t t = 0; t < tasks.size(); ++t) transmiter::write_npy(directory + "/" + tasks[t] + ".npy", outputs[t]);
+}
+
 int run(int argc, char** argv) {
   Arguments args = parse(argc, argv);
   transmiter::Manifest manifest = transmiter::Manifest::load(args.manifest);
+  for (const std::string& task : args.options.tasks) manifest.task(task);  // an unknown name fails before any work
   transmiter::Tensor batch;
   std::vector<std::string> labels;
   if (!args.images.empty()) {
@@ -143,13 +168,24 @@ int run(int argc, char** argv) {
     bad_usage(std::string("the ") + transmiter::backend_name(backend) + " backend classifies " +
               (wants_features ? "features (--features)" : "images (--image)"));
   }
-  transmiter::Tensor outputs = classifier->classify(batch);
-  if (!args.logits_out.empty()) transmiter::write_npy(args.logits_out, outputs);
+  const std::vector<transmiter::Tensor> outputs = classifier->classify_tasks(batch);
+  const std::vector<std::string> tasks = classifier->task_names();
+  if (!args.logits_out.empty()) {
+    if (manifest.is_bank()) {
+      write_task_outputs(args.logits_out, tasks, outputs);
+    } else {
+      transmiter::write_npy(args.logits_out, outputs[0]);
+    }
+  }
   if (!args.quiet) {
-    auto top = classifier->top_k(outputs, args.topk);
-    for (std::size_t i = 0; i < top.size(); ++i) {
+    std::vector<std::vector<std::vector<transmiter::Prediction>>> top;  // [task][input]
+    for (std::size_t t = 0; t < tasks.size(); ++t) top.push_back(classifier->top_k(outputs[t], args.topk, tasks[t]));
+    for (std::size_t i = 0; i < labels.size(); ++i) {
       std::printf("# %s\n", labels[i].c_str());
-      for (const auto& p : top[i]) std::printf("%d\t%s\t%.6g\n", p.rank, p.class_name.c_str(), p.score);
+      for (std::size_t t = 0; t < tasks.size(); ++t) {
+        if (manifest.is_bank()) std::printf("task %s\n", tasks[t].c_str());
+        for (const auto& p : top[t][i]) std::printf("%d\t%s\t%.6g\n", p.rank, p.class_name.c_str(), p.score);
+      }
     }
   }
   return 0;

@@ -6,6 +6,13 @@
 //   Backend::TensorRT    a TensorRT engine on pixels (built with TRANSMITER_WITH_TENSORRT)
 // Everything is driven by the export's manifest.json; every file is checked against the
 // sha256 and size the manifest records before it is used.
+//
+// A manifest is a single-task export (format transmiter-deploy/onnx-export) or a task bank
+// (transmiter-deploy/onnx-bank, docs/bank.md: one backbone, many task heads). Both load into
+// Manifest and run through the same Classifier, which computes one output per task: a
+// single-task export has one task, named "" (the empty string), and classify()/top_k() serve it
+// exactly as before banks existed; a bank's tasks are named, and classify_tasks() returns one
+// output per task.
 #pragma once
 
 #include <cstddef>
@@ -65,20 +72,43 @@ struct PreprocessConfig {
   std::string crop;           // center | pad-center | none (implied by resize_mode)
 };
 
+// One task of a manifest: a bank's tasks[i], or the one task of a single-task export. File
+// names are keys of Manifest::files (paths relative to Manifest::directory).
+struct TaskSpec {
+  std::string name;  // an identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 characters); "" in a single-task export
+  std::vector<std::string> class_names;
+  std::string output;         // bank: its logits output in the fused graphs (logits_<task>); "" in a single-task export
+  std::string probabilities;  // bank: its softmax output in the fused graphs (probs_<task>), "" when it has none
+  std::string head_safetensors;  // its folded head: heads/<task>/head.safetensors (bank) or head.safetensors
+  std::map<std::string, std::string> head_graphs;  // bank: precision name (fp32, fp16) -> heads/<task>/head*.onnx
+  std::string head_manifest;                       // bank: heads/<task>/manifest.json
+};
+
 struct Manifest {
+  static constexpr const char* kExportFormat = "transmiter-deploy/onnx-export";
+  static constexpr const char* kBankFormat = "transmiter-deploy/onnx-bank";
+
   std::string path;       // manifest.json itself
   std::string directory;  // where the files it lists live
-  std::string format;
+  std::string format;     // kExportFormat or kBankFormat
   int format_version = 0;
-  std::map<std::string, FileEntry> files;
-  std::string output;  // "logits" or "probabilities"
-  std::vector<std::string> class_names;
+  std::map<std::string, FileEntry> files;  // plain names in an export; relative paths (heads/<task>/...) in a bank
+  std::string output;  // "logits" or "probabilities" (every task's, in a bank)
+  std::vector<std::string> class_names;  // a single-task export's classes; empty for a bank (see tasks)
   PreprocessConfig preprocess;
   int feature_dim = 0;
+  std::vector<TaskSpec> tasks;  // in manifest order; exactly one in a single-task export
+  // Bank only (empty otherwise): pixels graphs by precision name (fp32, fp16): the fused graphs
+  // (pixels -> every task's output) and the backbone's (pixels -> backbone_output, (N, feature_dim)).
+  std::map<std::string, std::string> graphs, backbone_graphs;
+  std::string backbone_output;
 
   static Manifest load(const std::string& path);
   // The same from text (tests and fuzzing); `path` names it in messages.
   static Manifest parse(const std::string& text, const std::string& path);
+  bool is_bank() const { return format == kBankFormat; }
+  // The task called `name`, or an Input error naming it and listing the manifest's tasks.
+  const TaskSpec& task(const std::string& name) const;
   std::string file_path(const std::string& name) const;
   // Reads a listed file and checks its size and sha256 against the manifest.
   std::vector<std::uint8_t> read_verified(const std::string& name) const;
@@ -95,7 +125,14 @@ struct Options {
   int threads = 1;                  // ONNX Runtime intra-op threads (the head backend is single-threaded)
   std::string onnxruntime_library;  // libonnxruntime.so to dlopen; empty: $TRANSMITER_ONNXRUNTIME_LIBRARY, then the build default
   std::string engine;               // TensorRT engine; empty: <export>/../engines/model.engine
-  std::string graph;                // ONNX graph of the export the onnxruntime backend runs; empty: model.onnx
+  // ONNX graph of the export the onnxruntime backend runs; empty: model.onnx, or in a bank its fp32
+  // backbone graph (backbone.onnx), whose features go through each task's head as the head backend
+  // computes it. A bank also runs its other backbone graphs (backbone_fp16.onnx) that way, and its
+  // fused graphs (model.onnx, model_fp16.onnx) directly, reading each task's output by name.
+  std::string graph;
+  // The tasks of a bank to load and run, by name (kept in manifest order, repeats ignored); empty: all.
+  // A name the manifest does not have is an Input error listing the ones it has.
+  std::vector<std::string> tasks;
 };
 
 struct Prediction {
@@ -111,16 +148,30 @@ class Classifier {
   virtual InputKind input_kind() const = 0;
   virtual Backend backend() const = 0;
   // Features (N, feature_dim), raw or L2-normalised, or pixels (N, 3, H, W) as
-  // preprocess() makes them. Returns (N, K): logits, or probabilities when the
-  // manifest's "output" says so.
-  virtual Tensor classify(const Tensor& batch) = 0;
+  // preprocess() makes them. Returns one (N, K_task) tensor per task of tasks(), in that
+  // order: logits, or probabilities when the manifest's "output" says so.
+  virtual std::vector<Tensor> classify_tasks(const Tensor& batch) = 0;
+  // The same for a classifier of one task (a single-task export, or a bank loaded with one
+  // task in Options::tasks): that task's (N, K). An Input error when it runs several.
+  Tensor classify(const Tensor& batch);
 
+  // Top k per row of the only task's outputs (an Input error when it runs several), or of the
+  // named task's, with that task's class names.
   std::vector<std::vector<Prediction>> top_k(const Tensor& outputs, int k) const;
+  std::vector<std::vector<Prediction>> top_k(const Tensor& outputs, int k, const std::string& task) const;
+  // The tasks it runs (Options::tasks, else all of the manifest's), in manifest order.
+  const std::vector<TaskSpec>& tasks() const { return tasks_; }
+  std::vector<std::string> task_names() const;
   const Manifest& manifest() const { return manifest_; }
 
  protected:
-  explicit Classifier(Manifest manifest) : manifest_(std::move(manifest)) {}
+  // `tasks`: Options::tasks (empty: every task of the manifest).
+  Classifier(Manifest manifest, const std::vector<std::string>& tasks);
   Manifest manifest_;
+  std::vector<TaskSpec> tasks_;
+
+ private:
+  const TaskSpec& only_task(const char* what) const;
 };
 
 std::unique_ptr<Classifier> load_classifier(const std::string& manifest_path, Backend backend,
