@@ -555,7 +555,7 @@ def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, worksp
 @click.option("--bank-model", default="ViT-B-16", show_default=True, help="Backbone architecture of --bank-sweep.")
 @click.option("--bank-compact", "bank_compact", multiple=True, metavar="SETTING[@N,...]",
               help="Compact-head banks to time in --bank-sweep (q8, q8i, q4, or none; @N: only at these N; "
-                   "repeatable; default: q8i and q8@16).")
+                   "repeatable; default: q8i@8,16,32 and q8@16).")
 def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, variants, rounds, precisions, no_plots,
           report_only, bank_sweep, bank_model, bank_compact):
     """Latency per runtime (backbone alone, fused TransMiter, unfolded, EFT, head alone), MACs per

@@ -88,9 +88,10 @@ COMPACT = {c.name: c for c in (
     Compact("q8i", 8, 128, 4, "int8 weights, int8-quantised activations and int8 dot products (accuracy_level 4)"),
     Compact("q4", 4, 32, None, "int4 weights (blocks of 32), fp32 arithmetic"),
 )}
-# Timed in the sweep by default: q8i at every N; q8 (fp32 arithmetic) at the target's N only,
-# as its CPU kernel is about 10x slower than the fp32 head (see the report).
-DEFAULT_COMPACT = ("q8i", "q8@16")
+# Timed in the sweep by default: q8i at N = 8, 16, 32 (the slope and the target's N); q8 (fp32
+# arithmetic) at the target's N only, as its CPU kernel is over 10x slower than the fp32 head's
+# (see the report). Fewer variants per loop leave more rounds in the same wall time.
+DEFAULT_COMPACT = ("q8i@8,16,32", "q8@16")
 
 
 def parse_tasks(text: str) -> tuple[int, ...]:
@@ -133,7 +134,8 @@ class BankSettings:
     seed: int = 0
     compact: dict[str, tuple[int, ...]] = field(default_factory=lambda: parse_compact(DEFAULT_COMPACT, DEFAULT_TASKS))
     # per batch: at least min_rounds, then rounds until budget_s is spent (at most max_rounds)
-    plan: TimingPlan = TimingPlan(warmup=1, min_rounds=10, max_rounds=80, budget_s=200.0)
+    # (2-core ViT-B-16, 11 variants: ~80 rounds at batch 1 and 20 at batch 8 in about 8 minutes)
+    plan: TimingPlan = TimingPlan(warmup=1, min_rounds=20, max_rounds=80, budget_s=160.0)
     opset: int = DEFAULT_OPSET
 
     def __post_init__(self) -> None:
@@ -359,10 +361,8 @@ def head_accuracy(graphs: BankGraphs, compact: dict[str, list], threads: int, ba
         outputs = [s.run(None, {FEATURES: features})[0] for s in sessions]
         results = [compare_outputs(ref, out) for ref, out in zip(references, outputs)]
         # rows whose top-1 flips: how close their fp32 top two logits were (near-ties flip first)
-        margins = [np.diff(np.sort(ref, axis=1)[:, -2:], axis=1)[:, 0][ref.argmax(1) != out.argmax(1)]
-                   for ref, out in zip(references, outputs)]
-        flipped = np.concatenate(margins)
-        all_margins = np.concatenate([np.diff(np.sort(ref, axis=1)[:, -2:], axis=1)[:, 0] for ref in references])
+        flipped = np.concatenate([_margins(ref)[ref.argmax(1) != out.argmax(1)] for ref, out in zip(references, outputs)])
+        all_margins = np.concatenate([_margins(ref) for ref in references])
         timing = {}
         for batch in batches:
             x = features[:batch]
@@ -411,6 +411,14 @@ def _session(path: Path, runtime: str, threads: int):
     return ort_session(path, provider=provider)  # pragma: no cover - needs a GPU
 
 
+def _peak_rss_mib() -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def _environment(threads: int, command: str) -> dict:
     import onnxruntime as ort
 
@@ -453,35 +461,36 @@ def run_bank_sweep(settings: BankSettings, out_dir: Path, work_dir: Path, thread
     rows, checks, bank_costs = [], {}, {}
     staging = Path(work_dir) / "bank-sessions"
     staging.mkdir(parents=True, exist_ok=True)
-    for runtime in available:
-        variants = [_Variant("backbone", 0, "fp32")]
-        variants += [_Variant(_variant_name(n, "fp32"), n, "fp32") for n in settings.tasks]
-        variants += [_Variant(_variant_name(n, name), n, name) for name, at in settings.compact.items() for n in at]
-        references: dict[int, dict[str, np.ndarray]] = {}
-        try:
-            backbone_path = staging / "backbone.onnx"
-            onnx.save(graphs.backbone, backbone_path)
+    variants = [_Variant("backbone", 0, "fp32")]
+    variants += [_Variant(_variant_name(n, "fp32"), n, "fp32") for n in settings.tasks]
+    variants += [_Variant(_variant_name(n, name), n, name) for name, at in settings.compact.items() for n in at]
+    # Every graph composed and saved before any session exists: composing (with its full
+    # onnx.checker pass) a 32-task ViT-B-16 bank peaks at several GB, on top of nothing else.
+    paths = {}
+    try:
+        for variant in variants:
+            build = time.perf_counter()
+            paths[variant.name] = staging / f"{variant.name}.onnx"
+            if variant.tasks == 0:
+                onnx.save(graphs.backbone, paths[variant.name])
+                continue
+            heads = graphs.heads if variant.weights == "fp32" else compact[variant.weights]
+            model = compose_bank(graphs.backbone, heads[: variant.tasks])
+            # ONNX shape inference cannot type com.microsoft's MatMulNBits, so graph_cost counts
+            # fp32 banks only; a compact bank does the same multiply-accumulates
+            macs = count_macs(model)["total"] if variant.weights == "fp32" else None
+            bank_costs[variant.name] = {"tasks": variant.tasks, "weights": variant.weights, "macs": macs,
+                                        "weight_bytes": weight_bytes(model)}
+            onnx.save(model, paths[variant.name])
+            del model
+            gc.collect()
+            log(f"bank sweep: composed {variant.name} in {time.perf_counter() - build:.1f} s")
+        for runtime in available:
+            references: dict[int, dict[str, np.ndarray]] = {}
             features = None
             for variant in variants:
-                build = time.perf_counter()
-                if variant.tasks == 0:
-                    path = backbone_path
-                else:
-                    heads = graphs.heads if variant.weights == "fp32" else compact[variant.weights]
-                    model = compose_bank(graphs.backbone, heads[: variant.tasks])
-                    if runtime == available[0]:
-                        # ONNX shape inference cannot type com.microsoft's MatMulNBits, so graph_cost
-                        # counts fp32 banks only; a compact bank does the same multiply-accumulates
-                        macs = count_macs(model)["total"] if variant.weights == "fp32" else None
-                        bank_costs[variant.name] = {"tasks": variant.tasks, "weights": variant.weights, "macs": macs,
-                                                    "weight_bytes": weight_bytes(model)}
-                    path = staging / f"{variant.name}.onnx"
-                    onnx.save(model, path)
-                    del model
-                variant.session = _session(path, runtime, threads)
+                variant.session = _session(paths[variant.name], runtime, threads)
                 variant.outputs = [o.name for o in variant.session.get_outputs()]
-                if path != backbone_path:
-                    path.unlink()
                 outputs = variant.session.run(None, {"pixel_values": check_pixels})
                 if variant.tasks == 0:
                     features = outputs[0]
@@ -489,9 +498,7 @@ def run_bank_sweep(settings: BankSettings, out_dir: Path, work_dir: Path, thread
                     references[variant.tasks] = dict(zip(variant.outputs, outputs))
                 checks.update(_check_variant(variant, runtime, outputs, features, graphs, compact, references,
                                              threads))
-                gc.collect()
-                log(f"bank sweep {runtime}: {variant.name} ready in {time.perf_counter() - build:.1f} s")
-            backbone_path.unlink()
+            log(f"bank sweep {runtime}: {len(variants)} sessions ready and checked")
             failed = [name for name, c in checks.items() if c.get("required") and not c["passed"]]
             if failed:
                 raise VerificationError(f"bank sweep: composed banks do not match their parts ({', '.join(failed)})")
@@ -513,13 +520,19 @@ def run_bank_sweep(settings: BankSettings, out_dir: Path, work_dir: Path, thread
                 log(f"bank sweep {runtime} batch {batch} ({len(samples['backbone'])} rounds, "
                     f"{time.perf_counter() - loop:.0f} s): p50 ms " + ", ".join(
                         f"{r['variant']} {r['p50_ms']:.1f}" for r in by_name.values()))
-        finally:
             for variant in variants:
                 variant.session = None
             gc.collect()
+    finally:
+        for variant in variants:
+            variant.session = None
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        gc.collect()
     body = {
         "format": "transmiter-deploy/bank-sweep", "format_version": 1,
         "environment": _environment(threads, command), "seconds": time.perf_counter() - started,
+        "peak_rss_mib": _peak_rss_mib(),
         "settings": {**asdict(replace(settings, compact={})), "compact": {k: list(v) for k, v in settings.compact.items()},
                      "feature_dim": graphs.feature_dim, "image_size": list(graphs.image_size), "threads": threads},
         "costs": {**costs, "banks": bank_costs}, "compact_heads": accuracy, "checks": checks,
@@ -529,6 +542,12 @@ def run_bank_sweep(settings: BankSettings, out_dir: Path, work_dir: Path, thread
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / RESULTS_JSON, body)
     return out_dir / RESULTS_JSON
+
+
+def _margins(logits: np.ndarray) -> np.ndarray:
+    """Per row: the top logit minus the runner-up."""
+    top = np.sort(logits, axis=1)[:, -2:]
+    return top[:, 1] - top[:, 0]
 
 
 def _check_variant(variant: _Variant, runtime: str, outputs: list[np.ndarray], features: np.ndarray | None,
@@ -555,10 +574,16 @@ def _check_variant(variant: _Variant, runtime: str, outputs: list[np.ndarray], f
         if reference is None:
             return checks
         results = [compare_outputs(reference[name], named[name]) for name in variant.outputs]
+        margins = np.concatenate([_margins(reference[name]) for name in variant.outputs])
+        flipped = np.concatenate([_margins(reference[name])[reference[name].argmax(1) != named[name].argmax(1)]
+                                  for name in variant.outputs])
         checks[f"{runtime}_{variant.name}_vs_{_variant_name(variant.tasks, 'fp32')}"] = {
             "max_abs": max(r["max_abs"] for r in results),
             "max_abs_over_max_reference": max(r["max_abs_over_max_reference"] for r in results),
             "top1_agreement": min(r["top1_agreement"] for r in results), "samples": int(len(outputs[0])),
+            "flipped": int(len(flipped)), "of": int(len(margins)),
+            "flipped_max_fp32_margin": float(flipped.max()) if len(flipped) else None,
+            "fp32_margin_median": float(np.median(margins)),
             "required": False, "passed": all(r["top1_agreement"] == 1.0 for r in results),
             "criterion": "every task: top-1 agreement 100% with the fp32 bank on the same images (reported)"}
     return checks
@@ -612,7 +637,9 @@ def bank_markdown(result: dict, plot_name: str | None) -> str:
     s, costs, env = result["settings"], result["costs"], result["environment"]
     versions = env["versions"]
     lines = [f"# Bank sweep: {s['model']}, {env['host_label']}", "",
-             f"Measured by `{env['command'] or 'run_bank_sweep'}` ({result['seconds']:.0f} s); rerun it to refresh this folder.", "",
+             f"Measured by `{env['command'] or 'run_bank_sweep'}` ({result['seconds']:.0f} s"
+             + (f", peak RSS {result['peak_rss_mib'] / 1024:.1f} GiB" if result.get("peak_rss_mib") else "")
+             + "); rerun it to refresh this folder (`--report-only` rewrites this file from bank.json).", "",
              f"- Date: {env['date']}; CPU: {env['cpu']} ({env['cpu_count']} logical cores); GPU: {env['gpu'] or 'none'}",
              f"- ONNX Runtime intra-op threads {s['threads']} (inter-op 1, sequential, no spinning); versions: "
              + ", ".join(f"{n} {versions[n]}" for n in ("transmiter-deploy", "torch", "open_clip_torch", "onnx",
@@ -687,10 +714,20 @@ def bank_markdown(result: dict, plot_name: str | None) -> str:
                          f"{'-' if c['flipped_max_fp32_margin'] is None else format(c['flipped_max_fp32_margin'], '.3g')} | "
                          f"{c['rows_with_fp32_margin_below_max_abs']:.2%} | {timing} |")
         lines.append("")
-    lines += ["## Checks", "", "| check | max abs | top-1 agreement | samples | result |", "| --- | ---: | ---: | ---: | --- |"]
+    lines += ["## Checks", "",
+              "fp32 banks against the backbone then each head in its own session; compact banks against the fp32 "
+              "bank of the same N, on the sweep's noise images (every task; top-1 agreement is the worst task's; "
+              "flipped: rows of all tasks whose top-1 changed, with the largest fp32 top-two margin among them and "
+              "the median margin of all rows).", "",
+              "| check | max abs | top-1 agreement | samples | flipped (largest fp32 margin; median margin) | result |",
+              "| --- | ---: | ---: | ---: | --- | --- |"]
     for name, c in result["checks"].items():
         verdict = ("pass" if c["passed"] else "FAIL") + ("" if c["required"] else " (reported)")
-        lines.append(f"| {name} | {c['max_abs']:.3g} | {c['top1_agreement']:.2%} | {c.get('samples', '')} | {verdict} |")
+        flips = "-" if "flipped" not in c else (
+            f"{c['flipped']} of {c['of']}" + (f" ({c['flipped_max_fp32_margin']:.3g}; {c['fp32_margin_median']:.3g})"
+                                              if c["flipped"] else f" (-; {c['fp32_margin_median']:.3g})"))
+        lines.append(f"| {name} | {c['max_abs']:.3g} | {c['top1_agreement']:.2%} | {c.get('samples', '')} | {flips} | "
+                     f"{verdict} |")
     lines.append("")
     if plot_name:
         lines += ["## Plot", "", f"![latency against N]({plot_name})", ""]
