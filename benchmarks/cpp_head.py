@@ -29,30 +29,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transmiter_deploy.method.adapter import AdapterConfig, TransMiterAdapter  # noqa: E402
-from transmiter_deploy.features.adapter_artifact import AdapterArtifact  # noqa: E402
 from transmiter_deploy.artifacts import sha256_file, write_manifest  # noqa: E402
 from transmiter_deploy.deploy.fusion import FoldedHead  # noqa: E402
 from transmiter_deploy.deploy.head_weights import HEAD_FILE, write_head_safetensors  # noqa: E402
-from transmiter_deploy.features.heads import ZeroShotHead  # noqa: E402
 from transmiter_deploy.host import cpu_model  # noqa: E402
 from transmiter_deploy.features.models import ModelIdentity  # noqa: E402
+from transmiter_deploy.benchmark.bank import synthetic_folded_head  # noqa: E402
 from transmiter_deploy.deploy.onnx_export import FORMAT, FORMAT_VERSION, to_onnx  # noqa: E402
 
 
 def reference_head(d: int, width: int, latent: int, k: int, seed: int = 0) -> FoldedHead:
-    identity = ModelIdentity("ViT-L-14", init_seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.nn.functional.normalize(torch.randn(width, d, generator=generator), dim=1) * 100.0
-    names = [f"class {i}" for i in range(width)]
-    head = ZeroShotHead(weight, names[:k], names[k:], identity, ("{}",), 100.0)
-    adapter = TransMiterAdapter(AdapterConfig(num_task_classes=k, logit_width=width, latent_dim=latent), seed=seed)
-    with torch.no_grad():
-        for parameter in adapter.blocks.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    artifact = AdapterArtifact(adapter, head.class_names, head.auxiliary_names, "transferred",
-                               ModelIdentity("ViT-B-16", init_seed=seed), identity)
-    return FoldedHead(head, artifact)
+    return synthetic_folded_head(d, width, k, seed, ModelIdentity("ViT-L-14", init_seed=seed), latent_dim=latent,
+                                 mlp_scale=0.05, source=ModelIdentity("ViT-B-16", init_seed=seed))
 
 
 def write_export(folded: FoldedHead, out: Path, d: int) -> Path:

@@ -151,7 +151,8 @@ class BankSettings:
 # ---- graphs ---------------------------------------------------------------------------------
 
 def synthetic_folded_head(feature_dim: int, width: int, classes: int, seed: int,
-                          identity: ModelIdentity | None = None) -> FoldedHead:
+                          identity: ModelIdentity | None = None, latent_dim: int | None = None,
+                          mlp_scale: float = 0.02, source: ModelIdentity | None = None) -> FoldedHead:
     """A folded TransMiter head for ``feature_dim``-dim features: a CLIP-like C-row head (unit
     rows x 100) and an adapter (D = C) whose MLP weights are random (fc2 is zero at init, so
     the adapter would be the identity). Like :func:`.variants.synthetic_head_and_adapter`, for
@@ -161,12 +162,13 @@ def synthetic_folded_head(feature_dim: int, width: int, classes: int, seed: int,
     weight = torch.nn.functional.normalize(torch.randn(width, feature_dim, generator=generator), dim=1) * 100.0
     names = [f"class {i}" for i in range(width)]
     head = ZeroShotHead(weight, names[:classes], names[classes:], identity, ("{}",), 100.0)
-    adapter = TransMiterAdapter(AdapterConfig(num_task_classes=classes, logit_width=width, latent_dim=width), seed=seed)
+    adapter = TransMiterAdapter(AdapterConfig(num_task_classes=classes, logit_width=width,
+                                              latent_dim=latent_dim or width), seed=seed)
     with torch.no_grad():
         for parameter in adapter.blocks.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+            parameter.add_(mlp_scale * torch.randn(parameter.shape, generator=generator))
     artifact = AdapterArtifact(adapter, head.class_names, head.auxiliary_names, "transferred",
-                               ModelIdentity("synthetic-source"), identity)
+                               source or ModelIdentity("synthetic-source"), identity)
     return FoldedHead(head, artifact)
 
 
