@@ -17,7 +17,7 @@ import torch
 
 from ..artifacts import read_json, write_json
 from ..runtimes.registry import reference_runtime
-from .export import _candidates, _engines, _export_precisions, _Models, _Run, model_key, model_specs, task_steps
+from .export import _candidates, _engines, _export_precisions, _Models, _Run, model_specs, task_steps
 from .recipe import Recipe
 from .report import ExportOutcome, write_report
 from .steps import Steps, exclusive, remove_stale_staging
@@ -45,7 +45,7 @@ def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress
             models = models.for_specs(specs) if models is not None else _Models(specs)
             run = _Run(recipe, out, steps.scoped(f"{task.name}."), progress, log, task=task,
                        root=out / TASKS_DIR / task.name)
-            run.models, run.model_keys, run.precisions = models, {t: model_key(s) for t, s in specs.items()}, shared.precisions
+            run.models, run.model_keys, run.precisions = models, models.model_keys, shared.precisions
             accuracy = task_steps(run)
             if accuracy:
                 outcome.task_accuracy[task.name] = accuracy

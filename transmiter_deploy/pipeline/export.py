@@ -58,11 +58,14 @@ class _Models:
     def __init__(self, specs: dict[str, Any], loaded: dict[str, Any] | None = None) -> None:
         self.specs = specs
         self.loaded: dict[str, Any] = {} if loaded is None else loaded
+        # computed once: a checkpoint's key is the sha256 of its (possibly large) file
+        self.model_keys = {tag: model_key(spec) for tag, spec in specs.items()}
+        self.keys = {tag: step_key(key) for tag, key in self.model_keys.items()}
 
     def __getitem__(self, tag: str):
         from ..features.models import load_model
 
-        key = step_key(model_key(self.specs[tag]))
+        key = self.keys[tag]
         if key not in self.loaded:
             self.loaded[key] = load_model(self.specs[tag])
         return self.loaded[key]
@@ -136,7 +139,8 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
         outcome = ExportOutcome(out)
         run.precisions = _export_precisions(run)  # a precision that cannot be made stops the run here
         specs = model_specs(recipe)
-        run.models, run.model_keys = _Models(specs), {tag: model_key(spec) for tag, spec in specs.items()}
+        run.models = _Models(specs)
+        run.model_keys = run.models.model_keys
         outcome.accuracy = task_steps(run)
         _onnx(run)
         outcome.export_dir = run.onnx_dir
