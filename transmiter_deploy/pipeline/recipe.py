@@ -261,6 +261,8 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
         if key in ("name", "tasks") or key not in raw:
             continue
         if bank and key == "data":
+            if not isinstance(raw[key], dict):
+                raise reader.fail(key, f"must be a mapping, got {type(raw[key]).__name__}")
             continue  # only defaults for the tasks' data: checked merged into each task
         if key in nested_models:
             values[key] = reader.section(ModelRef, raw[key], key)
