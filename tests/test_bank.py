@@ -273,3 +273,19 @@ def test_runners_return_every_output_and_parity_is_judged_per_output(demo_bank_e
     assert by_output["logits_a"]["passed"] and by_output["logits_a"]["max_abs"] == 0.0
     assert not by_output["logits_b"]["passed"]  # wrong values fail their own row
     assert not by_output["logits_c"]["passed"] and "no output 'logits_c'" in by_output["logits_c"]["error"]
+
+
+def test_a_softmax_bank_has_logits_and_probabilities_per_task(demo_bank_export, tmp_path):
+    bank = read_bank(demo_bank_export / "onnx")
+    softmax_bank = assemble_bank(tmp_path / "bank", read_backbone(demo_bank_export / "backbone"), bank.tasks,
+                                 softmax=True, log=lambda _: None)
+    assert softmax_bank.manifest["tasks"][0]["probabilities"] == "probs_colours_tinted"
+    session = ort.InferenceSession(str(tmp_path / "bank" / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["logits_colours_tinted", "probs_colours_tinted", "logits_textures_foggy", "probs_textures_foggy"]
+    pixels = np.random.default_rng(2).standard_normal((3, 3, 48, 48), dtype=np.float32)
+    outputs = dict(zip(names, session.run(None, {"pixel_values": pixels})))
+    for task in ("colours_tinted", "textures_foggy"):
+        logits = outputs[f"logits_{task}"]
+        expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+        assert np.allclose(outputs[f"probs_{task}"], expected / expected.sum(axis=1, keepdims=True), atol=1e-6)
