@@ -57,3 +57,16 @@ def test_sigkill_mid_write_leaves_the_previous_export_intact(tmp_path):
     assert not list(out.rglob(".*.partial"))
     assert {step.name: step.status for step in outcome.steps}["data"] == "ran"
     assert len(list((out / "data" / "train").rglob("*.png"))) == 400 * 8  # 400 per class, 8 colours
+
+
+def test_export_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    from transmiter_deploy.cli import main
+
+    recipe = Path(__file__).resolve().parents[2] / "export" / "recipes" / "demo.yaml"
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"keep me")
+    for out in (existing, existing / "below"):
+        assert main(["export", str(recipe), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not a directory" in err and "Traceback" not in err
+    assert existing.read_bytes() == b"keep me"

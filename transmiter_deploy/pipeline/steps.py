@@ -92,8 +92,15 @@ class Steps:
 @contextmanager
 def exclusive(out_dir: Path) -> Iterator[None]:
     """One export per output directory: a second concurrent run is refused, not interleaved."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(out_dir / ".lock", "w")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / ".lock", "w")
+    except FileExistsError as exc:  # out_dir, or a folder on the way to it, is a file
+        raise InputError(f"output directory {out_dir}: {exc.filename} exists and is not a directory") from exc
+    except NotADirectoryError as exc:
+        raise InputError(f"output directory {out_dir}: a part of the path is a file, not a directory") from exc
+    except OSError as exc:  # permissions, a read-only file system
+        raise InputError(f"cannot write to output directory {out_dir}: {exc.strerror}") from exc
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
