@@ -163,6 +163,10 @@ Tensor FoldedHead::classify(const Tensor& batch) {
       if (!std::isfinite(v)) input_error("feature row " + std::to_string(b) + " holds NaN or inf");
       sum += double(v) * v;
     }
+    // A zero (or vanishing) row has no direction: normalising would classify noise, or nothing.
+    if (!(std::sqrt(sum) > normalise_eps_)) {
+      input_error("feature row " + std::to_string(b) + " has zero norm and cannot be L2-normalised");
+    }
     const float norm = static_cast<float>(std::max(std::sqrt(sum), normalise_eps_));
     for (std::int64_t i = 0; i < d_; ++i) f[b * d_ + i] /= norm;
   }

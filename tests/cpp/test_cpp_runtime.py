@@ -281,6 +281,9 @@ def test_cli_refuses_bad_input_with_one_line_and_the_toolkit_exit_statuses(broke
     nan = np.ones((2, d), np.float32)
     nan[1, 3] = np.nan
     refused("--manifest", manifest, "--features", write("nan.npy", nan), match="NaN")
+    zero = np.ones((2, d), np.float32)
+    zero[1] = 0.0
+    refused("--manifest", manifest, "--features", write("zero.npy", zero), match="row 1 has zero norm")
     refused("--manifest", manifest, "--features", features, "--frobnicate", match="unknown option")
     refused("--manifest", manifest, match="either --image")
     refused("--manifest", manifest, "--features", features, "--topk", "0", match="--topk")

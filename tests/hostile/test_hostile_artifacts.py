@@ -167,3 +167,18 @@ def test_fp16_graph_stays_finite_on_extreme_pixels_where_fp32_does(tmp_path):
     with OnnxRuntimeRunner(tmp_path / "export" / "model_fp16.onnx") as runner:
         fp16 = runner.infer(extreme)
     assert np.isfinite(fp32).all() and np.isfinite(fp16).all()
+
+
+@pytest.mark.parametrize("row, message", [(np.zeros(8), "row 1 has zero norm"), (np.full(8, np.nan), "row 1 holds NaN")])
+def test_features_that_cannot_be_normalised_are_refused_by_the_python_head(tmp_path, row, message):
+    from conftest import make_head_and_adapter
+    from transmiter_deploy.deploy.fusion import FoldedHead
+    from transmiter_deploy.deploy.head_weights import head_logits_numpy, write_head_safetensors
+
+    head, artifact = make_head_and_adapter(feature_dim=8, width=12, num_classes=3)
+    write_head_safetensors(FoldedHead(head, artifact), tmp_path / "head.safetensors")
+    features = np.ones((3, 8))
+    assert np.isfinite(head_logits_numpy(tmp_path / "head.safetensors", features)).all()
+    features[1] = row
+    with pytest.raises(InputError, match=message):
+        head_logits_numpy(tmp_path / "head.safetensors", features)

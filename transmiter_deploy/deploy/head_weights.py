@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..artifacts import load_tensors, sha256_bytes
-from ..errors import IntegrityError
+from ..errors import InputError, IntegrityError
 from .fusion import FoldedHead
 
 HEAD_FORMAT = "transmiter-deploy/folded-head"  # heads.FORMAT tags the zero-shot head artifact
@@ -118,7 +118,15 @@ def head_logits_numpy(path: Path, features: np.ndarray, expected_sha256: str | N
     tensors = {k: v.double().numpy() for k, v in load_tensors(path, expected_sha256, "head weights").items()}
     meta: dict[str, Any] = read_head_metadata(path)
     f = np.asarray(features, dtype=np.float64)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), float(meta["normalise_eps"]))
+    norms = np.linalg.norm(f, axis=1, keepdims=True)
+    bad = np.flatnonzero(~np.isfinite(f).all(axis=1))
+    if bad.size:
+        raise InputError(f"feature row {int(bad[0])} holds NaN or inf")
+    # a zero (or vanishing) row has no direction: as the C++ head backend, refuse it
+    vanishing = np.flatnonzero(norms[:, 0] <= float(meta["normalise_eps"]))
+    if vanishing.size:
+        raise InputError(f"feature row {int(vanishing[0])} has zero norm and cannot be L2-normalised")
+    f = f / np.maximum(norms, float(meta["normalise_eps"]))
     mu = f @ tensors["mean_vector"][:, None]
     pushed = f @ tensors["push"]
     if meta["sigma_mode"] == "gram":
