@@ -23,6 +23,7 @@ removed once their sessions exist (a 32-task fp32 bank of ViT-B-16 is 1.5 GB).
 from __future__ import annotations
 
 import gc
+import hashlib
 import inspect
 import json
 import os
@@ -53,6 +54,7 @@ from ..method.adapter import AdapterConfig, TransMiterAdapter
 from ..runtimes.compare import compare_outputs
 from ..runtimes.onnxruntime import PROVIDERS, ort_session
 from ..runtimes.registry import runtime as registered_runtime
+from .graphs import cached_record, code_digest
 from .report import paired_ratio, slug
 from .timing import TimingPlan, summarise, time_interleaved
 
@@ -184,12 +186,7 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def _code_digest() -> str:
-    import hashlib
-
-    package = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update(name.encode() + b"\0" + (package / name).read_bytes())
+    digest = hashlib.sha256(code_digest(_SOURCES).encode())
     for function in (synthetic_folded_head, head_graph, build_graphs):
         digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()
@@ -202,13 +199,8 @@ def _cached_graph(folder: Path, key: str, make: Callable[[], onnx.ModelProto], l
     versions = library_versions()
     expected = {"key": key, "code_sha256": _code_digest(),
                 **{name: versions.get(name) for name in ("torch", "onnx", "onnxslim", "open_clip_torch")}}
-    if path.is_file() and record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            record = {}
-        if all(record.get(k) == v for k, v in expected.items()) and record.get("sha256") == sha256_file(path):
-            return onnx.load(path)
+    if cached_record(path, record_path, expected) is not None:
+        return onnx.load(path)
     start = time.perf_counter()
     model = make()
     folder.mkdir(parents=True, exist_ok=True)
@@ -383,12 +375,7 @@ def head_accuracy(graphs: BankGraphs, compact: dict[str, list], threads: int, ba
 
 
 def _session_from_proto(model: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString(), threads=threads, spinning=False)
 
 
 # ---- the sweep ------------------------------------------------------------------------------

@@ -37,10 +37,12 @@ _GRAPH_SOURCES = ("deploy/fusion.py", "method/adapter.py", "deploy/onnx_export.p
 CALIBRATION_IMAGES = {True: 32, False: 1}  # by Precision.needs_calibration
 
 
-def code_digest() -> str:
+def code_digest(sources: tuple[str, ...] = _GRAPH_SOURCES) -> str:
+    """sha256 of the package modules (paths relative to the package) whose code shapes a
+    cached graph."""
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for name in _GRAPH_SOURCES:
+    for name in sources:
         digest.update(name.encode() + b"\0" + (package / name).read_bytes())
     return digest.hexdigest()
 
@@ -51,7 +53,9 @@ def _record(key: str, opset: int) -> dict:
             "torch": versions.get("torch"), "onnx": versions.get("onnx"), "onnxslim": versions.get("onnxslim")}
 
 
-def _cached(path: Path, record_path: Path, expected: dict) -> dict | None:
+def cached_record(path: Path, record_path: Path, expected: dict) -> dict | None:
+    """The record beside a cached graph when it holds every ``expected`` value and the graph
+    still has the sha256 it records; None when the graph must be made again."""
     if not (path.is_file() and record_path.is_file()):
         return None
     try:
@@ -78,7 +82,7 @@ def export_graphs(group: TargetGroup, work_dir: Path, opset: int = DEFAULT_OPSET
     for key, (takes, part) in tqdm(ordered, desc=f"ONNX graphs {group.target}", unit="graph", disable=not progress):
         path, record_path = folder / f"{key}.onnx", folder / f"{key}.json"
         expected = {**_record(key, opset), "precision": part.precision}
-        record = _cached(path, record_path, expected)
+        record = cached_record(path, record_path, expected)
         if record is None:
             input_name = "pixel_values" if takes == "pixels" else "image_features"
             start, peak = time.perf_counter(), None

@@ -29,7 +29,8 @@ import onnx
 import torch
 from torch import nn
 
-from ..artifacts import atomic_directory, check_format, read_json, sha256_file, write_json, write_manifest
+from ..artifacts import (atomic_directory, check_format, read_json, require_keys, require_string_lists, sha256_file,
+                         write_json, write_manifest)
 from ..errors import InputError, IntegrityError, VerificationError
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
@@ -229,25 +230,19 @@ def _precision_graphs(files: dict[str, dict], stem: str, where: str) -> dict[str
     return graphs
 
 
-def _require(manifest: dict, spec: dict[str, type | tuple], where: str) -> None:
-    for key, kind in spec.items():
-        if not isinstance(manifest.get(key), kind):
-            raise IntegrityError(f"{where}: '{key}' is missing or not a {getattr(kind, '__name__', kind)}")
-
-
 def read_backbone(directory: Path) -> Part:
     """A backbone export, verified."""
     path = Path(directory) / MANIFEST
     manifest = read_json(path, "backbone manifest")
     check_format(manifest, BACKBONE_FORMAT, FORMAT_VERSION, str(path))
-    _require(manifest, {"feature_dim": int, "target_model": dict, "preprocess": dict, "opset": int}, str(path))
+    require_keys(manifest, {"feature_dim": int, "target_model": dict, "preprocess": dict, "opset": int}, str(path))
     files = _entries(manifest, str(path))
     part = Part(Path(directory), manifest, _precision_graphs(files, "backbone", str(path)), files)
     part.verify(f"backbone {directory}")
     return part
 
 
-def read_head(directory: Path) -> Part:
+def read_head(directory: Path, verify: bool = True) -> Part:
     """A task head: a head export, or the head files of a single-task export (``transmiter
     export-onnx`` or a single-task recipe), verified; calibrated graphs are not carried over."""
     path = Path(directory) / MANIFEST
@@ -256,7 +251,8 @@ def read_head(directory: Path) -> Part:
         check_format(manifest, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, str(path))
     else:
         check_format(manifest, HEAD_EXPORT_FORMAT, FORMAT_VERSION, str(path))
-    _require(manifest, {"feature_dim": int, "target_model": dict, "class_names": list}, str(path))
+    require_keys(manifest, {"feature_dim": int, "target_model": dict, "class_names": list}, str(path))
+    require_string_lists(manifest, ("class_names",), str(path))
     listed = _entries(manifest, str(path))
     if HEAD_FILE not in listed:
         raise IntegrityError(f"{path}: {HEAD_FILE} is not listed")
@@ -264,7 +260,8 @@ def read_head(directory: Path) -> Part:
               if not PRECISIONS[name].needs_calibration}
     files = {name: listed[name] for name in [*graphs.values(), HEAD_FILE]}
     part = Part(Path(directory), manifest, graphs, files)
-    part.verify(f"head {directory}")
+    if verify:
+        part.verify(f"head {directory}")
     return part
 
 
@@ -460,7 +457,7 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
             "opset": b["opset"]})
     log(f"assembled the bank of {len(tasks)} task(s) ({', '.join(t.name for t in tasks)}) in {out_dir} "
         f"in {time.perf_counter() - start:.1f} s")
-    return read_bank(out_dir)
+    return read_bank(out_dir, verify=False)  # the parts were verified when read, then linked in
 
 
 def _head_manifest(head: Part) -> dict | None:
@@ -490,13 +487,14 @@ def _task_record(task: BankTask, where: str, softmax: bool) -> dict[str, Any]:
             "macs": m.get("macs")}
 
 
-def read_bank(directory: Path) -> Bank:
-    """A bank directory, every file checked against its manifest."""
+def read_bank(directory: Path, verify: bool = True) -> Bank:
+    """A bank directory, every file checked against its manifest (``verify=False``: only the
+    manifests, for a bank this process has just assembled from verified parts)."""
     directory = Path(directory)
     path = directory / MANIFEST
     manifest = read_json(path, "bank manifest")
     check_format(manifest, BANK_FORMAT, FORMAT_VERSION, str(path))
-    _require(manifest, {"tasks": list, "backbone": dict, "graphs": dict, "feature_dim": int, "target_model": dict,
+    require_keys(manifest, {"tasks": list, "backbone": dict, "graphs": dict, "feature_dim": int, "target_model": dict,
                         "preprocess": dict, "opset": int}, str(path))
     files = _entries(manifest, str(path))
     backbone_files = {name: files[name] for name in manifest["backbone"].get("graphs", {}).values() if name in files}
@@ -518,10 +516,13 @@ def read_bank(directory: Path) -> Bank:
             raise IntegrityError(f"{where}: task '{name}' is listed twice")
         seen.add(name)
         head_dir = directory / HEADS_DIR / name
-        head = read_json(head_dir / MANIFEST, f"head manifest of task {name}")
+        if not (head_dir / MANIFEST).is_file():
+            raise IntegrityError(f"{where}: the head manifest {head_dir / MANIFEST} is missing")
         if files.get(f"{HEADS_DIR}/{name}/{MANIFEST}", {}).get("sha256") != sha256_file(head_dir / MANIFEST):
             raise IntegrityError(f"{where}: {head_dir / MANIFEST} does not match the sha256 the bank records")
-        bank.tasks.append(BankTask(name, read_head(head_dir)))
+        bank.tasks.append(BankTask(name, read_head(head_dir, verify)))
+    if not verify:
+        return bank
     backbone.verify(f"bank {directory}")
     for kind, name in manifest["graphs"].items():
         entry = files.get(name)

@@ -24,9 +24,10 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def ort_session(path: Path, precision_name: str = "fp32", provider: str = "CPUExecutionProvider",
+def ort_session(path: Path | bytes, precision_name: str = "fp32", provider: str = "CPUExecutionProvider",
                 threads: int | None = None, spinning: bool = True):
-    """An ONNX Runtime session (CPU by default) for a graph of the given precision.
+    """An ONNX Runtime session (CPU by default) for a graph of the given precision: a file, or a
+    serialised model held in memory (``bytes``).
 
     The graph optimiser stays off for precisions whose registry entry says so (fp16:
     ORT's CPU optimiser has crashed on AutoCast fp16 CLIP graphs, DESIGN.md section 4;
@@ -47,7 +48,7 @@ def ort_session(path: Path, precision_name: str = "fp32", provider: str = "CPUEx
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not precision(precision_name).onnxruntime_optimise:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=[provider])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=[provider])
 
 
 def run_session(session, array: np.ndarray) -> np.ndarray:
