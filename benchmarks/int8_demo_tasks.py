@@ -60,7 +60,7 @@ def main() -> None:
                 calibration = sample_calibration(model, out / "data" / "train", images)
                 onnx.save(int8.convert(out / "onnx" / "model.onnx", {"pixel_values": calibration.pixels.numpy()}),
                           args.work / "probe.onnx")
-                candidate = run_session(ort_session(args.work / "probe.onnx", "int8"), pixels)
+                candidate = run_session(ort_session(args.work / "probe.onnx"), pixels)
                 variants[f"{method}/{images}"] = float((reference.argmax(1) == candidate.argmax(1)).mean())
                 print(task, method, images, f"{variants[f'{method}/{images}']:.4f}", flush=True)
         int8.CALIBRATION_METHOD = "entropy"

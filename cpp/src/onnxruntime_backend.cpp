@@ -114,9 +114,6 @@ class OnnxRuntimeClassifier final : public Classifier {
       session_options.SetIntraOpNumThreads(options.threads);
       session_options.SetInterOpNumThreads(1);
       session_options.SetExecutionMode(ORT_SEQUENTIAL);
-      // As the Python runtime does (runtimes/registry.py): ONNX Runtime's CPU graph optimiser has
-      // crashed on AutoCast fp16 graphs, which run correctly without it.
-      if (listed->second.precision == "mixed-fp16") session_options.SetGraphOptimizationLevel(ORT_DISABLE_ALL);
       session_ = std::make_unique<Ort::Session>(*env_, model.data(), model.size(), session_options);
       Ort::AllocatorWithDefaultOptions allocator;
       if (session_->GetInputCount() != 1 || (role_ != GraphRole::Fused && session_->GetOutputCount() != 1)) {

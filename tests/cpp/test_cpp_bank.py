@@ -59,7 +59,7 @@ def bank_pixels(bank):
 
 def python_outputs(graph: Path, pixels: np.ndarray, precision: str = "fp32") -> dict[str, np.ndarray]:
     """Every output of a pixels graph of the bank under Python ONNX Runtime, by name."""
-    session = ort_session(graph, precision)
+    session = ort_session(graph)
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"pixel_values": pixels})))
 
 

@@ -229,7 +229,7 @@ def test_onnxruntime_backend_runs_the_int8_graph_as_python_does(demo, demo_int8_
     run(infer, "--manifest", manifest_path, "--image", *images, "--graph", "model_int8.onnx",
         "--logits-out", tmp_path / "logits.npy", "--quiet")
     pixels = torch.stack([model.preprocess(decode_image(path)[0]) for path in images]).numpy()
-    reference = ort_session(manifest_path.parent / "model_int8.onnx", "int8").run(None, {"pixel_values": pixels})[0]
+    reference = ort_session(manifest_path.parent / "model_int8.onnx").run(None, {"pixel_values": pixels})[0]
     diff = float(np.abs(np.load(tmp_path / "logits.npy") - reference).max())
     print(f"onnxruntime backend int8 parity: max abs diff {diff:.3e}")
     assert diff <= HEAD_ATOL
@@ -237,6 +237,22 @@ def test_onnxruntime_backend_runs_the_int8_graph_as_python_does(demo, demo_int8_
     assert float(np.abs(fp32 - reference).max()) > 10 * HEAD_ATOL  # really the int8 graph, not model.onnx
     missing = run(infer, "--manifest", manifest_path, "--image", images[0], "--graph", "model_int4.onnx", check=False)
     assert missing.returncode == 2 and "lists no ONNX graph 'model_int4.onnx'" in missing.stderr
+
+
+def test_onnxruntime_backend_loads_the_fp16_graph_with_default_options(demo, infer, tmp_path):
+    """The C++ backend no longer turns ONNX Runtime's optimiser off for fp16: the graph itself is
+    made loadable (deploy/consumer_safety.py), and it computes what Python's default session does."""
+    if "onnxruntime" not in run(infer, "--backends").stdout.split():
+        pytest.skip("the onnxruntime backend was not built")
+    manifest_path, model, images = demo
+    run(infer, "--manifest", manifest_path, "--image", *images, "--graph", "model_fp16.onnx",
+        "--logits-out", tmp_path / "logits.npy", "--quiet")
+    pixels = torch.stack([model.preprocess(decode_image(path)[0]) for path in images]).numpy()
+    reference = ort_session(manifest_path.parent / "model_fp16.onnx").run(None, {"pixel_values": pixels})[0]
+    cpp = np.load(tmp_path / "logits.npy")
+    print(f"onnxruntime backend fp16 parity: max abs diff {float(np.abs(cpp - reference).max()):.3e}")
+    assert np.abs(cpp - reference).max() <= HEAD_ATOL
+    assert (cpp.argmax(1) == reference.argmax(1)).all()
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ from .fusion import FoldedHead, Normalise
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, head_logits_numpy, write_head_safetensors
 from .onnx_export import (FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, FP32_LOGIT_ATOL, MANIFEST,
-                          Checks, ExportSettings, convert_graph, file_entry, io_contract, link_or_copy, to_onnx,
+                          Checks, ExportSettings, convert_graph, file_entry, io_contract, link_or_copy, save_graph, to_onnx,
                           tolerance_criterion)
 
 BACKBONE_FORMAT = "transmiter-deploy/backbone-export"
@@ -113,7 +113,7 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
         graph = to_onnx(module, pixels[:2], "pixel_values", FEATURES, settings.opset, f"image tower {model.identity.name}")
-        onnx.save(graph, staging / "backbone.onnx")
+        save_graph(graph, staging / "backbone.onnx")
         checks, files = Checks(), {"backbone.onnx": REFERENCE_PRECISION}
         session = ort_session(staging / "backbone.onnx")
         for rows in (len(pixels), 3):  # two batch sizes: the batch axis is really dynamic
@@ -122,7 +122,7 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
                        f"max_abs <= {FP32_LOGIT_ATOL}")
         for target in reduced:
             name = convert_graph(staging, "backbone", target, {"pixel_values": pixels[: settings.calibration_images].numpy()})
-            converted = ort_session(staging / name, target.name).run(None, {"pixel_values": pixels.numpy()})[0]
+            converted = ort_session(staging / name).run(None, {"pixel_values": pixels.numpy()})[0]
             result = compare_outputs(features, converted)
             # features have no classes: the logits each task reads from them are judged on the bank
             checks.add(f"backbone_{target.name}_vs_torch_fp32", result, result["finite"], True, "finite outputs")
@@ -155,7 +155,7 @@ def export_head(head: ZeroShotHead, artifact: AdapterArtifact, features: torch.T
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
         graph = to_onnx(folded, features[:2], FEATURES, "logits", settings.opset, "folded head")
-        onnx.save(graph, staging / "head.onnx")
+        save_graph(graph, staging / "head.onnx")
         write_head_safetensors(folded, staging / HEAD_FILE)
         checks, files = Checks(), {"head.onnx": REFERENCE_PRECISION}
         result = compare_outputs(reference, ort_session(staging / "head.onnx").run(None, {FEATURES: features.numpy()})[0])
@@ -165,7 +165,7 @@ def export_head(head: ZeroShotHead, artifact: AdapterArtifact, features: torch.T
                    f"max_abs <= {FP32_LOGIT_ATOL}")
         for target in reduced:
             name = convert_graph(staging, "head", target, {FEATURES: features.numpy()})
-            result = compare_outputs(reference, ort_session(staging / name, target.name).run(
+            result = compare_outputs(reference, ort_session(staging / name).run(
                 None, {FEATURES: features.numpy()})[0])
             checks.add(f"head_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name), True,
                        tolerance_criterion(target))
@@ -380,11 +380,11 @@ def _verify_bank(staging: Path, backbone: Part, tasks: list[BankTask], graphs: d
     pixels, checks = _check_images(backbone), Checks()
     for kind, graph in graphs.items():
         target = PRECISIONS[kind]
-        bank = ort_session(staging / graph, kind)
+        bank = ort_session(staging / graph)
         outputs = dict(zip([o.name for o in bank.get_outputs()], bank.run(None, {"pixel_values": pixels})))
-        features = ort_session(backbone.path(backbone.graphs[kind]), kind).run(None, {"pixel_values": pixels})[0]
+        features = ort_session(backbone.path(backbone.graphs[kind])).run(None, {"pixel_values": pixels})[0]
         for task in tasks:
-            parts = ort_session(task.head.path(task.head.graphs[kind]), kind).run(None, {FEATURES: features})[0]
+            parts = ort_session(task.head.path(task.head.graphs[kind])).run(None, {FEATURES: features})[0]
             result = compare_outputs(parts, outputs[f"logits_{task.name}"])
             atol = FP32_LOGIT_ATOL if target.reference else (target.max_abs or FP32_LOGIT_ATOL)
             checks.add(f"bank_{kind}_{task.name}_vs_parts", result,
@@ -438,7 +438,7 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
             composed = compose_bank(onnx.load(backbone.path(graph_file)),
                                     [(t.name, onnx.load(t.head.path(t.head.graphs[kind]))) for t in tasks], softmax)
             name = PRECISIONS[kind].graph_name("model")
-            onnx.save(composed, staging / name)
+            save_graph(composed, staging / name)
             graphs[kind] = name
         checks = _verify_bank(staging, backbone, tasks, graphs, softmax)
         _raise_failed(checks, "bank", out_dir)

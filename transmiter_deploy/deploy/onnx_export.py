@@ -42,7 +42,7 @@ from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel
 from ..runtimes.base import check_qdq_scales
 from ..runtimes.compare import compare_outputs, within_tolerance
-from ..runtimes.onnxruntime import ort_session, run_session
+from ..runtimes.onnxruntime import ort_session, require_loadable, run_session
 from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, default_precisions, precision, resolve
 from .fusion import FP32_NODES, DeployedClassifier, FoldedHead, UnfoldedHead
 from .calibration import Calibration
@@ -133,6 +133,14 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"exported {what} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     return model
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` to ``path`` and probe it: it must load and run in ONNX Runtime at every
+    optimisation level, in a child process (a graph that would crash a user's session fails
+    here, in one line, before any session of ours loads it)."""
+    onnx.save(model, path)
+    require_loadable([path])
 
 
 def io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
@@ -251,7 +259,7 @@ def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[st
     converted = convert(directory / f"{stem}.onnx", inputs, FP32_NODES)
     if target.qdq:
         check_qdq_scales(converted, f"{target.graph_name(stem)} as converted")
-    onnx.save(converted, directory / target.graph_name(stem))
+    save_graph(converted, directory / target.graph_name(stem))
     return target.graph_name(stem)
 
 
@@ -268,12 +276,10 @@ def _convert(staging: Path, target: Precision, calibration: dict[str, dict[str, 
     its fp32 reference outputs (``calibration``: per graph stem, the converter's input arrays)."""
     files = [convert_graph(staging, stem, target, calibration[stem]) for stem in GRAPHS]
     criterion = tolerance_criterion(target)
-    result = compare_outputs(model_reference, run_session(ort_session(staging / target.graph_name("model"),
-                                                                      target.name), pixels))
+    result = compare_outputs(model_reference, run_session(ort_session(staging / target.graph_name("model")), pixels))
     checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
                target.gates_export, criterion)
-    result = compare_outputs(head_reference, run_session(ort_session(staging / target.graph_name("head"),
-                                                                     target.name), features))
+    result = compare_outputs(head_reference, run_session(ort_session(staging / target.graph_name("head")), features))
     checks.add(f"head_{target.name}_vs_{head_reference_name}_fp32", result, result["finite"], True, "finite outputs")
     return files
 
@@ -340,9 +346,9 @@ def export_deployment(
         start = time.perf_counter()
         model_onnx = to_onnx(parts.fused, pixels[:2], "pixel_values", output, settings.opset,
                              f"image tower {model.identity.name}")
-        onnx.save(model_onnx, staging / "model.onnx")
+        save_graph(model_onnx, staging / "model.onnx")
         head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head")
-        onnx.save(head_onnx, staging / "head.onnx")
+        save_graph(head_onnx, staging / "head.onnx")
         unfolded_onnx = to_onnx(parts.unfolded, parts.features[:2], "image_features", "logits", settings.opset,
                                 "unfolded head")
         timings["export_fp32_s"] = time.perf_counter() - start
@@ -438,7 +444,7 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
         record = None
         if gate is not None:
             reference = run_session(ort_session(staging / "model.onnx"), gate.pixels)
-            candidate = run_session(ort_session(staging / target.graph_name("model"), target.name), gate.pixels)
+            candidate = run_session(ort_session(staging / target.graph_name("model")), gate.pixels)
             record = accuracy_gate(reference, candidate, target, gate)
         _raise_if_failed(target, checks, record, export_dir)
         rewrite.parity["checks"] = dict(checks)

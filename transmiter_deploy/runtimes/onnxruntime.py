@@ -1,8 +1,8 @@
 """ONNX Runtime: the one way the toolkit makes a session, and the runner over it.
 
 Export verification, validation, the runners and the benchmark all build their
-sessions with :func:`ort_session`, so thread settings and the reduced-precision
-rule are decided in one place.
+sessions with :func:`ort_session`, so thread settings are decided in one place; every
+graph runs with ONNX Runtime's default optimisation, as in a user's own session.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DependencyError, InputError
+from ..errors import DependencyError, InputError, VerificationError
+from . import load_probe
 from .base import InputSpec, Runner, check_qdq_scales, graph_precision, manifest_precision
 from .registry import precision
 
@@ -24,14 +25,14 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def ort_session(path: Path | bytes, precision_name: str = "fp32", provider: str = "CPUExecutionProvider",
+def ort_session(path: Path | bytes, provider: str = "CPUExecutionProvider",
                 threads: int | None = None, spinning: bool = True):
-    """An ONNX Runtime session (CPU by default) for a graph of the given precision: a file, or a
-    serialised model held in memory (``bytes``).
+    """An ONNX Runtime session (CPU by default) for a graph: a file, or a serialised model held in
+    memory (``bytes``).
 
-    The graph optimiser stays off for precisions whose registry entry says so (fp16:
-    ORT's CPU optimiser has crashed on AutoCast fp16 CLIP graphs, DESIGN.md section 4;
-    without it the same graphs run correctly). ``threads`` sets the intra-op pool (one
+    Every precision runs with ONNX Runtime's default graph optimisation, as a user's own session
+    would: the graphs the toolkit writes are made to load that way (deploy/consumer_safety.py), so
+    the toolkit checks what its users will run. ``threads`` sets the intra-op pool (one
     sequential inter-op thread); None leaves ONNX Runtime's default (one per core).
     ``spinning=False`` stops idle pool threads from busy-waiting after a run: needed
     when several sessions take turns in one process, where one session's spinning
@@ -46,9 +47,18 @@ def ort_session(path: Path | bytes, precision_name: str = "fp32", provider: str 
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not precision(precision_name).onnxruntime_optimise:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=[provider])
+
+
+def require_loadable(paths: list[Path], levels: tuple[str, ...] = load_probe.LEVELS) -> None:
+    """Every graph in ``paths`` loads and runs in ONNX Runtime's CPU provider at each optimisation
+    level (default: all four), probed in a child process (:mod:`.load_probe`); else
+    VerificationError naming the graph and the level. The toolkit calls this on each graph it
+    writes before its own sessions load it, so a graph that would crash a user's session fails
+    the export in one line instead of killing it."""
+    failure = load_probe.probe([Path(path) for path in paths], levels)
+    if failure is not None:
+        raise VerificationError(failure)
 
 
 def run_session(session, array: np.ndarray) -> np.ndarray:
@@ -111,7 +121,7 @@ class OnnxRuntimeRunner(Runner):
 
             check_qdq_scales(onnx.load(str(self.path)), str(self.path))
         try:
-            self.session = ort_session(self.path, self.precision, PROVIDERS[self.provider], self.threads, self.spinning)
+            self.session = ort_session(self.path, PROVIDERS[self.provider], self.threads, self.spinning)
         except Exception as exc:  # ORT raises its own exception types for corrupt graphs
             raise InputError(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from exc
         if PROVIDERS[self.provider] not in self.session.get_providers():

@@ -50,9 +50,6 @@ class Precision:
     # within this many points of the fp32 graph's (None: no accuracy gate)
     accuracy_points: float | None = None
     qdq: bool = False  # explicitly quantised (QuantizeLinear/DequantizeLinear): scales are checked on load
-    # ONNX Runtime's graph optimiser may run on these graphs: its CPU optimiser has crashed on
-    # AutoCast fp16 CLIP graphs (DESIGN.md section 4), which run correctly without it.
-    onnxruntime_optimise: bool = True
 
     @property
     def reference(self) -> bool:
@@ -110,7 +107,7 @@ PRECISIONS: dict[str, Precision] = {precision.name: precision for precision in (
     # the pixels graph on ONNX Runtime CPU is reported, not gated (TensorRT is its runtime)
     Precision("fp16", "_fp16", "mixed-fp16", max_abs=None, top1=0.995, needs_calibration=False,
               converter="transmiter_deploy.deploy.precisions.fp16:convert", requires=("modelopt",),
-              install="pip install 'transmiter-deploy[fp16]'", gates_export=False, onnxruntime_optimise=False),
+              install="pip install 'transmiter-deploy[fp16]'", gates_export=False),
     # int8 Q/DQ (ModelOpt PTQ) for edge CPUs and TensorRT's explicit quantisation; calibrated on the
     # recipe's own images and gated on its labelled ones (pipeline/export.py), opt-in
     Precision("int8", "_int8", "int8-qdq", max_abs=None, top1=0.99, needs_calibration=True,

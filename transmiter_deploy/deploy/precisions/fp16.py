@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from ...errors import DependencyError
+from ..consumer_safety import move_transposes_after_matmuls
 from ..fusion import FP32_NODES
 
 
@@ -44,5 +45,8 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
         )
     finally:
         onnxruntime.set_default_logger_severity(2)
+    # ONNX Runtime's default CPU optimiser segfaults on AutoCast's Transpose -> MatMul chains
+    # (consumer_safety.py): the rewrite keeps every value and lets default sessions load the graph
+    move_transposes_after_matmuls(model)
     onnx.checker.check_model(model, full_check=True)
     return model
