@@ -176,3 +176,13 @@ def demo_int8_export(demo_export, tmp_path_factory):
 
     path, out = copy_export(demo_export, tmp_path_factory.mktemp("int8"))
     return out, run_export(load_recipe(path), out, progress=False, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def flow(tmp_path_factory) -> Path:
+    """The hostile cases' tiny workspace (tests/hostile/hostile_support.py): caches, heads and
+    adapters of the tiny towers, and their ``images``, made once through the CLI."""
+    from hostile.hostile_support import make_flow
+
+    root = tmp_path_factory.mktemp("hostile-flow")
+    return make_flow(root, make_image_folder(root / "images", per_class=4))

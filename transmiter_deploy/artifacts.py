@@ -9,23 +9,28 @@ manifest and checked on load.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from .errors import InputError, IntegrityError
+from .errors import WRITE_ERRNOS, InputError, IntegrityError, write_failure
+
+T = TypeVar("T")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -77,27 +82,107 @@ def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
     except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise write_failure(exc, str(final)) from exc
         raise InputError(f"cannot write to output directory {parent}: {exc.strerror}") from exc
     try:
         yield staging
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
-            os.rename(final, retired / "previous")
-            os.rename(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, final)
+        _commit(staging, final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno in WRITE_ERRNOS:
+            raise write_failure(exc, str(final)) from exc
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+def _commit(staging: Path, final: Path, attempts: int = 20) -> None:
+    """Move the finished ``staging`` to ``final``, retiring what was there. Two writers of the
+    same ``final`` may commit at the same moment: a rename then finds the place taken by the
+    other's artifact (ENOTEMPTY, EEXIST) or the old one already moved away (ENOENT), and tries
+    again, so both end with a complete artifact in place and the last one to commit stays."""
+    retry = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT)
+    for attempt in range(attempts):
+        last = attempt == attempts - 1
+        retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        previous = retired / "previous"
+        try:
+            try:
+                if final.exists():
+                    os.rename(final, previous)
+            except OSError as exc:
+                if exc.errno in retry and not last:
+                    continue  # the other writer moved it first
+                raise
+            try:
+                os.rename(staging, final)
+                return
+            except OSError as exc:
+                if exc.errno in retry and not last:
+                    continue  # the other writer's artifact landed in between: retire it next round
+                if previous.exists() and not final.exists():  # put the old artifact back before failing
+                    os.rename(previous, final)
+                raise
+        finally:
+            shutil.rmtree(retired, ignore_errors=True)
+            if attempt and not last:
+                time.sleep(0.005 * attempt)
+
+
+def read_consistently(directory: Path, read: Callable[[], T], attempts: int = 5) -> T:
+    """``read()`` of the artifact at ``directory``, repeated if a writer replaced the artifact
+    while it was being read (its directory's inode changed) and the read failed part-way: the
+    caller gets the old artifact or the new one whole, never an error made of the two."""
+    directory = Path(directory)
+    for attempt in range(attempts):
+        before = _identity(directory)
+        try:
+            return read()
+        except (InputError, OSError):
+            if attempt == attempts - 1 or _identity(directory) == before:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    try:
+        status = os.stat(directory)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON via a temporary file and a rename (atomic on POSIX)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    # a unique temporary name: two writers of the same file must not share one
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise write_failure(exc, str(path)) from exc
+        raise
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct: the toolkit never writes a key twice, and
+    json would keep the last one silently."""
+    payload = dict(pairs)
+    if len(payload) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"duplicate key '{duplicate}'")
+    return payload
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -105,9 +190,11 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{what} {path} is not valid JSON: {exc}") from exc
+        payload = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except RecursionError as exc:  # json's decoder recurses once per nesting level
+        raise IntegrityError(f"{what} {path} is nested too deeply to be one of ours") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, or an integer over Python's digit limit
+        raise IntegrityError(f"{what} {path} is not valid JSON: {str(exc).splitlines()[0]}") from exc
     if not isinstance(payload, dict):
         raise IntegrityError(f"{what} {path} must hold a JSON object")
     return payload

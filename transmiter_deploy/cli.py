@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, InputError, TransmiterError
+from .errors import EXIT_CODES, WRITE_ERRNOS, InputError, TransmiterError, write_failure
 from .runtimes import registry
 
 _STATE = {"debug": False, "progress": True}
@@ -625,6 +625,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("transmiter: interrupted", err=True)
         return 130
+    except OSError as exc:
+        # what the artifact writers did not already name: a full disk or a file-size limit hit by a
+        # library's own temporary files (exit 5), or a path the system refuses (exit 2)
+        if _STATE["debug"]:
+            traceback.print_exc()
+        if exc.errno in WRITE_ERRNOS:
+            failure = write_failure(exc, str(exc.filename or "an output"))
+            click.echo(f"transmiter: error: {failure}", err=True)
+            return failure.exit_code
+        if exc.filename is None:
+            raise
+        click.echo(f"transmiter: error: cannot use {exc.filename}: {exc.strerror or exc}", err=True)
+        return InputError.exit_code
 
 
 if __name__ == "__main__":

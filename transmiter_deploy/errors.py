@@ -6,6 +6,8 @@ can print it as is. Anything else that escapes is a bug (exit status 1).
 
 from __future__ import annotations
 
+import errno
+
 
 class TransmiterError(Exception):
     """Base class; ``exit_code`` is what the CLI exits with."""
@@ -35,10 +37,29 @@ class VerificationError(TransmiterError):
     exit_code = 4
 
 
+class WriteError(TransmiterError):
+    """An output could not be written: the disk is full, a file-size limit was hit, the file
+    system is read-only or the process may not write there. Nothing half-written is left, and
+    the artifact that was there before is unchanged."""
+
+    exit_code = 5
+
+
+# errno values that mean "this write cannot succeed here" whatever the toolkit does
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+
+
+def write_failure(exc: OSError, what: str) -> WriteError:
+    """``exc`` (raised while writing ``what``) as one line naming the file and the reason."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(what) else ""
+    return WriteError(f"cannot write {what}{where}: {exc.strerror or exc}")
+
+
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it with --debug output)",
     2: "bad input (file, key or value named in the message)",
     3: "missing optional dependency or hardware",
     4: "verification failed",
+    5: "cannot write an output (disk full, file-size limit, read-only file system); nothing half-written is left",
 }

@@ -26,6 +26,12 @@ from ..runtimes import registry
 
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # as deploy/bank.py reads them back
 
+# A recipe is a few hundred bytes, four levels deep: these bounds refuse, in one line, what no
+# recipe needs before PyYAML's recursive composer and our validation walk it.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_NODES = 100_000
+
 PRECISIONS = tuple(registry.PRECISIONS)  # what export.precisions may name
 RUNTIMES = registry.families()  # what runtimes may name
 
@@ -228,15 +234,63 @@ class _Reader:
         raise self.fail(where, f"unsupported value {value!r}")  # pragma: no cover - schema bug
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last
+    silently, so half of what the user wrote would be ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The recipe file parsed, its size and nesting bounded first (the event stream is read
+    without recursion; the composer that builds the tree recurses once per level)."""
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        depth = nodes = 0
+        for event in yaml.parse(text, Loader=_RecipeLoader):
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_RECIPE_DEPTH:
+                    raise RecipeError(f"recipe {path} nests deeper than {MAX_RECIPE_DEPTH} levels "
+                                      f"(line {event.start_mark.line + 1})")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+            nodes += 1
+            if nodes > MAX_RECIPE_NODES:
+                raise RecipeError(f"recipe {path} has more than {MAX_RECIPE_NODES} YAML nodes")
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from exc
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{exc.context + ': ' if exc.context else ''}{exc.problem}{where}"
+    return " ".join(str(exc).split())
+
+
 def load_recipe(path: Path, check_files: bool = True) -> Recipe:
     """Read and validate a recipe; raise RecipeError naming the first bad key."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    raw = _parse_yaml(path)
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping")
     reader = _Reader(path)
