@@ -70,6 +70,12 @@ def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
     replaced, so a mistyped ``--out .`` cannot wipe a user's directory.
     """
     final = Path(final)
+    try:  # a symlink loop or an over-long name on the way, in the system's words
+        os.stat(final)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise InputError(f"cannot write to {final}: {exc.strerror}") from exc
     if final.exists():
         if not final.is_dir():
             raise InputError(f"output path {final} exists and is not a directory")

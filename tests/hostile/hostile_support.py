@@ -1,12 +1,13 @@
 """Shared by the hostile cases: a tiny end-to-end workspace made through the CLI (the ``flow``
-fixture in tests/conftest.py), the CLI run in a child process (under a file-size limit, as
-another user), and snapshots of artifact trees."""
+fixture in tests/conftest.py), the CLI run in a child process (under a file-size limit, without
+root's permission override), and snapshots of artifact trees."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,19 +46,23 @@ def extract_args(root: Path, out: Path) -> list:
             root / "c_ft", "--teacher-head", root / "h_ft", "--epochs", 2, "--batch-size", 8, "--out", out]
 
 
-def run_cli(*args, limit: int | None = None, user: int | None = None, timeout: float = 600,
+def run_cli(*args, limit: int | None = None, obey_permissions: bool = False, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """``transmiter ARGS`` in a child process: under RLIMIT_FSIZE ``limit`` bytes (Python ignores
-    SIGXFSZ, so a write past it fails with EFBIG), as uid/gid ``user`` when given."""
+    SIGXFSZ, so a write past it fails with EFBIG); ``obey_permissions``: as root, without the
+    capabilities that let root ignore file permissions (util-linux setpriv)."""
     def prepare() -> None:
         if limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        if user is not None:
-            os.setgid(user)
-            os.setuid(user)
 
-    return subprocess.run([*CLI, "--quiet", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=prepare, env={**os.environ, **(env or {})})
+    prefix = []
+    if obey_permissions and os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise RuntimeError("running as root needs util-linux's setpriv to drop CAP_DAC_OVERRIDE")
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    return subprocess.run([*prefix, *CLI, "--quiet", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=prepare, env={**os.environ, **(env or {})})
 
 
 def snapshot(root: Path) -> dict[str, str]:

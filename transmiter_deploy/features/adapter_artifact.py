@@ -18,6 +18,7 @@ from ..method.adapter import AdapterConfig, TransMiterAdapter, clone_adapter, re
 from ..artifacts import (
     atomic_directory,
     load_tensors,
+    read_consistently,
     read_manifest,
     recorded_sha256,
     require_keys,
@@ -98,7 +99,12 @@ def save_adapter(artifact: AdapterArtifact, out_dir: Path) -> Path:
 
 
 def load_adapter(path: Path) -> AdapterArtifact:
-    """Load and verify an adapter directory (hash, keys, shapes)."""
+    """Load and verify an adapter directory (hash, keys, shapes).
+    A writer replacing it meanwhile: the old one or the new one, read whole."""
+    return read_consistently(path, lambda: _load_adapter(Path(path)))
+
+
+def _load_adapter(path: Path) -> AdapterArtifact:
     path = Path(path)
     manifest = read_manifest(path / MANIFEST, FORMAT, FORMAT_VERSION, "adapter manifest")
     where = str(path / MANIFEST)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..artifacts import (
     atomic_directory,
     load_tensors,
+    read_consistently,
     read_manifest,
     require_keys,
     save_tensors,
@@ -128,7 +129,12 @@ def build_cache(
 
 
 def load_cache(path: Path) -> FeatureCache:
-    """Read and verify a cache: hashes, shapes, labels in range, finite features."""
+    """Read and verify a cache: hashes, shapes, labels in range, finite features.
+    A writer replacing it meanwhile: the old one or the new one, read whole."""
+    return read_consistently(path, lambda: _load_cache(Path(path)))
+
+
+def _load_cache(path: Path) -> FeatureCache:
     path = Path(path)
     manifest = read_manifest(path / MANIFEST, FORMAT, FORMAT_VERSION, "feature cache manifest")
     where = str(path / MANIFEST)

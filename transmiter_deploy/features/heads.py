@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..artifacts import (
     atomic_directory,
     load_tensors,
+    read_consistently,
     read_manifest,
     recorded_sha256,
     require_keys,
@@ -127,6 +128,12 @@ def save_head(head: ZeroShotHead, out_dir: Path) -> Path:
 
 
 def load_head(path: Path) -> ZeroShotHead:
+    """Read and verify a head.
+    A writer replacing it meanwhile: the old one or the new one, read whole."""
+    return read_consistently(path, lambda: _load_head(Path(path)))
+
+
+def _load_head(path: Path) -> ZeroShotHead:
     path = Path(path)
     manifest = read_manifest(path / MANIFEST, FORMAT, FORMAT_VERSION, "head manifest")
     where = str(path / MANIFEST)
