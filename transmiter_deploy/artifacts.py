@@ -75,7 +75,7 @@ def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise InputError(f"cannot write to {final}: {exc.strerror}") from exc
+        raise InputError(f"cannot write to output directory {final.parent}: {exc.strerror}") from exc
     if final.exists():
         if not final.is_dir():
             raise InputError(f"output path {final} exists and is not a directory")
@@ -191,12 +191,20 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return payload
 
 
+def _bounded_int(text: str) -> int:
+    """An integer of at most 40 digits: the toolkit writes sizes, seeds and counts, and a longer
+    one would overflow the first float() it meets."""
+    if len(text.lstrip("-")) > 40:
+        raise ValueError(f"integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        payload = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys, parse_int=_bounded_int)
     except RecursionError as exc:  # json's decoder recurses once per nesting level
         raise IntegrityError(f"{what} {path} is nested too deeply to be one of ours") from exc
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, or an integer over Python's digit limit

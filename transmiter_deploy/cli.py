@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, WRITE_ERRNOS, InputError, TransmiterError, write_failure
+from .errors import EXIT_CODES, WRITE_ERRNOS, InputError, TransmiterError, one_line, write_failure
 from .runtimes import registry
 
 _STATE = {"debug": False, "progress": True}
@@ -615,12 +615,15 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("transmiter: aborted", err=True)
         return 130
     except click.ClickException as exc:
-        exc.show()
+        # click's own report is four lines (usage, hint, blank, error): one line, like every other
+        command = getattr(getattr(exc, "ctx", None), "command_path", None)
+        hint = f" (see '{command} -h')" if command else ""
+        click.echo(f"transmiter: error: {one_line(exc.format_message())}{hint}", err=True)
         return 2
     except TransmiterError as exc:
         if _STATE["debug"]:
             traceback.print_exc()
-        click.echo(f"transmiter: error: {exc}", err=True)
+        click.echo(f"transmiter: error: {one_line(str(exc))}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("transmiter: interrupted", err=True)
@@ -632,11 +635,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         if exc.errno in WRITE_ERRNOS:
             failure = write_failure(exc, str(exc.filename or "an output"))
-            click.echo(f"transmiter: error: {failure}", err=True)
+            click.echo(f"transmiter: error: {one_line(str(failure))}", err=True)
             return failure.exit_code
         if exc.filename is None:
             raise
-        click.echo(f"transmiter: error: cannot use {exc.filename}: {exc.strerror or exc}", err=True)
+        click.echo(f"transmiter: error: {one_line(f'cannot use {exc.filename}: {exc.strerror or exc}')}", err=True)
         return InputError.exit_code
 
 

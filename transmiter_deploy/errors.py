@@ -55,6 +55,13 @@ def write_failure(exc: OSError, what: str) -> WriteError:
     return WriteError(f"cannot write {what}{where}: {exc.strerror or exc}")
 
 
+def one_line(message: str) -> str:
+    """``message`` as the one line the CLI prints: characters that would end or hide a line
+    (newlines, other line separators, control characters, a file's stray bytes) escaped, so a
+    key or value quoted from a hostile file cannot split the message or write to the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+
+
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it with --debug output)",

@@ -57,7 +57,7 @@ def bank_pixels(bank):
     return np.stack([transform(decode_image(path)[0]).numpy() for path in images])
 
 
-def python_outputs(graph: Path, pixels: np.ndarray, precision: str = "fp32") -> dict[str, np.ndarray]:
+def python_outputs(graph: Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """Every output of a pixels graph of the bank under Python ONNX Runtime, by name."""
     session = ort_session(graph)
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"pixel_values": pixels})))
@@ -157,7 +157,7 @@ def test_onnxruntime_backend_gives_each_tasks_model_onnx_outputs(graph, infer, b
     chosen = () if graph == "default" else ("--graph", graph)
     run(infer, "--manifest", manifest_path, "--image", *images, *chosen, "--logits-out", tmp_path / "out", "--quiet")
     fused = "model.onnx" if graph == "default" else graph
-    reference = python_outputs(manifest_path.parent / fused, bank_pixels, "fp16" if "fp16" in fused else "fp32")
+    reference = python_outputs(manifest_path.parent / fused, bank_pixels)
     for task in manifest["tasks"]:
         cpp = task_output(tmp_path / "out", task["name"])
         diff = float(np.abs(cpp - reference[task["output"]]).max())

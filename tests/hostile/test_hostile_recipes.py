@@ -55,7 +55,8 @@ def test_a_recipe_with_too_many_nodes_is_refused(capsys, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('{"format": "x", "format": "y"}', "duplicate key 'format'"),
-    ('{"n": 1' + "0" * 5000 + "}", "Exceeds the limit"),
+    ('{"n": 1' + "0" * 5000 + "}", "integer of 5001 digits"),
+    ('{"n": -1' + "0" * 45 + "}", "integer of 46 digits"),
     ('{"n": 1', "not valid JSON"),
     ("[1, 2]", "must hold a JSON object"),
     (b"\xff\xfe{}", "not valid JSON"),

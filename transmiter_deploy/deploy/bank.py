@@ -29,8 +29,8 @@ import onnx
 import torch
 from torch import nn
 
-from ..artifacts import (atomic_directory, check_format, read_json, require_keys, require_string_lists, sha256_file,
-                         write_json, write_manifest)
+from ..artifacts import (atomic_directory, check_format, read_consistently, read_json, require_keys,
+                         require_string_lists, sha256_file, write_json, write_manifest)
 from ..errors import InputError, IntegrityError, VerificationError
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
@@ -487,16 +487,27 @@ def _task_record(task: BankTask, where: str, softmax: bool) -> dict[str, Any]:
             "macs": m.get("macs")}
 
 
+def _check_graph_names(graphs: Any, where: str) -> None:
+    if not isinstance(graphs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in graphs.items()):
+        raise IntegrityError(f"{where} must map precisions to graph file names")
+
+
 def read_bank(directory: Path, verify: bool = True) -> Bank:
     """A bank directory, every file checked against its manifest (``verify=False``: only the
-    manifests, for a bank this process has just assembled from verified parts)."""
-    directory = Path(directory)
+    manifests, for a bank this process has just assembled from verified parts). A bank replaced
+    meanwhile (``transmiter bank add`` elsewhere): the old one or the new one, read whole."""
+    return read_consistently(directory, lambda: _read_bank(Path(directory), verify))
+
+
+def _read_bank(directory: Path, verify: bool) -> Bank:
     path = directory / MANIFEST
     manifest = read_json(path, "bank manifest")
     check_format(manifest, BANK_FORMAT, FORMAT_VERSION, str(path))
     require_keys(manifest, {"tasks": list, "backbone": dict, "graphs": dict, "feature_dim": int, "target_model": dict,
                         "preprocess": dict, "opset": int}, str(path))
     files = _entries(manifest, str(path))
+    _check_graph_names(manifest["graphs"], f"{path}: graphs")
+    _check_graph_names(manifest["backbone"].get("graphs", {}), f"{path}: backbone.graphs")
     backbone_files = {name: files[name] for name in manifest["backbone"].get("graphs", {}).values() if name in files}
     backbone = Part(directory, {key: manifest[key] for key in ("feature_dim", "target_model", "preprocess", "opset")}
                     | {"macs": manifest["backbone"].get("macs")},

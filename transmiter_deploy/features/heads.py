@@ -8,6 +8,8 @@ order), rows K..C-1 the auxiliary classes (see :mod:`.vocabulary`).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +146,8 @@ def _load_head(path: Path) -> ZeroShotHead:
         where,
     )
     require_string_lists(manifest, ("class_names", "auxiliary_names", "templates"), where)
+    if isinstance(manifest["logit_scale"], bool) or not math.isfinite(manifest["logit_scale"]):
+        raise IntegrityError(f"{where}: logit_scale must be a finite number, got {manifest['logit_scale']!r}")
     digest = recorded_sha256(manifest, WEIGHTS, where)
     tensors = load_tensors(path / WEIGHTS, digest, "head weights")
     weight = tensors.get("weight")

@@ -72,9 +72,14 @@ class ModelIdentity:
         if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
             raise IntegrityError(f"{where}: model identity must be an object with a 'name'")
         try:
-            return cls(**payload)
+            identity = cls(**payload)
         except TypeError as exc:
             raise IntegrityError(f"{where}: bad model identity: {exc}") from exc
+        for key, kind in (("pretrained", str), ("checkpoint_sha256", str), ("init_seed", int)):
+            value = getattr(identity, key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise IntegrityError(f"{where}: model identity's {key} must be a {kind.__name__} or null")
+        return identity
 
     def describe(self) -> str:
         if self.checkpoint_sha256:

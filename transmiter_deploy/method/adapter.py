@@ -15,6 +15,8 @@ behaviour and only learns the change fine-tuning made.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -57,6 +59,10 @@ class AdapterConfig:
                 f"adapter config: latent_dim {self.latent_dim} exceeds logit_width "
                 f"{self.logit_width}; an orthogonal push needs D <= C"
             )
+        for name in ("alpha", "eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise InputError(f"adapter config: {name} must be a finite number, got {value!r}")
         if not self.eps > 0:
             raise InputError(f"adapter config: eps must be positive, got {self.eps!r}")
 
