@@ -112,6 +112,8 @@ def _commit(staging: Path, final: Path, attempts: int = 20) -> None:
     retry = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT)
     for attempt in range(attempts):
         last = attempt == attempts - 1
+        if attempt:
+            time.sleep(0.005 * attempt)  # let the other writer's two renames finish
         retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
         previous = retired / "previous"
         try:
@@ -133,8 +135,6 @@ def _commit(staging: Path, final: Path, attempts: int = 20) -> None:
                 raise
         finally:
             shutil.rmtree(retired, ignore_errors=True)
-            if attempt and not last:
-                time.sleep(0.005 * attempt)
 
 
 def read_consistently(directory: Path, read: Callable[[], T], attempts: int = 5) -> T:

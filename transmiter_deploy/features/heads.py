@@ -9,7 +9,6 @@ order), rows K..C-1 the auxiliary classes (see :mod:`.vocabulary`).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 

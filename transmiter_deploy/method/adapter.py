@@ -16,7 +16,6 @@ behaviour and only learns the change fine-tuning made.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 from typing import Callable
 
