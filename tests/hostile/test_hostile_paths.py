@@ -21,6 +21,17 @@ def _args(flow, command, out):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+def test_out_that_is_a_file_or_under_a_file(flow, tmp_path, command):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    for out in (target, target / "sub"):
+        result = run_cli(*_args(flow, command, out))
+        assert result.returncode == 2, result.stderr
+        assert str(target) in one_line(result.stderr)
+    assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_out_in_a_directory_the_user_may_not_write(flow, tmp_path, command):
     locked = tmp_path / "locked"
     locked.mkdir()
