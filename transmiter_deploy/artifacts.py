@@ -10,6 +10,7 @@ manifest and checked on load.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -105,36 +106,64 @@ def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
 
 
 def _commit(staging: Path, final: Path, attempts: int = 20) -> None:
-    """Move the finished ``staging`` to ``final``, retiring what was there. Two writers of the
-    same ``final`` may commit at the same moment: a rename then finds the place taken by the
-    other's artifact (ENOTEMPTY, EEXIST) or the old one already moved away (ENOENT), and tries
-    again, so both end with a complete artifact in place and the last one to commit stays."""
+    """Move the finished ``staging`` to ``final``, retiring what was there.
+
+    An existing ``final`` is swapped with ``staging`` in one atomic exchange, so a reader never
+    finds the place empty. Two writers of the same ``final`` may commit at the same moment: a
+    rename then finds the place taken by the other's artifact (ENOTEMPTY, EEXIST) or the old one
+    gone (ENOENT), and tries again, so both end with a complete artifact in place and the last
+    one to commit stays."""
     retry = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT)
     for attempt in range(attempts):
         last = attempt == attempts - 1
         if attempt:
-            time.sleep(0.005 * attempt)  # let the other writer's two renames finish
-        retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        previous = retired / "previous"
+            time.sleep(0.005 * attempt)  # let the other writer's rename finish
         try:
-            try:
-                if final.exists():
-                    os.rename(final, previous)
-            except OSError as exc:
-                if exc.errno in retry and not last:
-                    continue  # the other writer moved it first
-                raise
-            try:
+            if final.exists():
+                if _exchange(staging, final):
+                    shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old artifact
+                    return
+                _replace_in_two_renames(staging, final)
+            else:
                 os.rename(staging, final)
-                return
-            except OSError as exc:
-                if exc.errno in retry and not last:
-                    continue  # the other writer's artifact landed in between: retire it next round
-                if previous.exists() and not final.exists():  # put the old artifact back before failing
-                    os.rename(previous, final)
-                raise
-        finally:
-            shutil.rmtree(retired, ignore_errors=True)
+            return
+        except OSError as exc:
+            if exc.errno in retry and not last:
+                continue
+            raise
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or the
+    file system cannot. Python's os module has no renameat2, hence ctypes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _replace_in_two_renames(staging: Path, final: Path) -> None:
+    """Where no atomic exchange exists: the old artifact moved aside, the new one moved in (put
+    back if that fails), the old one removed."""
+    retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    previous = retired / "previous"
+    try:
+        os.rename(final, previous)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not final.exists():
+                os.rename(previous, final)
+            raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_consistently(directory: Path, read: Callable[[], T], attempts: int = 5) -> T:
