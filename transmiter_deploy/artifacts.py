@@ -1,9 +1,10 @@
 """Writing and reading artifacts safely: atomic, hashed, versioned, pickle-free.
 
 Every artifact directory is built under a temporary name beside its final
-place and renamed into place only when complete, so a failure (or Ctrl-C)
-never leaves a half-written artifact and never damages the previous one.
-Tensors live in safetensors files whose sha256 is recorded in a JSON
+place and renamed into place only when complete (swapped with the previous one
+in one atomic exchange), so a failure (or Ctrl-C) never leaves a half-written
+artifact and never damages the previous one, and a reader never finds the
+place empty. Tensors live in safetensors files whose sha256 is recorded in a JSON
 manifest and checked on load.
 """
 
