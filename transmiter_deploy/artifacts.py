@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -72,14 +73,14 @@ def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
     replaced, so a mistyped ``--out .`` cannot wipe a user's directory.
     """
     final = Path(final)
-    try:  # a symlink loop or an over-long name on the way, in the system's words
-        os.stat(final)
+    try:
+        status = os.stat(final)
     except FileNotFoundError:
-        pass
-    except OSError as exc:
+        status = None
+    except OSError as exc:  # a symlink loop or an over-long name on the way, in the system's words
         raise InputError(f"cannot write to output directory {final.parent}: {exc.strerror}") from exc
-    if final.exists():
-        if not final.is_dir():
+    if status is not None:
+        if not stat.S_ISDIR(status.st_mode):
             raise InputError(f"output path {final} exists and is not a directory")
         if any(final.iterdir()) and not (final / marker).is_file():
             raise InputError(
@@ -96,13 +97,10 @@ def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
     try:
         yield staging
         _commit(staging, final)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno in WRITE_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
             raise write_failure(exc, str(final)) from exc
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

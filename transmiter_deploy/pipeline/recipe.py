@@ -235,8 +235,27 @@ class _Reader:
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last
-    silently, so half of what the user wrote would be ignored)."""
+    """PyYAML's safe loader with the recipe bounds built into its composer, which recurses once
+    per nesting level (so the depth is counted before Python's own limit is near), and refusing
+    a key given twice in one mapping (PyYAML would keep the last silently, so half of what the
+    user wrote would be ignored)."""
+
+    def __init__(self, stream, path: Path) -> None:
+        super().__init__(stream)
+        self.path, self.depth, self.nodes = path, 0, 0
+
+    def compose_node(self, parent, index):
+        self.nodes += 1
+        if self.nodes > MAX_RECIPE_NODES:
+            raise RecipeError(f"recipe {self.path} has more than {MAX_RECIPE_NODES} YAML nodes")
+        self.depth += 1
+        try:
+            if self.depth > MAX_RECIPE_DEPTH:
+                raise RecipeError(f"recipe {self.path} nests deeper than {MAX_RECIPE_DEPTH} levels "
+                                  f"(line {self.peek_event().start_mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -253,25 +272,16 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 def _parse_yaml(path: Path) -> Any:
-    """The recipe file parsed, its size and nesting bounded first (the event stream is read
-    without recursion; the composer that builds the tree recurses once per level)."""
+    """The recipe file parsed within the recipe bounds: size first, then nesting and node count
+    while it is composed."""
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe {path} is {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
     try:
-        text = path.read_text(encoding="utf-8")
-        depth = nodes = 0
-        for event in yaml.parse(text, Loader=_RecipeLoader):
-            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-                depth += 1
-                if depth > MAX_RECIPE_DEPTH:
-                    raise RecipeError(f"recipe {path} nests deeper than {MAX_RECIPE_DEPTH} levels "
-                                      f"(line {event.start_mark.line + 1})")
-            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-                depth -= 1
-            nodes += 1
-            if nodes > MAX_RECIPE_NODES:
-                raise RecipeError(f"recipe {path} has more than {MAX_RECIPE_NODES} YAML nodes")
-        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _RecipeLoader(path.read_text(encoding="utf-8"), path)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from exc
 
