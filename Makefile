@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: help install test export bench bench-core demo-weights demo-accuracy clean
 
-.PHONY: cpp cpp-asan cpp-deps cpp-test
+.PHONY: cpp cpp-asan cpp-deps cpp-test cpp-aarch64 cpp-aarch64-deps
 
 help:
 	@echo "make export   run the default export recipe (installs dependencies first)"
 	@echo "make test     run the test suite (installs dependencies first; builds and checks the C++ runtime)"
 	@echo "make cpp      build the C++ runtime (cpp/) into build/cpp; make cpp-deps installs its Debian packages (root)"
+	@echo "make cpp-aarch64    cross-build it for aarch64 into build/cpp-aarch64 and run its ctest under qemu (make cpp-aarch64-deps: root)"
 	@echo "make bench    latency/FLOPs/accuracy benchmark -> benchmarks/results/<host>/ (BENCH=full for the long sweep)"
 	@echo "make bench-core     speed of extraction and transfer on cached logits"
 	@echo "make demo-weights   retrain the demo world's CLIP models from scratch into DEMO_WEIGHTS (~17 min on 2 cores)"
@@ -35,10 +36,27 @@ ORT_SDK        ?= build/ort-sdk
 # AUTO: the onnxruntime backend is built if its headers were fetched; ON (CI): it must be.
 CPP_ORT        ?= AUTO
 CPP_JOBS       ?= 2
+# aarch64 (cpp/cmake/aarch64-linux-gnu.cmake): a release build with the onnxruntime backend (ONNX
+# Runtime's aarch64 library from its PyPI wheel) and an ASan/UBSan build, their programs run under
+# qemu-user. AUTO: built and tested where the cross compiler and qemu are installed; ON (CI): they
+# must be; OFF: never.
+CPP_AARCH64            ?= AUTO
+CPP_AARCH64_BUILD      ?= build/cpp-aarch64
+CPP_AARCH64_ASAN_BUILD ?= build/cpp-aarch64-asan
+ORT_AARCH64            ?= build/ort-aarch64
+AARCH64_TOOLCHAIN      := $(abspath cpp/cmake/aarch64-linux-gnu.cmake)
+ifeq ($(CPP_AARCH64),AUTO)
+CPP_AARCH64_ENABLED := $(if $(and $(shell command -v aarch64-linux-gnu-g++),$(shell command -v qemu-aarch64)),ON,OFF)
+else
+CPP_AARCH64_ENABLED := $(CPP_AARCH64)
+endif
 CPP_TEST_ENV = TRANSMITER_CPP_BUILD=$(abspath $(CPP_BUILD)) TRANSMITER_CPP_ASAN_BUILD=$(abspath $(CPP_ASAN_BUILD)) \
-               TRANSMITER_CPP_ORT=$(CPP_ORT)
+               TRANSMITER_CPP_ORT=$(CPP_ORT) \
+               $(if $(filter ON,$(CPP_AARCH64_ENABLED)),TRANSMITER_CPP_AARCH64_BUILD=$(abspath $(CPP_AARCH64_BUILD)) \
+                   TRANSMITER_CPP_AARCH64_ASAN_BUILD=$(abspath $(CPP_AARCH64_ASAN_BUILD)))
+CPP_TARGETS = cpp cpp-asan $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64)
 
-test: $(STAMP) cpp cpp-asan
+test: $(STAMP) $(CPP_TARGETS)
 	$(CPP_TEST_ENV) $(PY) -m pytest -q
 
 cpp-deps:
@@ -62,8 +80,28 @@ cpp-asan:
 	cmake --build $(CPP_ASAN_BUILD) -j$(CPP_JOBS)
 	cd $(CPP_ASAN_BUILD) && ctest --output-on-failure
 
-cpp-test: $(STAMP) cpp cpp-asan
+cpp-test: $(STAMP) $(CPP_TARGETS)
 	$(CPP_TEST_ENV) $(PY) -m pytest -q tests/cpp
+
+cpp-aarch64-deps:
+	bash cpp/scripts/install_deps_aarch64.sh
+
+# ctest runs each test program under qemu (the toolchain file sets CMAKE_CROSSCOMPILING_EMULATOR).
+# LeakSanitizer needs ptrace, which qemu-user does not emulate: the emulated sanitizer build checks
+# addresses and undefined behaviour, the native one leaks too.
+cpp-aarch64: $(STAMP) $(ORT_SDK)/usr/include/onnxruntime/onnxruntime_cxx_api.h
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	    { echo "no aarch64 cross compiler or qemu-user: run make cpp-aarch64-deps (as root)" >&2; exit 3; }
+	$(if $(filter OFF,$(CPP_ORT)),,PYTHON=$(abspath $(PY)) bash cpp/scripts/fetch_onnxruntime_aarch64.sh $(ORT_AARCH64))
+	cmake -S cpp -B $(CPP_AARCH64_BUILD) -DCMAKE_TOOLCHAIN_FILE=$(AARCH64_TOOLCHAIN) -DCMAKE_BUILD_TYPE=Release \
+	    -DTRANSMITER_WITH_ONNXRUNTIME=$(CPP_ORT) -DONNXRUNTIME_ROOT=$(abspath $(ORT_SDK)) \
+	    -DONNXRUNTIME_LIBRARY="$$(ls $(abspath $(ORT_AARCH64))/libonnxruntime.so.* 2>/dev/null | tail -n 1)" >/dev/null
+	cmake --build $(CPP_AARCH64_BUILD) -j$(CPP_JOBS)
+	cd $(CPP_AARCH64_BUILD) && ctest --output-on-failure
+	cmake -S cpp -B $(CPP_AARCH64_ASAN_BUILD) -DCMAKE_TOOLCHAIN_FILE=$(AARCH64_TOOLCHAIN) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	    -DTRANSMITER_SANITIZE=ON -DTRANSMITER_WITH_ONNXRUNTIME=OFF -DTRANSMITER_WITH_TENSORRT=OFF >/dev/null
+	cmake --build $(CPP_AARCH64_ASAN_BUILD) -j$(CPP_JOBS)
+	cd $(CPP_AARCH64_ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure
 
 RECIPE ?= export/recipes/demo.yaml
 

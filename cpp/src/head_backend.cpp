@@ -3,7 +3,13 @@
 // float32 GEMVs with the statistics accumulated in double.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+
+#if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 #include "backends.hpp"
 #include "detail.hpp"
@@ -18,7 +24,7 @@ using detail::input_error;
 //
 // Rows of W are streamed once per batch; the inner loops are contiguous over `out`, so they
 // vectorise without reassociating any sum (each output element is summed in the same order on
-// every instruction set: the AVX2 and baseline builds give identical results). Rows are summed
+// every instruction set: see the variants below). Rows are summed
 // in blocks of kBlock into a zeroed partial sum that is then added to y: two-level summation,
 // whose rounding error grows with kBlock + in / kBlock rather than with `in` (4096 for fc2).
 constexpr std::int64_t kBlock = 32;
@@ -56,22 +62,79 @@ __attribute__((always_inline)) inline void matmul_kernel(const float* x, std::in
   }
 }
 
+// The kernel's instruction-set variants, chosen once per process at run time (`head_kernel()`).
+// Every variant runs the same loops, so each output element is summed in the same order: the
+// vector variants only compute several j at a time. The library is built with -ffp-contract=off
+// (CMakeLists.txt), so no variant fuses a multiply-add that another rounds twice (GCC contracts
+// by default in C++, and aarch64 has FMA in its baseline, x86-64 does not): the head's logits are
+// identical on every variant and both architectures, up to the C library's erff/expf.
+using MatmulFn = void (*)(const float*, std::int64_t, std::int64_t, const float*, std::int64_t, float*, const float*,
+                          float*);
+
+// The fallback: the same loops kept scalar (for a CPU without the vector extension, and as the
+// reference the tests compare the vector variants with).
+__attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize"))) void matmul_scalar(
+    const float* x, std::int64_t n, std::int64_t in, const float* w, std::int64_t out, float* y, const float* bias,
+    float* partial) {
+  matmul_kernel(x, n, in, w, out, y, bias, partial);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2"))) void matmul_avx2(const float* x, std::int64_t n, std::int64_t in, const float* w,
                                                  std::int64_t out, float* y, const float* bias, float* partial) {
   matmul_kernel(x, n, in, w, out, y, bias, partial);
 }
 
-void matmul_baseline(const float* x, std::int64_t n, std::int64_t in, const float* w, std::int64_t out, float* y,
-                     const float* bias, float* partial) {
+// x86-64's baseline vector unit (SSE2), which every x86-64 CPU has.
+void matmul_sse2(const float* x, std::int64_t n, std::int64_t in, const float* w, std::int64_t out, float* y,
+                 const float* bias, float* partial) {
   matmul_kernel(x, n, in, w, out, y, bias, partial);
+}
+#elif defined(__aarch64__)
+// Advanced SIMD (NEON): part of the Armv8-A baseline, so GCC vectorises the kernel with it; the
+// attribute states it, and the run-time check keeps a kernel built without it from being chosen.
+__attribute__((target("+simd"))) void matmul_neon(const float* x, std::int64_t n, std::int64_t in, const float* w,
+                                                  std::int64_t out, float* y, const float* bias, float* partial) {
+  matmul_kernel(x, n, in, w, out, y, bias, partial);
+}
+#endif
+
+struct Kernel {
+  const char* name;
+  MatmulFn matmul;
+};
+
+Kernel best_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (__builtin_cpu_supports("avx2")) return {"avx2", matmul_avx2};
+  return {"sse2", matmul_sse2};
+#elif defined(__aarch64__)
+  if (getauxval(AT_HWCAP) & HWCAP_ASIMD) return {"neon", matmul_neon};
+  return {"scalar", matmul_scalar};
+#else
+  return {"scalar", matmul_scalar};
+#endif
+}
+
+// TRANSMITER_HEAD_KERNEL=scalar forces the fallback (to compare variants on one machine, or to
+// rule the vector unit out when chasing a numerical difference); unset or "auto" picks the best.
+const Kernel& selected_kernel() {
+  static const Kernel kernel = [] {
+    const char* forced = std::getenv("TRANSMITER_HEAD_KERNEL");
+    const std::string choice = forced ? forced : "";
+    if (choice.empty() || choice == "auto") return best_kernel();
+    if (choice == "scalar") return Kernel{"scalar", matmul_scalar};
+    input_error("TRANSMITER_HEAD_KERNEL must be 'auto' or 'scalar', got '" + choice + "'");
+  }();
+  return kernel;
 }
 
 // `partial` needs n * out floats.
 void matmul(const float* x, std::int64_t n, std::int64_t in, const float* w, std::int64_t out, float* y,
             const float* bias, std::vector<float>& partial) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
+  const MatmulFn kernel = selected_kernel().matmul;
   if (partial.size() < static_cast<std::size_t>(n * out)) partial.resize(static_cast<std::size_t>(n * out));
-  (avx2 ? matmul_avx2 : matmul_baseline)(x, n, in, w, out, y, bias, partial.data());
+  kernel(x, n, in, w, out, y, bias, partial.data());
 }
 
 std::vector<float> transpose(const std::vector<float>& m, std::int64_t rows, std::int64_t cols) {
@@ -89,6 +152,8 @@ std::string meta(const detail::SafeTensors& file, const char* key, const std::st
 }
 
 }  // namespace
+
+const char* head_kernel() { return selected_kernel().name; }
 
 FoldedHead::FoldedHead(const Manifest& manifest, const TaskSpec& task)
     : FoldedHead(manifest.read_verified(task.head_safetensors), manifest.file_path(task.head_safetensors), manifest, task) {}
@@ -207,7 +272,10 @@ Tensor FoldedHead::classify(const Tensor& batch) {
       }
     }
     matmul(normed.data(), n, latent_, block.fc1_t.data(), hidden_, hidden.data(), block.fc1_bias.data(), partial_);
-    for (float& h : hidden) h = 0.5f * h * (1.0f + std::erf(h * 0.70710678118654752440f));  // exact GELU
+    // Exact (erf) GELU, evaluated in double and rounded once: glibc's erff differs between
+    // x86-64 and aarch64 in the last bit, its double erf rounded to float does not (checked on
+    // 11 M floats), so the logits are the same on both.
+    for (float& h : hidden) h = static_cast<float>(0.5 * h * (1.0 + std::erf(h * 0.70710678118654752440)));
     matmul(hidden.data(), n, hidden_, block.fc2_t.data(), latent_, update.data(), block.fc2_bias.data(), partial_);
     const float alpha = static_cast<float>(alpha_);
     for (std::size_t j = 0; j < latent.size(); ++j) latent[j] += alpha * update[j];

@@ -12,9 +12,12 @@
 #include <onnxruntime_cxx_api.h>
 
 #include <dlfcn.h>
+#include <elf.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <mutex>
 
 #include "backends.hpp"
@@ -35,12 +38,50 @@ std::string library_path(const Options& options) {
   return TRANSMITER_ONNXRUNTIME_DEFAULT;
 }
 
+const char* machine_name(unsigned machine) {
+  switch (machine) {
+    case EM_X86_64: return "x86-64";
+    case EM_AARCH64: return "aarch64";
+    case EM_386: return "x86 (32-bit)";
+    case EM_ARM: return "arm (32-bit)";
+    case EM_PPC64: return "ppc64";
+    case EM_RISCV: return "riscv";
+    default: return "another architecture";
+  }
+}
+
+// A library built for another architecture (an x86-64 wheel's library handed to the aarch64 build,
+// say) is refused by name before dlopen: glibc's own message for it varies ("wrong ELF class",
+// "cannot open shared object file") and does not say which architecture either side is.
+void check_architecture(const std::string& path) {
+  if (path.find('/') == std::string::npos) return;  // a bare name: the loader's search finds it (or not)
+  std::ifstream file(path, std::ios::binary);
+  Elf64_Ehdr header{};
+  if (!file.read(reinterpret_cast<char*>(&header), sizeof header)) return;  // dlopen reports missing/short files
+  if (std::memcmp(header.e_ident, ELFMAG, SELFMAG) != 0) return;
+#if defined(__x86_64__)
+  const unsigned ours = EM_X86_64;
+#elif defined(__aarch64__)
+  const unsigned ours = EM_AARCH64;
+#else
+  return;
+#endif
+  const unsigned theirs = header.e_ident[EI_CLASS] == ELFCLASS64 ? header.e_machine : 0;
+  if (theirs != ours) {
+    detail::fail(ErrorKind::Dependency, "the ONNX Runtime library " + path + " is built for " +
+                                            (theirs ? machine_name(theirs) : "a 32-bit machine") + ", this program for " +
+                                            machine_name(ours) + " (give the " + machine_name(ours) +
+                                            " library: --onnxruntime-library or TRANSMITER_ONNXRUNTIME_LIBRARY)");
+  }
+}
+
 // Loads the library once per process (it is never unloaded: ONNX Runtime does not support it).
 void init_api(const std::string& path) {
   static std::mutex lock;
   static std::string loaded;
   std::lock_guard<std::mutex> guard(lock);
   if (!loaded.empty()) return;
+  check_architecture(path);
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!handle) {
     const char* why = dlerror();

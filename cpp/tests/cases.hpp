@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <string>
@@ -17,15 +18,27 @@ inline long count = 0, rejected = 0;
 
 enum class Outcome { Accepted, Rejected };
 
+// TRANSMITER_CASES_TRACE=1 prints every case's verdict on stdout (number, label, verdict, message),
+// so that two builds (x86-64 and aarch64, say) can be shown to decide every case alike.
+inline void trace(const std::string& label, const char* verdict, const std::string& message) {
+  static const bool on = [] {
+    const char* value = std::getenv("TRANSMITER_CASES_TRACE");
+    return value && std::string(value) == "1";
+  }();
+  if (on) std::printf("%ld\t%s\t%s\t%s\n", count, label.c_str(), verdict, message.c_str());
+}
+
 // `message`, when given, receives the error's text.
 inline Outcome run_case(const std::string& label, const std::function<void()>& body, std::string* message = nullptr) {
   ++count;
   try {
     body();
+    trace(label, "accepted", "");
     return Outcome::Accepted;
   } catch (const transmiter::Error& error) {
     ++rejected;
     const std::string text = error.what();
+    trace(label, "rejected", text);
     if (message) *message = text;
     if (text.empty() || text.find('\n') != std::string::npos || error.exit_status() != 2) {
       std::fprintf(stderr, "FAIL %s: error is not one line with status 2: [%d] %s\n", label.c_str(), error.exit_status(),

@@ -29,6 +29,7 @@ const char* kUsage =
     "                        [--onnxruntime-library PATH] [--logits-out FILE.npy] [--pixels-out FILE.npy]\n"
     "                        [--task NAME]... [--preprocess-only] [--quiet]\n"
     "       transmiter_infer --backends   (lists the backends built in)\n"
+    "       transmiter_infer --head-kernel   (the head backend's kernel on this CPU: avx2, sse2, neon, scalar)\n"
     "\n"
     "  --image FILE...       PNG/JPEG images, preprocessed as the manifest says (default backend: onnxruntime)\n"
     "  --features FILE.npy   image features (N, feature_dim), float32/float64, raw or L2-normalised (head backend)\n"
@@ -81,6 +82,9 @@ Arguments parse(int argc, char** argv) {
         if (transmiter::backend_built(b)) line += std::string(line.empty() ? "" : " ") + transmiter::backend_name(b);
       }
       std::printf("%s\n", line.c_str());
+      std::exit(0);
+    } else if (flag == "--head-kernel") {  // the head backend's kernel on this CPU (avx2, sse2, neon, scalar)
+      std::printf("%s\n", transmiter::head_kernel());
       std::exit(0);
     } else if (flag == "--manifest") {
       args.manifest = value();

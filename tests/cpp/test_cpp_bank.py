@@ -2,34 +2,32 @@
 top-k from one CLI call, the head backend per task on features, the onnxruntime backend per task
 (the backbone once, then each task's head; or the fused graph), and the CLI's one-line errors.
 
-As in test_cpp_runtime.py: `make test` (or `make cpp-test`) builds cpp/ and sets
-TRANSMITER_CPP_BUILD / TRANSMITER_CPP_ASAN_BUILD; without them these tests skip, and a missing
-onnxruntime backend skips (or, with TRANSMITER_CPP_ORT=ON, fails) the pixels tests. The
-single-task export is covered there and not repeated here.
+As in test_cpp_runtime.py: `make test` (or `make cpp-test`) builds cpp/ (cpp_builds.py names
+the builds and their variables), natively and for aarch64 under emulation; without them these
+tests skip, and a missing onnxruntime backend skips (or, with TRANSMITER_CPP_ORT=ON, fails) the
+pixels tests. The single-task export is covered there and not repeated here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import copy_tree
-from test_cpp_runtime import HEAD_ATOL, PIXEL_ATOL, infer, infer_asan, run  # noqa: F401 (fixtures)
+from cpp_builds import CppBuild, builds, infer, infer_asan, needs_onnxruntime, run  # noqa: F401 (fixtures)
+from test_cpp_runtime import HEAD_ATOL, PIXEL_ATOL, fp16_atol
 from transmiter_deploy.features.datasets import decode_image
 from transmiter_deploy.runtimes.onnxruntime import ort_session
 
 FEATURES_ATOL = 1e-5  # the C++ head against head.onnx, both on the same features
 
 
-@pytest.fixture(scope="session", params=["release", "asan"])
-def either_build(request) -> Path:
-    """transmiter_infer of each build. The binaries come first in each test's arguments (and this
-    fixture is session-scoped) so that a missing build skips before the bank is exported."""
-    return request.getfixturevalue("infer" if request.param == "release" else "infer_asan")
+# The builds come first in each test's arguments so that a missing build skips before the bank is exported.
+head_build = builds("release", "asan", "aarch64")
+pixels_build = builds("release", "aarch64")
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +84,7 @@ def read_printout(stdout: str) -> list[dict[str, list[list[str]]]]:
     return inputs
 
 
-def needs_onnxruntime(binary: Path) -> None:
-    if "onnxruntime" not in run(binary, "--backends").stdout.split():
-        if os.environ.get("TRANSMITER_CPP_ORT") == "ON":
-            pytest.fail("TRANSMITER_CPP_ORT=ON but transmiter_infer was built without the onnxruntime backend")
-        pytest.skip("the onnxruntime backend was not built (no ONNX Runtime headers; see cpp/README.md)")
-
-
-def refused(binary: Path, *args, status: int = 2) -> str:
+def refused(binary: CppBuild, *args, status: int = 2) -> str:
     """The CLI's one-line error (nothing on stdout) with `status`; returns the line."""
     result = run(binary, *args, check=False)
     assert result.returncode == status, (args, result.returncode, result.stderr)
@@ -103,7 +94,8 @@ def refused(binary: Path, *args, status: int = 2) -> str:
     return line
 
 
-def test_cli_prints_every_tasks_top_k_and_top1_equals_python_model_onnx(infer, bank, bank_pixels, tmp_path):
+def test_cli_prints_every_tasks_top_k_and_top1_equals_python_model_onnx(pixels_build, bank, bank_pixels, tmp_path):
+    infer = pixels_build
     needs_onnxruntime(infer)
     manifest_path, manifest, images = bank
     result = run(infer, "--manifest", manifest_path, "--image", *images, "--topk", 3,
@@ -122,8 +114,8 @@ def test_cli_prints_every_tasks_top_k_and_top1_equals_python_model_onnx(infer, b
             assert abs(float(lines[0][2]) - logits.max()) <= HEAD_ATOL + 1e-5 * abs(logits.max())  # 6 digits printed
 
 
-def test_head_backend_gives_each_tasks_head_onnx_logits_on_features(either_build, bank, bank_pixels, tmp_path):
-    binary = either_build
+def test_head_backend_gives_each_tasks_head_onnx_logits_on_features(head_build, bank, bank_pixels, tmp_path):
+    binary = head_build
     manifest_path, manifest, _ = bank
     # The features every head of the bank reads: backbone.onnx's (L2-normalised) output.
     features = ort_session(manifest_path.parent / "backbone.onnx").run(None, {"pixel_values": bank_pixels})[0]
@@ -137,7 +129,7 @@ def test_head_backend_gives_each_tasks_head_onnx_logits_on_features(either_build
         python = head_onnx.run(None, {"image_features": features})[0]
         assert cpp.shape == python.shape == (len(features), len(task["class_names"]))
         diff = float(np.abs(cpp - python).max())
-        print(f"bank head parity ({binary.parent.name}) {task['name']}: max abs diff {diff:.3e} "
+        print(f"bank head parity ({binary.name}) {task['name']}: max abs diff {diff:.3e} "
               f"(|logit| max {np.abs(python).max():.1f})")
         assert diff <= FEATURES_ATOL
     # Raw features (an application's own encoder, unnormalised) give the same logits: the head normalises.
@@ -150,8 +142,9 @@ def test_head_backend_gives_each_tasks_head_onnx_logits_on_features(either_build
 
 
 @pytest.mark.parametrize("graph", ["default", "model.onnx", "model_fp16.onnx"])
-def test_onnxruntime_backend_gives_each_tasks_model_onnx_outputs(graph, infer, bank, bank_pixels, tmp_path):
+def test_onnxruntime_backend_gives_each_tasks_model_onnx_outputs(pixels_build, graph, bank, bank_pixels, tmp_path):
     """Default: backbone.onnx once, then every task's head in C++; or a fused graph run as Python runs it."""
+    infer = pixels_build
     needs_onnxruntime(infer)
     manifest_path, manifest, images = bank
     chosen = () if graph == "default" else ("--graph", graph)
@@ -161,9 +154,10 @@ def test_onnxruntime_backend_gives_each_tasks_model_onnx_outputs(graph, infer, b
     for task in manifest["tasks"]:
         cpp = task_output(tmp_path / "out", task["name"])
         diff = float(np.abs(cpp - reference[task["output"]]).max())
-        print(f"bank onnxruntime parity ({graph}) {task['name']}: max abs diff {diff:.3e}")
+        print(f"bank onnxruntime parity ({infer.name}, {graph}) {task['name']}: max abs diff {diff:.3e}")
         assert cpp.shape == (len(images), len(task["class_names"]))
-        assert diff <= HEAD_ATOL
+        assert diff <= (fp16_atol(infer, reference[task["output"]]) if "fp16" in graph else HEAD_ATOL)
+        assert (cpp.argmax(1) == reference[task["output"]].argmax(1)).all()
     # --task runs only the tasks named, with the same outputs.
     last = task_names(manifest)[-1]
     lines = run(infer, "--manifest", manifest_path, "--image", images[0], *chosen, "--task", last, "--topk", 1,

@@ -120,6 +120,10 @@ enum class InputKind { Features, Pixels };
 const char* backend_name(Backend backend);
 Backend parse_backend(const std::string& name);
 bool backend_built(Backend backend);
+// The head backend's matrix kernel in use: "avx2" or "sse2" (x86-64), "neon" (aarch64), or
+// "scalar" (other CPUs, or forced by TRANSMITER_HEAD_KERNEL=scalar). Every kernel sums in the same
+// order, so all give the same logits; this names which one ran.
+const char* head_kernel();
 
 struct Options {
   int threads = 1;                  // ONNX Runtime intra-op threads (the head backend is single-threaded)
