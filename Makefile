@@ -84,7 +84,7 @@ cpp-test: $(STAMP) $(CPP_TARGETS)
 	$(CPP_TEST_ENV) $(PY) -m pytest -q tests/cpp
 
 cpp-aarch64-deps:
-	bash cpp/scripts/install_deps_aarch64.sh
+	bash cpp/scripts/install_deps.sh aarch64
 
 # ctest runs each test program under qemu (the toolchain file sets CMAKE_CROSSCOMPILING_EMULATOR).
 # LeakSanitizer needs ptrace, which qemu-user does not emulate: the emulated sanitizer build checks

@@ -1,7 +1,7 @@
 # Cross-compiling the C++ runtime for 64-bit Arm Linux (Jetson, Graviton, Raspberry Pi 4/5, phone
 # SoCs running Linux) with Debian's cross toolchain and multiarch arm64 libraries:
 #
-#   apt-get install g++-aarch64-linux-gnu qemu-user      # cpp/scripts/install_deps_aarch64.sh
+#   apt-get install g++-aarch64-linux-gnu qemu-user      # cpp/scripts/install_deps.sh aarch64
 #   dpkg --add-architecture arm64 && apt-get update && apt-get install libpng-dev:arm64 libjpeg62-turbo-dev:arm64
 #   cmake -S cpp -B build/cpp-aarch64 -DCMAKE_TOOLCHAIN_FILE=cpp/cmake/aarch64-linux-gnu.cmake
 #

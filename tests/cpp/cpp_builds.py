@@ -73,7 +73,7 @@ def emulator(arch: str) -> tuple[str, ...]:
         return ()
     qemu = shutil.which(f"qemu-{arch}")
     if not qemu:
-        pytest.fail(f"qemu-{arch} is not installed: the {arch} build cannot run here (cpp/scripts/install_deps_aarch64.sh)")
+        pytest.fail(f"qemu-{arch} is not installed: the {arch} build cannot run here (make cpp-aarch64-deps)")
     sysroot = os.environ.get("TRANSMITER_AARCH64_SYSROOT", f"/usr/{arch}-linux-gnu")
     return (qemu, "-L", sysroot)
 
