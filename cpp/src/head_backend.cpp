@@ -24,9 +24,9 @@ using detail::input_error;
 //
 // Rows of W are streamed once per batch; the inner loops are contiguous over `out`, so they
 // vectorise without reassociating any sum (each output element is summed in the same order on
-// every instruction set: see the variants below). Rows are summed
-// in blocks of kBlock into a zeroed partial sum that is then added to y: two-level summation,
-// whose rounding error grows with kBlock + in / kBlock rather than with `in` (4096 for fc2).
+// every instruction set: see the variants below). Rows are summed in blocks of kBlock into a
+// zeroed partial sum that is then added to y: two-level summation, whose rounding error grows
+// with kBlock + in / kBlock rather than with `in` (4096 for fc2).
 constexpr std::int64_t kBlock = 32;
 
 __attribute__((always_inline)) inline void matmul_kernel(const float* x, std::int64_t n, std::int64_t in, const float* w,
@@ -67,7 +67,8 @@ __attribute__((always_inline)) inline void matmul_kernel(const float* x, std::in
 // vector variants only compute several j at a time. The library is built with -ffp-contract=off
 // (CMakeLists.txt), so no variant fuses a multiply-add that another rounds twice (GCC contracts
 // by default in C++, and aarch64 has FMA in its baseline, x86-64 does not): the head's logits are
-// identical on every variant and both architectures, up to the C library's erff/expf.
+// identical on every variant and both architectures (with the GELU's erf evaluated in double, see
+// classify; tests/cpp/test_cpp_runtime.py checks it bit for bit).
 using MatmulFn = void (*)(const float*, std::int64_t, std::int64_t, const float*, std::int64_t, float*, const float*,
                           float*);
 
@@ -79,7 +80,7 @@ __attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize"))) void mat
   matmul_kernel(x, n, in, w, out, y, bias, partial);
 }
 
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
 __attribute__((target("avx2"))) void matmul_avx2(const float* x, std::int64_t n, std::int64_t in, const float* w,
                                                  std::int64_t out, float* y, const float* bias, float* partial) {
   matmul_kernel(x, n, in, w, out, y, bias, partial);
@@ -105,7 +106,7 @@ struct Kernel {
 };
 
 Kernel best_kernel() {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
   if (__builtin_cpu_supports("avx2")) return {"avx2", matmul_avx2};
   return {"sse2", matmul_sse2};
 #elif defined(__aarch64__)
