@@ -6,7 +6,8 @@ Three kinds of artifact, each written atomically with its own manifest:
   image features, verified against PyTorch;
 - a *head export* per task (``head.onnx``, ``head<suffix>.onnx``, ``head.safetensors``):
   features -> that task's logits, verified against PyTorch;
-- a *bank* (``docs/bank.md``): the backbone's and every head's files hard-linked in unchanged,
+- a *bank* (``docs/bank.md``): the backbone's and every head's files hard-linked in unchanged
+  (external data files copied: onnx refuses to read a data file with several links),
   plus ``model<suffix>.onnx``, the fused graph composed from them (pixels -> one output per
   task), verified against the parts run one after the other.
 
@@ -43,8 +44,8 @@ from .fusion import FoldedHead, Normalise
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, head_logits_numpy, write_head_safetensors
 from .onnx_export import (FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, FP32_LOGIT_ATOL, MANIFEST,
-                          Checks, ExportSettings, check_full, convert_graph, graph_entries, io_contract, link_or_copy,
-                          save_graph, to_onnx, tolerance_criterion)
+                          Checks, ExportSettings, check_full, convert_graph, graph_entries, io_contract, is_external_data,
+                          link_or_copy, save_graph, to_onnx, tolerance_criterion)
 
 BACKBONE_FORMAT = "transmiter-deploy/backbone-export"
 HEAD_EXPORT_FORMAT = "transmiter-deploy/head-export"
@@ -422,7 +423,7 @@ def _verify_bank(staging: Path, backbone: Part, tasks: list[BankTask], graphs: d
 def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax: bool = False,
                   log: Callable[[str], None] = print, external_data_threshold: int | None = None) -> Bank:
     """Write the bank directory atomically: the parts' files linked in byte for byte (external
-    data files with their graphs), the fused graph of every precision the backbone has (external
+    data files copied with their graphs, see onnx_export.link_or_copy), the fused graph of every precision the backbone has (external
     data by ``external_data_threshold``, onnx_export.save_graph), the manifest; checked before it
     replaces the previous bank (which stays as it was on any failure)."""
     if not tasks:
@@ -438,14 +439,14 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
     with atomic_directory(out_dir, MANIFEST) as staging:
         entries: dict[str, dict] = {}
         for name in backbone.files:
-            link_or_copy(backbone.path(name), staging / name)
+            link_or_copy(backbone.path(name), staging / name, copy=is_external_data(backbone.files[name]))
             entries[name] = backbone.files[name]
         task_records = []
         for task in tasks:
             where = Path(HEADS_DIR) / task.name
             (staging / where).mkdir(parents=True)
             for name, entry in task.head.files.items():
-                link_or_copy(task.head.path(name), staging / where / name)
+                link_or_copy(task.head.path(name), staging / where / name, copy=is_external_data(entry))
                 entries[str(where / name)] = entry
             head_manifest = _head_manifest(task.head)
             if head_manifest is None:

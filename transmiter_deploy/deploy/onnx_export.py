@@ -216,6 +216,9 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=False)
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        for tensor in graph_tensors(model.graph):  # as it was: onnx leaves data_location set to DEFAULT
+            if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
+                tensor.ClearField("data_location")
     else:
         onnx.save_model(model, path)
     written = external_data_locations(graph_structure(path))
@@ -501,12 +504,25 @@ def calibration_inputs(model: LoadedModel, pixels: torch.Tensor) -> dict[str, di
     return {"model": {"pixel_values": pixels.numpy()}, "head": {"image_features": features.numpy()}}
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """Artifacts are never modified in place, so the new directory may share their inodes."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+def link_or_copy(source: Path, target: Path, copy: bool = False) -> None:
+    """Artifacts are never modified in place, so the new directory may share their inodes.
+
+    ``copy``: an external data file is copied instead. onnx (1.17+) refuses to read external data
+    through a file with more than one hard link (its guard against hard-link attacks), so a linked
+    data file would leave the graph unreadable to onnx.load, and to Polygraphy and ModelOpt, which
+    read graphs with it (ONNX Runtime does not mind). The copy costs the data file's size on disk."""
+    if not copy:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
+
+
+def is_external_data(entry: Any) -> bool:
+    """Whether a manifest entry is an external data file's (:func:`graph_entries`)."""
+    return isinstance(entry, dict) and "external_data_of" in entry
 
 
 @dataclass
@@ -530,7 +546,7 @@ def _rewritten(export_dir: Path, target: Precision) -> Iterator[_Rewrite]:
     parity.get("gates", {}).pop(target.name, None)
     with atomic_directory(export_dir, MANIFEST) as staging:
         for name in [*body["files"], "parity.json"]:
-            link_or_copy(export_dir / name, staging / name)
+            link_or_copy(export_dir / name, staging / name, copy=is_external_data(body["files"].get(name)))
         rewrite = _Rewrite(staging, body, parity)
         yield rewrite
         write_json(staging / "parity.json", rewrite.parity)

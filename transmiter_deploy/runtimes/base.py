@@ -307,7 +307,7 @@ def verify_graph_data(path: Path) -> list[Path]:
     if not manifest.is_file():
         bad = next((name for name in locations if not _plain_name(name) or not (path.parent / name).is_file()), None)
         if bad is not None:
-            raise IntegrityError(f"{path}: its external data file {path.parent / bad} is missing (renamed or deleted?)")
+            raise IntegrityError(f"the external data file {path.parent / bad} of {path.name} is missing (renamed or deleted?)")
         return [path.parent / name for name in locations]
     files = read_json(manifest, "export manifest").get("files")
     if not isinstance(files, dict):
