@@ -279,3 +279,23 @@ def test_export_onnx_cli_flag_writes_external_data(flow, tmp_path):
     bad = run_cli("export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt", "--head", flow / "h_tgt",
                   "--external-data-threshold", -1, "--out", tmp_path / "never")
     assert bad.returncode == 2 and not (tmp_path / "never").exists()
+
+
+def test_a_recipe_asks_for_external_data_and_only_the_graph_steps_run_again(demo_export, demo_external_export):
+    from transmiter_deploy.runtimes.compare import compare_outputs
+
+    _, inline = demo_export
+    recipe, outcome = demo_external_export
+    assert recipe.export.external_data_threshold == 0
+    ran = {step.name for step in outcome.steps if step.status == "ran"}
+    assert "onnx" in ran and not ran & {"cache-source-train", "extract", "transfer", "plus"}, ran
+    manifest = json.loads((outcome.export_dir / "manifest.json").read_text())
+    graphs = [name for name in manifest["files"] if name.endswith(".onnx")]
+    assert graphs and all(manifest["files"][name]["external_data"] == [f"{name}.data"] for name in graphs)
+    # the validation step ran every graph of the new export against PyTorch, and passed
+    assert outcome.validation and all(row["passed"] for row in outcome.validation)
+    pixels = np.random.default_rng(0).standard_normal((4, 3, *manifest["preprocess"]["image_size"])).astype(np.float32)
+    for name in graphs:
+        if name.startswith("model"):
+            with OnnxRuntimeRunner(outcome.export_dir / name) as a, OnnxRuntimeRunner(inline.export_dir / name) as b:
+                assert compare_outputs(b.infer(pixels), a.infer(pixels))["max_abs"] <= 1e-5, name
