@@ -109,6 +109,23 @@ def test_every_graph_runs_as_the_inline_export_does_and_after_the_directory_move
         verify_graph_data(lonely / "model.onnx")
 
 
+def test_polygraphy_validates_every_external_data_graph_with_onnxruntime(exports):
+    import subprocess
+    import sys
+
+    root, _, _ = exports
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    for directory in (root / "external", root / "bank"):
+        for graph in sorted(directory.rglob("*.onnx")):
+            model = graph_structure(graph)
+            assert external_data_locations(model), graph
+            shapes = [f"{v.name}:[{','.join(str(d.dim_value or 2) for d in v.type.tensor_type.shape.dim)}]"
+                      for v in model.graph.input]
+            done = subprocess.run([str(polygraphy), "run", str(graph), "--onnxrt", "--validate", "--input-shapes",
+                                   *shapes], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0 and "PASSED" in done.stdout + done.stderr, f"{graph}: {done.stdout[-1500:]}"
+
+
 def test_parity_checks_and_macs_of_the_external_export_equal_the_inline_ones(exports):
     root, _, _ = exports
     parity = {kind: json.loads((root / kind / "parity.json").read_text()) for kind in ("inline", "external")}

@@ -87,6 +87,12 @@ def _graph_files(staging: Path, files: dict[str, str]) -> dict[str, dict]:
                                             ).items()}
 
 
+def _listed_data(entry: Any) -> list[str]:
+    """The data files a manifest entry lists (checked for type by check_graph_files)."""
+    data = entry.get("external_data") if isinstance(entry, dict) else None
+    return [str(name) for name in data] if isinstance(data, list) else []
+
+
 def with_data_files(files: dict[str, dict], names: list[str]) -> dict[str, dict]:
     """The entries of ``names`` from a manifest's ``files`` and, after each graph, the entries of
     the external data files it lists (missing ones are refused when the part is verified)."""
@@ -223,9 +229,11 @@ class Part:
     def verify(self, what: str) -> None:
         """Every file the part lists has the size and sha256 its manifest records, and every graph
         points only at the external data files its entry lists (runtimes/base.check_graph_files)."""
-        for name in self.files:
+        for name, entry in self.files.items():
             if name.endswith(".onnx"):
-                check_graph_files(self.directory, name, self.files, what)
+                # the graph's sha256 is checked (here or below), so what it points at is what its
+                # entry lists: no need to parse a large graph to read its locations
+                check_graph_files(self.directory, name, self.files, what, locations=_listed_data(entry))
         for name, entry in self.files.items():
             path = self.directory / name
             if not path.is_file():
@@ -564,7 +572,7 @@ def _read_bank(directory: Path, verify: bool) -> Bank:
         entry = files.get(name)
         if not isinstance(entry, dict) or not (directory / name).is_file() or sha256_file(directory / name) != entry["sha256"]:
             raise IntegrityError(f"bank {directory}: {directory / name} is missing or does not match its sha256 (modified?)")
-        check_graph_files(directory, name, files, f"bank {directory}")
+        check_graph_files(directory, name, files, f"bank {directory}", locations=_listed_data(entry))
     return bank
 
 

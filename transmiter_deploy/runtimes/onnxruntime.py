@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DependencyError, InputError, VerificationError
+from ..errors import DependencyError, InputError, IntegrityError, VerificationError
 from . import load_probe
 from .base import InputSpec, Runner, check_qdq_scales, graph_precision, manifest_precision, verify_graph_data
 from .registry import precision
@@ -124,7 +124,12 @@ class OnnxRuntimeRunner(Runner):
 
     def activate_impl(self) -> None:
         # external data checked against the manifest before anything reads it (one line, exit 2)
-        verify_graph_data(self.path)
+        try:
+            verify_graph_data(self.path)
+        except IntegrityError:
+            raise
+        except InputError as exc:  # not an ONNX graph at all
+            raise InputError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
         self.precision = self.precision or _loadable_precision(self.path)
         if precision(self.precision).qdq:
             import onnx
