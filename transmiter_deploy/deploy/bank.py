@@ -137,7 +137,8 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
-        graph = to_onnx(module, pixels[:2], "pixel_values", FEATURES, settings.opset, f"image tower {model.identity.name}")
+        graph = to_onnx(module, pixels[:2], "pixel_values", FEATURES, settings.opset, f"image tower {model.identity.name}",
+                        staging)
         save_graph(graph, staging / "backbone.onnx", settings.external_data_threshold)
         del graph  # counted from the file below: a large graph is not held twice
         checks, files = Checks(), {"backbone.onnx": REFERENCE_PRECISION}
@@ -181,7 +182,7 @@ def export_head(head: ZeroShotHead, artifact: AdapterArtifact, features: torch.T
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
-        graph = to_onnx(folded, features[:2], FEATURES, "logits", settings.opset, "folded head")
+        graph = to_onnx(folded, features[:2], FEATURES, "logits", settings.opset, "folded head", staging)
         save_graph(graph, staging / "head.onnx", settings.external_data_threshold)
         write_head_safetensors(folded, staging / HEAD_FILE)
         checks, files = Checks(), {"head.onnx": REFERENCE_PRECISION}

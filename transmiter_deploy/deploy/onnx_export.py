@@ -41,7 +41,7 @@ import onnx
 import torch
 
 from ..artifacts import atomic_directory, read_json, read_manifest, sha256_file, write_json, write_manifest
-from ..errors import InputError, VerificationError
+from ..errors import WRITE_ERRNOS, InputError, VerificationError, write_failure
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel
@@ -148,14 +148,16 @@ class ExportReport:
 
 
 def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
-            opset: int, what: str) -> onnx.ModelProto:
+            opset: int, what: str, work_dir: Path | None = None) -> onnx.ModelProto:
     """Trace to ONNX with a dynamic batch axis, simplify with onnxslim, check fully.
 
     The exporter writes into a file in a temporary directory rather than a buffer: past 2 GiB it
-    can only write external data, and only beside a file; the graph is read back whole."""
+    can only write external data, and only beside a file; the graph is read back whole. An export
+    passes its staging directory as ``work_dir``, so the trace takes room on the artifact's own
+    disk (not /tmp, often smaller) and a full disk is reported against the artifact (exit 5)."""
     import onnxslim
 
-    with tempfile.TemporaryDirectory(prefix="transmiter-trace-") as work:
+    with tempfile.TemporaryDirectory(prefix=".trace-", dir=work_dir) as work:
         traced = Path(work) / "traced.onnx"
         try:
             # Grad mode on: under no_grad, nn.MultiheadAttention takes a fused fast
@@ -168,6 +170,10 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
                     dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
                     do_constant_folding=True,
                 )
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:  # the trace's own file: a full disk, not an untraceable model
+                raise write_failure(exc, str(work_dir or traced.parent)) from exc
+            raise InputError(f"cannot export {what} to ONNX: {exc}") from exc
         except Exception as exc:  # the exporter raises many types; all mean "cannot trace this"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"cannot export {what} to ONNX: {first}") from exc
@@ -456,13 +462,14 @@ def export_deployment(
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
         model_onnx = to_onnx(parts.fused, pixels[:2], "pixel_values", output, settings.opset,
-                             f"image tower {model.identity.name}")
+                             f"image tower {model.identity.name}", staging)
         save_graph(model_onnx, staging / "model.onnx", settings.external_data_threshold)
         del model_onnx  # counted from the file (_macs): a large graph is not held twice
-        head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head")
+        head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head",
+                            staging)
         save_graph(head_onnx, staging / "head.onnx", settings.external_data_threshold)
         unfolded_onnx = to_onnx(parts.unfolded, parts.features[:2], "image_features", "logits", settings.opset,
-                                "unfolded head")
+                                "unfolded head", staging)
         timings["export_fp32_s"] = time.perf_counter() - start
         log(f"exported model.onnx and head.onnx (opset {settings.opset}) in {timings['export_fp32_s']:.1f} s")
 
