@@ -186,3 +186,20 @@ def flow(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("hostile-flow")
     return make_flow(root, make_image_folder(root / "images", per_class=4))
+
+
+# The small demo recipe with ONNX external data forced on (tests/test_external_data.py, and the
+# C++ backend's tests/cpp/test_cpp_external_data.py): every graph keeps its tensors in GRAPH.onnx.data.
+SMALL_DEMO_EXTERNAL = SMALL_DEMO.replace("export: {", "export: {external_data_threshold: 0, ")
+
+
+@pytest.fixture(scope="session")
+def demo_external_export(demo_export, tmp_path_factory):
+    """``(recipe, outcome)`` of the small demo export re-run with ``external_data_threshold: 0``:
+    the session's finished export copied, so only the steps that write graphs run again."""
+    from transmiter_deploy.pipeline.export import run_export
+    from transmiter_deploy.pipeline.recipe import load_recipe
+
+    path, out = copy_export(demo_export, tmp_path_factory.mktemp("external"), SMALL_DEMO_EXTERNAL)
+    recipe = load_recipe(path)
+    return recipe, run_export(recipe, out, progress=False, log=lambda _: None)

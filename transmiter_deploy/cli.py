@@ -362,9 +362,12 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
               help="Unlabelled images to calibrate int8 on (directory or CSV; a seeded sample).")
 @click.option("--calibration-count", type=click.IntRange(1, None), default=128, show_default=True,
               help="How many calibration images to sample (at least 32).")
+@click.option("--external-data-threshold", type=click.IntRange(0, None), metavar="BYTES",
+              help="Write a graph whose tensors pass BYTES with ONNX external data (GRAPH.onnx.data beside it; "
+                   "default: $TRANSMITER_EXTERNAL_DATA_THRESHOLD, else 2000000000, just under protobuf's 2 GiB).")
 def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_dir, head_dir, out, images, samples,
                 opset, softmax, precisions, no_fp16, sigma_mode, calibration_images, calibration_data,
-                calibration_count):
+                calibration_count, external_data_threshold):
     """Fuse the adapter into the model and export verified ONNX (fp32 and mixed fp16).
 
     Writes model.onnx (pixels -> task logits), head.onnx (features -> task
@@ -395,7 +398,8 @@ def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_d
     if no_fp16:
         chosen = tuple(name for name in chosen if name != "fp16")
     settings = ExportSettings(opset=opset, softmax=softmax, precisions=tuple(dict.fromkeys(chosen)),
-                              sigma_mode=sigma_mode, calibration_images=calibration_images)
+                              sigma_mode=sigma_mode, calibration_images=calibration_images,
+                              external_data_threshold=external_data_threshold)
     calibration = None
     if settings.calibrated():
         from .deploy.calibration import sample_calibration

@@ -17,6 +17,17 @@ using detail::json;
 
 constexpr std::size_t kMaxTaskName = 64;  // as the Python toolkit's TASK_NAME
 constexpr std::size_t kMaxTasks = 100000;
+constexpr std::size_t kMaxDataFiles = 4096;  // external data files per graph (the toolkit writes one)
+
+std::string directory_of(const std::string& name) {
+  const std::size_t slash = name.find_last_of('/');
+  return slash == std::string::npos ? "" : name.substr(0, slash + 1);
+}
+
+std::string base_name(const std::string& name) {
+  const std::size_t slash = name.find_last_of('/');
+  return slash == std::string::npos ? name : name.substr(slash + 1);
+}
 
 // Task names become tensor names (logits_<task>) and directory names (heads/<task>/).
 bool is_identifier(const std::string& name) {
@@ -67,7 +78,31 @@ void parse_files(const json& root, const std::string& where, Manifest& manifest)
     if (!detail::is_hex64(entry.sha256)) input_error(at + ": sha256 must be 64 lower-case hex digits");
     entry.bytes = static_cast<std::uint64_t>(detail::int_member(*it, "bytes", at, 0, INT64_MAX));
     if (it->contains("precision")) entry.precision = detail::string_member(*it, "precision", at);
+    if (it->contains("external_data")) {
+      const json& data = (*it)["external_data"];
+      if (!data.is_array() || data.size() > kMaxDataFiles) input_error(at + ": 'external_data' must be a list of file names");
+      for (const json& name : data) {
+        if (!name.is_string() || !is_listed_name(name.get<std::string>(), false)) {
+          input_error(at + ": 'external_data' must list plain file names beside the graph");
+        }
+        entry.external_data.push_back(name.get<std::string>());
+      }
+    }
+    if (it->contains("external_data_of")) entry.external_data_of = detail::string_member(*it, "external_data_of", at);
     manifest.files.emplace(it.key(), entry);
+  }
+  // Every data file a graph lists is itself listed, and says it is that graph's: what the runtime
+  // hands ONNX Runtime as the graph's tensors must have been checked like the graph.
+  for (const auto& [name, entry] : manifest.files) {
+    for (const std::string& key : manifest.external_data_files(name)) {
+      auto data = manifest.files.find(key);
+      if (data == manifest.files.end()) {
+        input_error(where + ": files['" + name + "'] names external data '" + key + "', which 'files' does not list");
+      }
+      if (data->second.external_data_of != base_name(name)) {
+        input_error(where + ": files['" + key + "'] is not the external data of " + name);
+      }
+    }
   }
 }
 
@@ -247,6 +282,14 @@ const TaskSpec& Manifest::task(const std::string& name) const {
 }
 
 std::string Manifest::file_path(const std::string& name) const { return directory + "/" + name; }
+
+std::vector<std::string> Manifest::external_data_files(const std::string& name) const {
+  std::vector<std::string> keys;
+  auto it = files.find(name);
+  if (it == files.end()) return keys;
+  for (const std::string& location : it->second.external_data) keys.push_back(directory_of(name) + location);
+  return keys;
+}
 
 std::vector<std::uint8_t> Manifest::read_verified(const std::string& name) const {
   auto it = files.find(name);

@@ -149,13 +149,38 @@ class OnnxRuntimeClassifier final : public Classifier {
       }
     }
     std::vector<std::uint8_t> model = manifest_.read_verified(graph_);
+    // A graph past 2 GB keeps its tensors in external data files (model.onnx.data). They are read
+    // and verified like the graph, and handed to ONNX Runtime from memory
+    // (AddExternalInitializersFromFilesInMemory, C API 1.18+): a session made from the graph's
+    // path instead would have ONNX Runtime open the data file again after our check, and a file
+    // swapped in between would run unverified. The cost is memory: ONNX Runtime copies the
+    // tensors out of the buffers, so a large graph's weights are held twice until the session
+    // exists (the buffers are freed then).
+    std::vector<std::string> locations;
+    std::vector<std::vector<std::uint8_t>> data;
+    for (const std::string& key : manifest_.external_data_files(graph_)) {
+      data.push_back(manifest_.read_verified(key));
+      locations.push_back(key.substr(key.find_last_of('/') == std::string::npos ? 0 : key.find_last_of('/') + 1));
+    }
     try {
       env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "transmiter");
       Ort::SessionOptions session_options;
       session_options.SetIntraOpNumThreads(options.threads);
       session_options.SetInterOpNumThreads(1);
       session_options.SetExecutionMode(ORT_SEQUENTIAL);
+      if (!data.empty()) {
+        std::vector<char*> buffers;
+        std::vector<std::size_t> lengths;
+        for (auto& bytes : data) {
+          buffers.push_back(reinterpret_cast<char*>(bytes.data()));
+          lengths.push_back(bytes.size());
+        }
+        session_options.AddExternalInitializersFromFilesInMemory(
+            std::vector<std::basic_string<ORTCHAR_T>>(locations.begin(), locations.end()), buffers, lengths);
+      }
       session_ = std::make_unique<Ort::Session>(*env_, model.data(), model.size(), session_options);
+      data.clear();
+      data.shrink_to_fit();
       Ort::AllocatorWithDefaultOptions allocator;
       if (session_->GetInputCount() != 1 || (role_ != GraphRole::Fused && session_->GetOutputCount() != 1)) {
         detail::input_error(graph_ + (role_ == GraphRole::Fused ? " must have one input" : " must have one input and one output"));

@@ -44,7 +44,7 @@ from ..artifacts import library_versions, sha256_file, utc_now, write_json
 from ..deploy.bank import FEATURES, Backbone, compose_bank
 from ..deploy.fusion import FP32_NODES, FoldedHead
 from ..deploy.graph_cost import count_macs
-from ..deploy.onnx_export import DEFAULT_OPSET, FP32_LOGIT_ATOL, to_onnx
+from ..deploy.onnx_export import DEFAULT_OPSET, FP32_LOGIT_ATOL, save_graph, to_onnx
 from ..errors import DependencyError, InputError, VerificationError
 from ..features.adapter_artifact import AdapterArtifact
 from ..features.heads import ZeroShotHead
@@ -54,7 +54,7 @@ from ..method.adapter import AdapterConfig, TransMiterAdapter
 from ..runtimes.compare import compare_outputs
 from ..runtimes.onnxruntime import PROVIDERS, ort_session
 from ..runtimes.registry import runtime as registered_runtime
-from .graphs import cached_record, code_digest
+from .graphs import cached_record, code_digest, save_cached_graph
 from .report import paired_ratio, slug
 from .timing import TimingPlan, summarise, time_interleaved
 
@@ -204,10 +204,9 @@ def _cached_graph(folder: Path, key: str, make: Callable[[], onnx.ModelProto], l
     start = time.perf_counter()
     model = make()
     folder.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial")
-    onnx.save(model, staging)
-    os.replace(staging, path)
-    write_json(record_path, {**expected, "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    data = save_cached_graph(model, path)
+    write_json(record_path, {**expected, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                             **({"external_data": data} if data else {})})
     log(f"exported {key} in {time.perf_counter() - start:.1f} s")
     return model
 
@@ -461,7 +460,7 @@ def run_bank_sweep(settings: BankSettings, out_dir: Path, work_dir: Path, thread
             build = time.perf_counter()
             paths[variant.name] = staging / f"{variant.name}.onnx"
             if variant.tasks == 0:
-                onnx.save(graphs.backbone, paths[variant.name])
+                save_graph(graphs.backbone, paths[variant.name], probe=False)
                 continue
             heads = graphs.heads if variant.weights == "fp32" else compact[variant.weights]
             model = compose_bank(graphs.backbone, heads[: variant.tasks])
@@ -470,7 +469,7 @@ def run_bank_sweep(settings: BankSettings, out_dir: Path, work_dir: Path, thread
             macs = count_macs(model)["total"] if variant.weights == "fp32" else None
             bank_costs[variant.name] = {"tasks": variant.tasks, "weights": variant.weights, "macs": macs,
                                         "weight_bytes": weight_bytes(model)}
-            onnx.save(model, paths[variant.name])
+            save_graph(model, paths[variant.name], probe=False)  # work files: external data past 2 GB
             del model
             gc.collect()
             log(f"bank sweep: composed {variant.name} in {time.perf_counter() - build:.1f} s")

@@ -16,6 +16,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import onnx
 from tqdm import tqdm
 
 from ..artifacts import library_versions, sha256_file, write_json
-from ..deploy.graph_cost import count_macs
-from ..deploy.onnx_export import DEFAULT_OPSET, to_onnx
+from ..deploy.graph_cost import count_macs_file
+from ..deploy.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_SUFFIX, save_graph, to_onnx
 from ..runtimes.registry import precision, resolve
 from .variants import TargetGroup
 
@@ -53,9 +55,31 @@ def _record(key: str, opset: int) -> dict:
             "torch": versions.get("torch"), "onnx": versions.get("onnx"), "onnxslim": versions.get("onnxslim")}
 
 
+def save_cached_graph(model: onnx.ModelProto, path: Path) -> dict[str, str]:
+    """``model`` saved as ``path`` (external data by the usual threshold, onnx_export.save_graph;
+    not probed: these are the benchmark's work files, loaded right after). Written in a staging
+    directory under the final name (a data file's location names it), then moved into place, data
+    files first and the graph last, so a graph in place always has its data. Returns the data
+    files' sha256 by name, for the record."""
+    path = Path(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        written = save_graph(model, staging / path.name, probe=False)
+        digests = {name: sha256_file(staging / name) for name in written}
+        for name in written:
+            os.replace(staging / name, path.parent / name)
+        os.replace(staging / path.name, path)
+        if not written:  # an earlier version of this graph may have left one
+            path.with_name(path.name + EXTERNAL_DATA_SUFFIX).unlink(missing_ok=True)
+        return digests
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def cached_record(path: Path, record_path: Path, expected: dict) -> dict | None:
     """The record beside a cached graph when it holds every ``expected`` value and the graph
-    still has the sha256 it records; None when the graph must be made again."""
+    (and each external data file it records) still has the sha256 it records; None when the
+    graph must be made again."""
     if not (path.is_file() and record_path.is_file()):
         return None
     try:
@@ -64,7 +88,13 @@ def cached_record(path: Path, record_path: Path, expected: dict) -> dict | None:
         return None
     if any(record.get(name) != value for name, value in expected.items()):
         return None
-    return record if record.get("sha256") == sha256_file(path) else None
+    if record.get("sha256") != sha256_file(path):
+        return None
+    data = record.get("external_data") or {}
+    if not isinstance(data, dict) or any(not (path.parent / name).is_file() or sha256_file(path.parent / name) != digest
+                                         for name, digest in data.items()):
+        return None
+    return record
 
 
 def export_graphs(group: TargetGroup, work_dir: Path, opset: int = DEFAULT_OPSET,
@@ -86,25 +116,24 @@ def export_graphs(group: TargetGroup, work_dir: Path, opset: int = DEFAULT_OPSET
         if record is None:
             input_name = "pixel_values" if takes == "pixels" else "image_features"
             start, peak = time.perf_counter(), None
-            staging = path.with_name(f".{path.name}.partial")
             if part.precision == "fp32":
                 model = to_onnx(part.module, group.example(takes, 2), input_name, "logits", opset, key)
-                onnx.save(model, staging)
+                data = save_cached_graph(model, path)
+                del model
             else:
                 count = CALIBRATION_IMAGES[precision(part.precision).needs_calibration]
-                peak = _convert_in_child(part.precision, paths[part.base_key], staging,
-                                         {input_name: group.example(takes, count).numpy()})
-                model = onnx.load(staging)
-            os.replace(staging, path)
+                peak, data = _convert_in_child(part.precision, paths[part.base_key], path,
+                                               {input_name: group.example(takes, count).numpy()})
             record = {**expected, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                      "macs_batch1": count_macs(model), "made_s": round(time.perf_counter() - start, 1),
+                      **({"external_data": data} if data else {}),
+                      "macs_batch1": count_macs_file(path), "made_s": round(time.perf_counter() - start, 1),
                       "conversion_peak_rss_mib": peak}
             write_json(record_path, record)
         paths[key], macs[key] = path, record["macs_batch1"]
     return paths, macs
 
 
-def _convert_in_child(name: str, source: Path, target: Path, calibration: dict) -> float:
+def _convert_in_child(name: str, source: Path, target: Path, calibration: dict) -> tuple[float, dict[str, str]]:
     """Convert in a fresh process: its peak resident memory is the conversion's alone (the
     figure a user's machine must hold), and the benchmark's own process does not grow by it."""
     context = multiprocessing.get_context("spawn")
@@ -112,9 +141,9 @@ def _convert_in_child(name: str, source: Path, target: Path, calibration: dict) 
         return pool.submit(_convert, name, str(source), str(target), calibration).result()
 
 
-def _convert(name: str, source: str, target: str, calibration: dict) -> float:
-    onnx.save(resolve(precision(name).converter)(Path(source), calibration), target)
+def _convert(name: str, source: str, target: str, calibration: dict) -> tuple[float, dict[str, str]]:
+    data = save_cached_graph(resolve(precision(name).converter)(Path(source), calibration), Path(target))
     # VmHWM, not getrusage: Linux carries ru_maxrss across fork and exec, so a spawned child
     # would report its parent's peak whenever that was higher
     status = Path("/proc/self/status").read_text().splitlines()
-    return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024, 1)
+    return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024, 1), data

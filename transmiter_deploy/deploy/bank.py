@@ -6,7 +6,8 @@ Three kinds of artifact, each written atomically with its own manifest:
   image features, verified against PyTorch;
 - a *head export* per task (``head.onnx``, ``head<suffix>.onnx``, ``head.safetensors``):
   features -> that task's logits, verified against PyTorch;
-- a *bank* (``docs/bank.md``): the backbone's and every head's files hard-linked in unchanged,
+- a *bank* (``docs/bank.md``): the backbone's and every head's files hard-linked in unchanged
+  (external data files copied: onnx refuses to read a data file with several links),
   plus ``model<suffix>.onnx``, the fused graph composed from them (pixels -> one output per
   task), verified against the parts run one after the other.
 
@@ -36,14 +37,15 @@ from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel
 from ..runtimes.compare import compare_outputs, within_tolerance
+from ..runtimes.base import check_graph_files, graph_structure
 from ..runtimes.onnxruntime import ort_session
 from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, precision_from_manifest
 from .fusion import FoldedHead, Normalise
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, head_logits_numpy, write_head_safetensors
 from .onnx_export import (FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, FP32_LOGIT_ATOL, MANIFEST,
-                          Checks, ExportSettings, convert_graph, file_entry, io_contract, link_or_copy, save_graph, to_onnx,
-                          tolerance_criterion)
+                          Checks, ExportSettings, check_full, convert_graph, graph_entries, io_contract, is_external_data,
+                          link_or_copy, save_graph, to_onnx, tolerance_criterion)
 
 BACKBONE_FORMAT = "transmiter-deploy/backbone-export"
 HEAD_EXPORT_FORMAT = "transmiter-deploy/head-export"
@@ -77,10 +79,33 @@ class Backbone(nn.Module):
 
 
 def _graph_files(staging: Path, files: dict[str, str]) -> dict[str, dict]:
-    """Manifest entries of ``files`` (name -> precision name) written in ``staging``."""
-    return {name: file_entry(staging / name, PRECISIONS[kind], io_contract(onnx.load(staging / name, load_external_data=False))
-                             if name.endswith(".onnx") else {})
-            for name, kind in files.items()}
+    """Manifest entries of ``files`` (name -> precision name) written in ``staging``, with the
+    external data files of each graph that has them (onnx_export.graph_entries)."""
+    return {key: entry for name, kind in files.items()
+            for key, entry in graph_entries(staging, name, PRECISIONS[kind],
+                                            io_contract(graph_structure(staging / name)) if name.endswith(".onnx") else {}
+                                            ).items()}
+
+
+def _listed_data(entry: Any) -> list[str]:
+    """The data files a manifest entry lists (checked for type by check_graph_files)."""
+    data = entry.get("external_data") if isinstance(entry, dict) else None
+    return [str(name) for name in data] if isinstance(data, list) else []
+
+
+def with_data_files(files: dict[str, dict], names: list[str]) -> dict[str, dict]:
+    """The entries of ``names`` from a manifest's ``files`` and, after each graph, the entries of
+    the external data files it lists (missing ones are refused when the part is verified)."""
+    chosen: dict[str, dict] = {}
+    for name in names:
+        chosen[name] = files[name]
+        prefix = str(Path(name).parent)
+        data = files[name].get("external_data", [])
+        for location in data if isinstance(data, list) else []:
+            key = str(location) if prefix == "." else f"{prefix}/{location}"
+            if key in files:
+                chosen[key] = files[key]
+    return chosen
 
 
 def _graphs_by_precision(files: dict[str, str], stem: str) -> dict[str, str]:
@@ -112,8 +137,10 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
-        graph = to_onnx(module, pixels[:2], "pixel_values", FEATURES, settings.opset, f"image tower {model.identity.name}")
-        save_graph(graph, staging / "backbone.onnx")
+        graph = to_onnx(module, pixels[:2], "pixel_values", FEATURES, settings.opset, f"image tower {model.identity.name}",
+                        staging)
+        save_graph(graph, staging / "backbone.onnx", settings.external_data_threshold)
+        del graph  # counted from the file below: a large graph is not held twice
         checks, files = Checks(), {"backbone.onnx": REFERENCE_PRECISION}
         session = ort_session(staging / "backbone.onnx")
         for rows in (len(pixels), 3):  # two batch sizes: the batch axis is really dynamic
@@ -121,7 +148,8 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
             checks.add(f"backbone_fp32_vs_torch_batch{rows}", result, result["max_abs"] <= FP32_LOGIT_ATOL, True,
                        f"max_abs <= {FP32_LOGIT_ATOL}")
         for target in reduced:
-            name = convert_graph(staging, "backbone", target, {"pixel_values": pixels[: settings.calibration_images].numpy()})
+            name = convert_graph(staging, "backbone", target, {"pixel_values": pixels[: settings.calibration_images].numpy()},
+                                 settings.external_data_threshold)
             converted = ort_session(staging / name).run(None, {"pixel_values": pixels.numpy()})[0]
             result = compare_outputs(features, converted)
             # features have no classes: the logits each task reads from them are judged on the bank
@@ -133,7 +161,7 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
             "files": _graph_files(staging, files), "graphs": _graphs_by_precision(files, "backbone"),
             "output": FEATURES, "preprocess": model.preprocess_config, "feature_dim": int(features.shape[1]),
             "target_model": model.identity.to_dict(), "opset": settings.opset,
-            "macs": count_macs(graph)["total"]})
+            "macs": count_macs(graph_structure(staging / "backbone.onnx"))["total"]})
     log(f"exported {', '.join(files)} to {out_dir} in {time.perf_counter() - start:.1f} s")
     return read_json(out_dir / MANIFEST, "backbone manifest")
 
@@ -154,8 +182,8 @@ def export_head(head: ZeroShotHead, artifact: AdapterArtifact, features: torch.T
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
-        graph = to_onnx(folded, features[:2], FEATURES, "logits", settings.opset, "folded head")
-        save_graph(graph, staging / "head.onnx")
+        graph = to_onnx(folded, features[:2], FEATURES, "logits", settings.opset, "folded head", staging)
+        save_graph(graph, staging / "head.onnx", settings.external_data_threshold)
         write_head_safetensors(folded, staging / HEAD_FILE)
         checks, files = Checks(), {"head.onnx": REFERENCE_PRECISION}
         result = compare_outputs(reference, ort_session(staging / "head.onnx").run(None, {FEATURES: features.numpy()})[0])
@@ -164,7 +192,7 @@ def export_head(head: ZeroShotHead, artifact: AdapterArtifact, features: torch.T
         checks.add("head_safetensors_vs_torch", result, result["max_abs"] <= FP32_LOGIT_ATOL, True,
                    f"max_abs <= {FP32_LOGIT_ATOL}")
         for target in reduced:
-            name = convert_graph(staging, "head", target, {FEATURES: features.numpy()})
+            name = convert_graph(staging, "head", target, {FEATURES: features.numpy()}, settings.external_data_threshold)
             result = compare_outputs(reference, ort_session(staging / name).run(
                 None, {FEATURES: features.numpy()})[0])
             checks.add(f"head_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name), True,
@@ -200,7 +228,13 @@ class Part:
         return self.directory / name
 
     def verify(self, what: str) -> None:
-        """Every file the part lists has the size and sha256 its manifest records."""
+        """Every file the part lists has the size and sha256 its manifest records, and every graph
+        points only at the external data files its entry lists (runtimes/base.check_graph_files)."""
+        for name, entry in self.files.items():
+            if name.endswith(".onnx"):
+                # the graph's sha256 is checked (here or below), so what it points at is what its
+                # entry lists: no need to parse a large graph to read its locations
+                check_graph_files(self.directory, name, self.files, what, locations=_listed_data(entry))
         for name, entry in self.files.items():
             path = self.directory / name
             if not path.is_file():
@@ -258,7 +292,7 @@ def read_head(directory: Path, verify: bool = True) -> Part:
         raise IntegrityError(f"{path}: {HEAD_FILE} is not listed")
     graphs = {name: graph for name, graph in _precision_graphs(listed, "head", str(path)).items()
               if not PRECISIONS[name].needs_calibration}
-    files = {name: listed[name] for name in [*graphs.values(), HEAD_FILE]}
+    files = with_data_files(listed, [*graphs.values(), HEAD_FILE])
     part = Part(Path(directory), manifest, graphs, files)
     if verify:
         part.verify(f"head {directory}")
@@ -316,10 +350,7 @@ def compose_bank(backbone: onnx.ModelProto, heads: list[tuple[str, onnx.ModelPro
     model = onnx.helper.make_model(graph, opset_imports=_opsets([backbone, *(h for _, h in heads)],
                                                                 ["backbone", *(t for t, _ in heads)]))
     model.ir_version = backbone.ir_version
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise VerificationError(f"the composed bank fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    check_full(model, "the composed bank")
     return model
 
 
@@ -399,10 +430,11 @@ def _verify_bank(staging: Path, backbone: Part, tasks: list[BankTask], graphs: d
 
 
 def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax: bool = False,
-                  log: Callable[[str], None] = print) -> Bank:
-    """Write the bank directory atomically: the parts' files linked in byte for byte, the fused
-    graph of every precision the backbone has, the manifest; checked before it replaces the
-    previous bank (which stays as it was on any failure)."""
+                  log: Callable[[str], None] = print, external_data_threshold: int | None = None) -> Bank:
+    """Write the bank directory atomically: the parts' files linked in byte for byte (external
+    data files copied with their graphs, see onnx_export.link_or_copy), the fused graph of every precision the backbone has (external
+    data by ``external_data_threshold``, onnx_export.save_graph), the manifest; checked before it
+    replaces the previous bank (which stays as it was on any failure)."""
     if not tasks:
         raise InputError("a bank needs at least one task")
     seen: set[str] = set()
@@ -416,14 +448,14 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
     with atomic_directory(out_dir, MANIFEST) as staging:
         entries: dict[str, dict] = {}
         for name in backbone.files:
-            link_or_copy(backbone.path(name), staging / name)
+            link_or_copy(backbone.path(name), staging / name, copy=is_external_data(backbone.files[name]))
             entries[name] = backbone.files[name]
         task_records = []
         for task in tasks:
             where = Path(HEADS_DIR) / task.name
             (staging / where).mkdir(parents=True)
             for name, entry in task.head.files.items():
-                link_or_copy(task.head.path(name), staging / where / name)
+                link_or_copy(task.head.path(name), staging / where / name, copy=is_external_data(entry))
                 entries[str(where / name)] = entry
             head_manifest = _head_manifest(task.head)
             if head_manifest is None:
@@ -438,7 +470,8 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
             composed = compose_bank(onnx.load(backbone.path(graph_file)),
                                     [(t.name, onnx.load(t.head.path(t.head.graphs[kind]))) for t in tasks], softmax)
             name = PRECISIONS[kind].graph_name("model")
-            save_graph(composed, staging / name)
+            save_graph(composed, staging / name, external_data_threshold)
+            del composed
             graphs[kind] = name
         checks = _verify_bank(staging, backbone, tasks, graphs, softmax)
         _raise_failed(checks, "bank", out_dir)
@@ -508,7 +541,8 @@ def _read_bank(directory: Path, verify: bool) -> Bank:
     files = _entries(manifest, str(path))
     _check_graph_names(manifest["graphs"], f"{path}: graphs")
     _check_graph_names(manifest["backbone"].get("graphs", {}), f"{path}: backbone.graphs")
-    backbone_files = {name: files[name] for name in manifest["backbone"].get("graphs", {}).values() if name in files}
+    backbone_files = with_data_files(files, [name for name in manifest["backbone"].get("graphs", {}).values()
+                                             if name in files])
     backbone = Part(directory, {key: manifest[key] for key in ("feature_dim", "target_model", "preprocess", "opset")}
                     | {"macs": manifest["backbone"].get("macs")},
                     _precision_graphs(backbone_files, "backbone", str(path)), backbone_files)
@@ -539,6 +573,7 @@ def _read_bank(directory: Path, verify: bool) -> Bank:
         entry = files.get(name)
         if not isinstance(entry, dict) or not (directory / name).is_file() or sha256_file(directory / name) != entry["sha256"]:
             raise IntegrityError(f"bank {directory}: {directory / name} is missing or does not match its sha256 (modified?)")
+        check_graph_files(directory, name, files, f"bank {directory}", locations=_listed_data(entry))
     return bank
 
 

@@ -5,12 +5,16 @@ batch size and attributed to a component by its node name: nodes under
 ``/visual/`` are the backbone, everything else is the head and adapter.
 Counting the graph (not the PyTorch module) is what proves what the deployed
 artifact costs.
+
+Only the structure is needed (shapes, not weights): :func:`count_macs_file` reads a graph
+without its external data, so a graph past 2 GiB is counted at the memory of its structure.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import onnx
 from onnx import shape_inference
@@ -43,6 +47,14 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 
 def component_of(node_name: str) -> str:
     return "backbone" if node_name.startswith("/visual/") else "head+adapter"
+
+
+def count_macs_file(path: Path, batch: int = 1) -> dict[str, int]:
+    """:func:`count_macs` of the graph at ``path``, read without its external data (tensors
+    under 1 KB, which shape inference may read, stay inside the graph: onnx_export.save_graph)."""
+    from ..runtimes.base import graph_structure
+
+    return count_macs(graph_structure(Path(path)), batch)
 
 
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> dict[str, int]:

@@ -14,6 +14,11 @@ Artifacts written into one directory, atomically:
   precision of every file (what runners read; never the file name);
 - ``parity.json``: every comparison and the MAC table.
 
+A graph whose tensors pass the external-data threshold (default just under protobuf's 2 GiB
+limit; ``ExportSettings.external_data_threshold``, ``TRANSMITER_EXTERNAL_DATA_THRESHOLD``) is
+written with ONNX external data: ``model.onnx`` holds the structure and ``model.onnx.data``
+the tensors, both listed and hashed in the manifest (:func:`save_graph`, :func:`graph_entries`).
+
 The TorchScript exporter (``dynamo=False``) is used: it needs no extra
 packages and its dynamic batch axis is verified by running batches of two
 sizes through ONNX Runtime.
@@ -21,9 +26,9 @@ sizes through ONNX Runtime.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -36,11 +41,11 @@ import onnx
 import torch
 
 from ..artifacts import atomic_directory, read_json, read_manifest, sha256_file, write_json, write_manifest
-from ..errors import InputError, VerificationError
+from ..errors import WRITE_ERRNOS, InputError, VerificationError, write_failure
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel
-from ..runtimes.base import check_qdq_scales
+from ..runtimes.base import check_qdq_scales, external_data_locations, graph_structure, graph_tensors
 from ..runtimes.compare import compare_outputs, within_tolerance
 from ..runtimes.onnxruntime import ort_session, require_loadable, run_session
 from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, default_precisions, precision, resolve
@@ -56,6 +61,37 @@ MANIFEST = "manifest.json"
 DEFAULT_OPSET = 17
 FP32_LOGIT_ATOL = PRECISIONS[REFERENCE_PRECISION].max_abs
 GRAPHS = ("model", "head")  # pixels -> logits, features -> logits: one file each per precision
+# Protobuf cannot serialise a message over 2 GiB (2,147,483,648 bytes), so a graph whose tensors
+# pass this many bytes keeps them in a data file beside it; the margin leaves room for the graph's
+# structure itself.
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+PROTOBUF_LIMIT = 2**31  # bytes: the most one serialised protobuf message can hold
+EXTERNAL_DATA_ENV = "TRANSMITER_EXTERNAL_DATA_THRESHOLD"  # tests force external data on small graphs
+EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data
+# Tensors under this many bytes stay inside the graph even when it has external data (onnx's own
+# default): shape constants are read by shape inference and the MAC counter without the data file.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+
+def resolve_external_data_threshold(setting: int | None = None) -> int:
+    """The external-data threshold in bytes: ``setting`` when given (a recipe's or the CLI's), else
+    the ``TRANSMITER_EXTERNAL_DATA_THRESHOLD`` environment variable, else just under 2 GiB."""
+    if setting is not None:
+        if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+            raise InputError(f"external_data_threshold must be a non-negative number of bytes, got {setting!r}")
+        return setting
+    text = os.environ.get(EXTERNAL_DATA_ENV, "").strip()
+    if not text:
+        return DEFAULT_EXTERNAL_DATA_THRESHOLD
+    if not text.isdigit() or len(text) > 20:
+        raise InputError(f"{EXTERNAL_DATA_ENV} must be a non-negative number of bytes, got '{text[:40]}'")
+    return int(text)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """The bytes a graph's tensors take when serialised: what decides external data. Summed per
+    tensor, because ``ModelProto.ByteSize`` is what cannot be computed past the 2 GiB limit."""
+    return sum(tensor.ByteSize() for tensor in graph_tensors(model.graph))
 
 
 @dataclass(frozen=True)
@@ -69,8 +105,12 @@ class ExportSettings:
     # needed over 24 GB, and even with 1 image the whole fp16 export of ViT-L-14
     # peaked at 22.4 GB RSS. The statistic nodes are kept fp32 by name regardless.
     calibration_images: int = 1
+    # Graphs whose tensors pass this many bytes are written with external data (save_graph);
+    # None: the TRANSMITER_EXTERNAL_DATA_THRESHOLD environment variable, else just under 2 GiB.
+    external_data_threshold: int | None = None
 
     def __post_init__(self) -> None:
+        resolve_external_data_threshold(self.external_data_threshold)  # refuses a bad value, naming it
         for name in self.precisions:
             precision(name)  # refuses an unknown name, listing the known ones
         if REFERENCE_PRECISION not in self.precisions:
@@ -108,39 +148,89 @@ class ExportReport:
 
 
 def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
-            opset: int, what: str) -> onnx.ModelProto:
-    """Trace to ONNX with a dynamic batch axis, simplify with onnxslim, check fully."""
+            opset: int, what: str, work_dir: Path | None = None) -> onnx.ModelProto:
+    """Trace to ONNX with a dynamic batch axis, simplify with onnxslim, check fully.
+
+    The exporter writes into a file in a temporary directory rather than a buffer: past 2 GiB it
+    can only write external data, and only beside a file; the graph is read back whole. An export
+    passes its staging directory as ``work_dir``, so the trace takes room on the artifact's own
+    disk (not /tmp, often smaller) and a full disk is reported against the artifact (exit 5)."""
     import onnxslim
 
-    buffer = io.BytesIO()
-    try:
-        # Grad mode on: under no_grad, nn.MultiheadAttention takes a fused fast
-        # path (aten::_native_multi_head_attention) that has no ONNX symbolic.
-        with warnings.catch_warnings(), torch.enable_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(
-                module, (example,), buffer, dynamo=False, opset_version=opset,
-                input_names=[input_name], output_names=[output_name],
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                do_constant_folding=True,
-            )
-    except Exception as exc:  # the exporter raises many types; all mean "cannot trace this"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot export {what} to ONNX: {first}") from exc
-    model = onnxslim.slim(onnx.load_from_string(buffer.getvalue()))
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise VerificationError(f"exported {what} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    with tempfile.TemporaryDirectory(prefix=".trace-", dir=work_dir) as work:
+        traced = Path(work) / "traced.onnx"
+        try:
+            # Grad mode on: under no_grad, nn.MultiheadAttention takes a fused fast
+            # path (aten::_native_multi_head_attention) that has no ONNX symbolic.
+            with warnings.catch_warnings(), torch.enable_grad():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                torch.onnx.export(
+                    module, (example,), str(traced), dynamo=False, opset_version=opset,
+                    input_names=[input_name], output_names=[output_name],
+                    dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                    do_constant_folding=True,
+                )
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:  # the trace's own file: a full disk, not an untraceable model
+                raise write_failure(exc, str(work_dir or traced.parent)) from exc
+            raise InputError(f"cannot export {what} to ONNX: {exc}") from exc
+        except Exception as exc:  # the exporter raises many types; all mean "cannot trace this"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"cannot export {what} to ONNX: {first}") from exc
+        loaded = onnx.load(str(traced))  # with the exporter's external data, if it wrote any
+    model = onnxslim.slim(loaded)
+    del loaded
+    check_full(model, f"exported {what}")
     return model
 
 
-def save_graph(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``model`` to ``path`` and probe it: it must load and run in ONNX Runtime at every
-    optimisation level, in a child process (a graph that would crash a user's session fails
-    here, in one line, before any session of ours loads it)."""
-    onnx.save(model, path)
-    require_loadable([path])
+def check_full(model: onnx.ModelProto, what: str) -> None:
+    """``onnx.checker``'s full check (shape inference included) of an in-memory graph. The checker
+    serialises its argument, which protobuf refuses past 2 GiB: such a graph is checked from a
+    temporary copy written with external data, which the checker reads from its path."""
+    try:
+        if tensor_bytes(model) < PROTOBUF_LIMIT - (64 << 20):
+            onnx.checker.check_model(model, full_check=True)
+            return
+        with tempfile.TemporaryDirectory(prefix="transmiter-check-") as work:
+            path = Path(work) / "graph.onnx"
+            save_graph(model, path, external_data_threshold=0, probe=False)
+            onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"{what} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+
+
+def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int | None = None,
+               probe: bool = True) -> list[str]:
+    """Write ``model`` to ``path``, its tensors in ``<name>.data`` beside it when they pass the
+    threshold (:func:`resolve_external_data_threshold`); returns the data files written (names beside
+    the graph; empty when the graph holds its tensors). The caller's ``model`` keeps its tensors.
+
+    Then (``probe``) the graph must load and run in ONNX Runtime at every optimisation level, in
+    a child process (a graph that would crash a user's session fails here, in one line, before
+    any session of ours loads it). Every graph the toolkit writes comes through here; exports
+    write into a staging directory that replaces the artifact whole (artifacts.atomic_directory),
+    so a graph and its data file appear together or not at all."""
+    path = Path(path)
+    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    # onnx appends tensors to an existing data file (offsets past the stale bytes), and a file
+    # linked in from the previous artifact (link_or_copy) must never be written through: start afresh
+    data.unlink(missing_ok=True)
+    if tensor_bytes(model) > resolve_external_data_threshold(external_data_threshold):
+        # onnx moves the tensors' bytes into the file and clears them in ``model``; reading them
+        # back leaves the caller's model as it was (verification and the MAC count use it next)
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=False)
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        for tensor in graph_tensors(model.graph):  # as it was: onnx leaves data_location set to DEFAULT
+            if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
+                tensor.ClearField("data_location")
+    else:
+        onnx.save_model(model, path)
+    written = external_data_locations(graph_structure(path))
+    if probe:
+        require_loadable([path])
+    return written
 
 
 def io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
@@ -160,6 +250,28 @@ def io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
 def file_entry(path: Path, kind: Precision, contract: dict[str, Any]) -> dict[str, Any]:
     """A file's entry in the export manifest: hash, size, precision (what runners read), contract."""
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size, "precision": kind.manifest_name, **contract}
+
+
+def graph_entries(directory: Path, name: str, kind: Precision, contract: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest entries of file ``name`` (relative to ``directory``) and, for a graph with
+    external data, of each data file it points at, in that order: the graph's entry lists its data
+    files (``external_data``, names beside the graph, as the graph itself names them) and each data
+    file's entry names its graph (``external_data_of``) and carries the graph's precision, so
+    whatever adds, removes or links a precision's files takes the data files with them."""
+    path = Path(directory) / name
+    entries = {name: file_entry(path, kind, contract)}
+    if not name.endswith(".onnx"):
+        return entries
+    locations = external_data_locations(graph_structure(path))
+    if locations:
+        entries[name]["external_data"] = locations
+        prefix = str(Path(name).parent)
+        for location in locations:
+            data = path.parent / location
+            entries[location if prefix == "." else f"{prefix}/{location}"] = {
+                "sha256": sha256_file(data), "bytes": data.stat().st_size, "precision": kind.manifest_name,
+                "external_data_of": path.name}
+    return entries
 
 
 def parity_pixels(model: LoadedModel, images: Path | None, count: int = 16, seed: int = 0) -> torch.Tensor:
@@ -252,14 +364,16 @@ def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: C
     checks.add("head_safetensors_vs_torch", result, result["max_abs"] <= atol, True, f"max_abs <= {atol}")
 
 
-def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[str, np.ndarray]) -> str:
+def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[str, np.ndarray],
+                  external_data_threshold: int | None = None) -> str:
     """``directory/<stem>.onnx`` converted to ``target`` by its registry converter (the
-    statistic nodes kept fp32), saved beside it; returns the new file's name."""
+    statistic nodes kept fp32), saved beside it (external data by ``external_data_threshold``,
+    whatever the fp32 graph had); returns the new file's name."""
     convert: Callable = resolve(target.converter)
     converted = convert(directory / f"{stem}.onnx", inputs, FP32_NODES)
     if target.qdq:
         check_qdq_scales(converted, f"{target.graph_name(stem)} as converted")
-    save_graph(converted, directory / target.graph_name(stem))
+    save_graph(converted, directory / target.graph_name(stem), external_data_threshold)
     return target.graph_name(stem)
 
 
@@ -271,10 +385,10 @@ def tolerance_criterion(target: Precision) -> str:
 
 def _convert(staging: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
              pixels: np.ndarray, model_reference: np.ndarray, features: np.ndarray, head_reference: np.ndarray,
-             checks: Checks, head_reference_name: str = "torch") -> list[str]:
+             checks: Checks, head_reference_name: str = "torch", external_data_threshold: int | None = None) -> list[str]:
     """``target``'s model and head graphs from the fp32 ones in ``staging``, each checked against
     its fp32 reference outputs (``calibration``: per graph stem, the converter's input arrays)."""
-    files = [convert_graph(staging, stem, target, calibration[stem]) for stem in GRAPHS]
+    files = [convert_graph(staging, stem, target, calibration[stem], external_data_threshold) for stem in GRAPHS]
     criterion = tolerance_criterion(target)
     result = compare_outputs(model_reference, run_session(ort_session(staging / target.graph_name("model")), pixels))
     checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
@@ -285,6 +399,8 @@ def _convert(staging: Path, target: Precision, calibration: dict[str, dict[str, 
 
 
 def _macs(model_onnx: onnx.ModelProto, head_onnx: onnx.ModelProto, unfolded_onnx: onnx.ModelProto) -> dict[str, Any]:
+    """MACs of the graphs as written: pass them read back with :func:`graph_structure`, so a graph
+    past 2 GiB is counted from its structure (shape inference cannot serialise it whole)."""
     macs = {"batch": 1, "model": count_macs(model_onnx), "head_folded": count_macs(head_onnx)["total"],
             "head_unfolded": count_macs(unfolded_onnx)["total"]}
     macs["overhead_percent"] = 100.0 * macs["model"].get("head+adapter", 0) / max(macs["model"].get("backbone", 1), 1)
@@ -302,7 +418,8 @@ def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, he
                            "outputs": [{"name": "logits", "dtype": "float32",
                                         "shape": ["batch", len(artifact.class_names)]}]}
     write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, {
-        "files": {name: file_entry(staging / name, PRECISIONS[kind], contract[name]) for name, kind in files.items()},
+        "files": {key: entry for name, kind in files.items()
+                  for key, entry in graph_entries(staging, name, PRECISIONS[kind], contract[name]).items()},
         "output": output,
         "class_names": artifact.class_names,
         "preprocess": model.preprocess_config,
@@ -345,12 +462,14 @@ def export_deployment(
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
         model_onnx = to_onnx(parts.fused, pixels[:2], "pixel_values", output, settings.opset,
-                             f"image tower {model.identity.name}")
-        save_graph(model_onnx, staging / "model.onnx")
-        head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head")
-        save_graph(head_onnx, staging / "head.onnx")
+                             f"image tower {model.identity.name}", staging)
+        save_graph(model_onnx, staging / "model.onnx", settings.external_data_threshold)
+        del model_onnx  # counted from the file (_macs): a large graph is not held twice
+        head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head",
+                            staging)
+        save_graph(head_onnx, staging / "head.onnx", settings.external_data_threshold)
         unfolded_onnx = to_onnx(parts.unfolded, parts.features[:2], "image_features", "logits", settings.opset,
-                                "unfolded head")
+                                "unfolded head", staging)
         timings["export_fp32_s"] = time.perf_counter() - start
         log(f"exported model.onnx and head.onnx (opset {settings.opset}) in {timings['export_fp32_s']:.1f} s")
 
@@ -363,11 +482,12 @@ def export_deployment(
                             "head": {"image_features": parts.features.numpy()}}
         for target in settings.reduced():
             converted = _convert(staging, target, converter_inputs, pixels.numpy(), parts.fused_outputs,
-                                 parts.features.numpy(), parts.head_logits, checks)
+                                 parts.features.numpy(), parts.head_logits, checks,
+                                 external_data_threshold=settings.external_data_threshold)
             files.update({name: target.name for name in converted})
         timings["verify_s"] = time.perf_counter() - start
 
-        macs = _macs(model_onnx, head_onnx, unfolded_onnx)
+        macs = _macs(graph_structure(staging / "model.onnx"), head_onnx, unfolded_onnx)
         parity = {"samples": int(pixels.shape[0]), "output": output, "checks": dict(checks), "macs": macs}
         write_json(staging / "parity.json", parity)
         files[HEAD_FILE] = REFERENCE_PRECISION
@@ -380,7 +500,7 @@ def export_deployment(
     for target in settings.calibrated():
         gate = GateImages(pixels.numpy(), None, description="parity images (agreement only: no labels)")
         add_precision(out_dir, target, calibration_inputs(model, calibration.pixels), report.references,
-                      calibration.record, gate, log)
+                      calibration.record, gate, log, settings.external_data_threshold)
     return report
 
 
@@ -391,12 +511,25 @@ def calibration_inputs(model: LoadedModel, pixels: torch.Tensor) -> dict[str, di
     return {"model": {"pixel_values": pixels.numpy()}, "head": {"image_features": features.numpy()}}
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """Artifacts are never modified in place, so the new directory may share their inodes."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+def link_or_copy(source: Path, target: Path, copy: bool = False) -> None:
+    """Artifacts are never modified in place, so the new directory may share their inodes.
+
+    ``copy``: an external data file is copied instead. onnx (1.17+) refuses to read external data
+    through a file with more than one hard link (its guard against hard-link attacks), so a linked
+    data file would leave the graph unreadable to onnx.load, and to Polygraphy and ModelOpt, which
+    read graphs with it (ONNX Runtime does not mind). The copy costs the data file's size on disk."""
+    if not copy:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
+
+
+def is_external_data(entry: Any) -> bool:
+    """Whether a manifest entry is an external data file's (:func:`graph_entries`)."""
+    return isinstance(entry, dict) and "external_data_of" in entry
 
 
 @dataclass
@@ -420,7 +553,7 @@ def _rewritten(export_dir: Path, target: Precision) -> Iterator[_Rewrite]:
     parity.get("gates", {}).pop(target.name, None)
     with atomic_directory(export_dir, MANIFEST) as staging:
         for name in [*body["files"], "parity.json"]:
-            link_or_copy(export_dir / name, staging / name)
+            link_or_copy(export_dir / name, staging / name, copy=is_external_data(body["files"].get(name)))
         rewrite = _Rewrite(staging, body, parity)
         yield rewrite
         write_json(staging / "parity.json", rewrite.parity)
@@ -429,7 +562,7 @@ def _rewritten(export_dir: Path, target: Precision) -> Iterator[_Rewrite]:
 
 def add_precision(export_dir: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
                   references: References, calibration_record: dict, gate: GateImages | None = None,
-                  log=print) -> dict | None:
+                  log=print, external_data_threshold: int | None = None) -> dict | None:
     """Convert the fp32 graphs of a verified export to ``target`` and add them to it, atomically:
     checked against the PyTorch references, then gated on ``gate``'s images. Returns the gate's
     table; a failed check or gate raises (GateFailed carries the table) and leaves the export
@@ -440,7 +573,8 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
         features = calibration["head"]["image_features"]
         head_reference = run_session(ort_session(staging / "head.onnx"), features)
         files = _convert(staging, target, calibration, references.pixels, references.outputs, features,
-                         head_reference, checks, head_reference_name="onnx")
+                         head_reference, checks, head_reference_name="onnx",
+                         external_data_threshold=external_data_threshold)
         record = None
         if gate is not None:
             reference = run_session(ort_session(staging / "model.onnx"), gate.pixels)
@@ -449,8 +583,8 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
         _raise_if_failed(target, checks, record, export_dir)
         rewrite.parity["checks"] = dict(checks)
         rewrite.parity.setdefault("gates", {})[target.name] = record
-        rewrite.body["files"].update({name: file_entry(staging / name, target, io_contract(
-            onnx.load(staging / name, load_external_data=False))) for name in files})
+        for name in files:
+            rewrite.body["files"].update(graph_entries(staging, name, target, io_contract(graph_structure(staging / name))))
         rewrite.body.setdefault("calibration", {})[target.name] = calibration_record
     log(f"added {', '.join(files)} to {export_dir} in {time.perf_counter() - start:.1f} s")
     return record

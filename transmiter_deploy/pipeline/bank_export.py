@@ -17,7 +17,7 @@ import torch
 
 from ..artifacts import read_json, write_json
 from ..runtimes.registry import reference_runtime
-from .export import _candidates, _engines, _export_precisions, _Models, _Run, model_specs, task_steps
+from .export import _candidates, _engines, _export_precisions, _key_external_data, _Models, _Run, model_specs, task_steps
 from .recipe import Recipe
 from .report import ExportOutcome, write_report
 from .steps import Steps, exclusive, remove_stale_staging
@@ -65,7 +65,14 @@ def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress
 def _settings(run: _Run):
     from ..deploy.onnx_export import ExportSettings
 
-    return ExportSettings(opset=run.recipe.export.opset, softmax=False, precisions=run.precisions)
+    return ExportSettings(opset=run.recipe.export.opset, softmax=False, precisions=run.precisions,
+                          external_data_threshold=_threshold(run))
+
+
+def _threshold(run: _Run) -> int:
+    from ..deploy.onnx_export import resolve_external_data_threshold
+
+    return resolve_external_data_threshold(run.recipe.export.external_data_threshold)
 
 
 def _parity_features(run: _Run) -> torch.Tensor:
@@ -81,6 +88,7 @@ def _head_export(run: _Run) -> str:
     inputs = {"adapter": run.keys["final"], "head": run.head_keys["target"], "opset": run.recipe.export.opset,
               "precisions": list(run.precisions),
               "cache": run.cache_keys.get(("target", "test")) or run.cache_keys[("target", "train")]}
+    _key_external_data(inputs, _threshold(run))
     return run.steps.run("head-export", inputs, [where / "manifest.json"], lambda: export_head(
         run.head("target"), run.adapter(run.final_stage), _parity_features(run), where, _settings(run), run.log))
 
@@ -93,6 +101,7 @@ def _backbone(run: _Run) -> str:
     model = lambda: run.models["target"]  # noqa: E731 (loaded only when the step runs)
     inputs = {"target": run.model_keys["target"], "opset": run.recipe.export.opset, "precisions": list(run.precisions),
               "parity_images": PARITY_IMAGES}
+    _key_external_data(inputs, _threshold(run))
     return run.steps.run("backbone", inputs, [where / "manifest.json"], lambda: export_backbone(
         model(), where, parity_pixels(model(), None, count=PARITY_IMAGES), _settings(run), run.log))
 
@@ -103,11 +112,13 @@ def _assemble(run: _Run, backbone_key: str, head_keys: dict[str, str]) -> None:
     def work() -> None:
         tasks = [BankTask(task.name, read_head(run.out / TASKS_DIR / task.name / HEAD_EXPORT_DIR))
                  for task in run.recipe.tasks]
-        assemble_bank(run.onnx_dir, read_backbone(run.out / BACKBONE_DIR), tasks, run.recipe.export.softmax, run.log)
+        assemble_bank(run.onnx_dir, read_backbone(run.out / BACKBONE_DIR), tasks, run.recipe.export.softmax, run.log,
+                      _threshold(run))
 
-    run.keys["onnx"] = run.steps.run(
-        "bank", {"backbone": backbone_key, "heads": [[name, key] for name, key in head_keys.items()],
-                 "softmax": run.recipe.export.softmax}, [run.onnx_dir / "manifest.json"], work)
+    inputs = {"backbone": backbone_key, "heads": [[name, key] for name, key in head_keys.items()],
+              "softmax": run.recipe.export.softmax}
+    _key_external_data(inputs, _threshold(run))
+    run.keys["onnx"] = run.steps.run("bank", inputs, [run.onnx_dir / "manifest.json"], work)
 
 
 class BankModule(torch.nn.Module):

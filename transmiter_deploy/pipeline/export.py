@@ -345,18 +345,30 @@ def _export_precisions(run: _Run) -> tuple[str, ...]:
     return tuple(chosen)
 
 
+def _key_external_data(inputs: dict, threshold: int) -> None:
+    """A step that writes graphs is keyed by the external-data threshold (it decides the files
+    written) when it is not the default: a changed threshold redoes the step, and exports made
+    before the setting existed keep their keys."""
+    from ..deploy.onnx_export import DEFAULT_EXTERNAL_DATA_THRESHOLD
+
+    if threshold != DEFAULT_EXTERNAL_DATA_THRESHOLD:
+        inputs["external_data_threshold"] = threshold
+
+
 def _onnx(run: _Run) -> None:
     """The adapter fused into the target's head, exported and verified against PyTorch; the
     PyTorch outputs on the parity images are kept for the validation step."""
-    from ..deploy.onnx_export import ExportSettings, export_deployment, parity_pixels
+    from ..deploy.onnx_export import ExportSettings, export_deployment, parity_pixels, resolve_external_data_threshold
 
     export = run.recipe.export
     precisions = tuple(name for name in run.precisions if not PRECISIONS[name].needs_calibration)
+    threshold = resolve_external_data_threshold(export.external_data_threshold)
 
     def work() -> None:
         report = export_deployment(run.models["target"], run.head("target"), run.adapter(run.final_stage), run.onnx_dir,
                                    parity_pixels(run.models["target"], run.parity_images(), count=16),
-                                   ExportSettings(opset=export.opset, softmax=export.softmax, precisions=precisions),
+                                   ExportSettings(opset=export.opset, softmax=export.softmax, precisions=precisions,
+                                                  external_data_threshold=threshold),
                                    log=run.log)
         with atomic_directory(run.out / REFERENCES, "references.json") as staging:
             digest = save_tensors(staging / "parity.safetensors", {
@@ -367,6 +379,7 @@ def _onnx(run: _Run) -> None:
     inputs = {"adapter": run.keys["final"], "target": run.model_keys["target"], "head": run.head_keys["target"],
               "opset": export.opset, "softmax": export.softmax, "precisions": list(precisions),
               "images": run.split_keys.get("test") or run.split_keys["train"]}
+    _key_external_data(inputs, threshold)
     run.keys["onnx"] = run.steps.run("onnx", inputs, [run.onnx_dir / "manifest.json",
                                                       run.out / REFERENCES / "references.json"], work)
 
@@ -417,7 +430,10 @@ def _calibrated(run: _Run, name: str, outcome: ExportOutcome):
     from ..deploy.gate import GateFailed
     from ..deploy.onnx_export import add_precision, calibration_inputs
 
+    from ..deploy.onnx_export import resolve_external_data_threshold
+
     target, settings = PRECISIONS[name], run.recipe.export.calibration
+    threshold = resolve_external_data_threshold(run.recipe.export.external_data_threshold)
     source = settings.data or run.splits["train"]
     gate_file = run.out / "gates" / f"{name}.json"
 
@@ -429,7 +445,7 @@ def _calibrated(run: _Run, name: str, outcome: ExportOutcome):
                                          exclude=held if settings.data is None else 0)
         try:
             result = add_precision(run.onnx_dir, target, calibration_inputs(model, calibration.pixels),
-                                   _references(run), calibration.record, gate, run.log)
+                                   _references(run), calibration.record, gate, run.log, threshold)
         except GateFailed as exc:
             write_json(gate_file, exc.record)
             raise
@@ -438,6 +454,7 @@ def _calibrated(run: _Run, name: str, outcome: ExportOutcome):
     inputs = {"onnx": run.keys["onnx"], "settings": asdict(settings),
               "data": tree_sha256(settings.data) if settings.data else run.split_keys["train"],
               "gate": run.split_keys.get("test"), "base_classes": run.task.data.base_classes}
+    _key_external_data(inputs, threshold)
     try:
         run.keys[f"onnx-{name}"] = run.steps.run(f"onnx-{name}", inputs,
                                                  [run.onnx_dir / target.graph_name("model"), gate_file], work)
@@ -477,9 +494,11 @@ def _engines(run: _Run) -> list[str]:
                     pass  # expected here: the manifest now holds the trtexec command
             run.steps.unavailable(f"tensorrt-{graph}", f"{reason}; trtexec command in {manifest_path(engine)}")
             continue
+        inputs = {"onnx": files[graph]["sha256"], "profile": asdict(profile), "workspace_mib": export.workspace_mib}
+        if files[graph].get("external_data"):  # the weights an engine is built from are in them
+            inputs["external_data"] = [files[name]["sha256"] for name in files[graph]["external_data"] if name in files]
         keys.append(run.steps.run(
-            f"tensorrt-{graph}", {"onnx": files[graph]["sha256"], "profile": asdict(profile),
-                                  "workspace_mib": export.workspace_mib},
+            f"tensorrt-{graph}", inputs,
             [engine, manifest_path(engine)],
             lambda graph=graph, engine=engine: build_engine(run.onnx_dir / graph, engine, profile,
                                                             export.workspace_mib)))

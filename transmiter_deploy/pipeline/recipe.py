@@ -121,6 +121,9 @@ class ExportSection:
     batch: BatchRange = field(default_factory=BatchRange)
     workspace_mib: int = 4096
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    # graphs whose tensors pass this many bytes are written with ONNX external data (docs/export.md);
+    # unset: TRANSMITER_EXTERNAL_DATA_THRESHOLD, else just under 2 GiB
+    external_data_threshold: int | None = None
 
 
 @dataclass(frozen=True)
@@ -409,6 +412,9 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
                               "(export it from a single-task recipe)")
     if recipe.export.opset < 1:
         raise reader.fail("export.opset", f"must be positive, got {recipe.export.opset}")
+    if recipe.export.external_data_threshold is not None and recipe.export.external_data_threshold < 0:
+        raise reader.fail("export.external_data_threshold",
+                          f"must be a non-negative number of bytes, got {recipe.export.external_data_threshold}")
     for precision in recipe.export.precisions:
         if precision not in PRECISIONS:
             raise reader.fail("export.precisions",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -182,3 +182,135 @@ def check_qdq_scales(graph: Any, where: str) -> None:
         if scale.size == 0 or not np.isfinite(scale).all() or (scale == 0).any():
             raise IntegrityError(f"{where}: {node.op_type} node '{node.name or node.output[0]}' has a zero or "
                                  f"non-finite scale (first values {scale.ravel()[:4].tolist()})")
+
+
+# ---- ONNX external data ---------------------------------------------------------------------
+# A graph over protobuf's 2 GB limit keeps its tensors in a data file beside it (ONNX external
+# data: ``model.onnx`` + ``model.onnx.data``, deploy/onnx_export.py:save_graph). The graph names
+# the file by a location relative to its own directory, so a moved or copied export still loads;
+# the export manifest lists and hashes every data file (``external_data`` on the graph's entry,
+# ``external_data_of`` on the data file's), and every loader checks them before a runtime reads
+# them: ONNX Runtime and TensorRT would read a truncated, swapped or tampered data file without
+# complaint, or fail with a message that does not say which file is wrong.
+
+
+def graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor of an ``onnx.GraphProto``: initialisers, Constant values, subgraphs'."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from graph_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from graph_tensors(subgraph)
+
+
+def external_data_locations(model: Any) -> list[str]:
+    """The data files an ``onnx.ModelProto``'s tensors point at, as the graph names them (relative
+    to the graph's directory), sorted; empty for a graph that holds all its tensors."""
+    from onnx import TensorProto
+
+    locations = set()
+    for tensor in graph_tensors(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    return sorted(locations)
+
+
+def graph_structure(path: Path) -> Any:
+    """An ONNX graph's structure without its external data (nodes, I/O and tensor shapes: what
+    inspecting a graph needs, at the memory of the graph file alone)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends for corrupt files
+        raise InputError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0]}") from exc
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and "\0" not in name
+
+
+def check_graph_files(directory: Path, name: str, files: dict[str, Any], where: str,
+                      locations: list[str] | None = None) -> list[str]:
+    """Check graph ``name`` (a key of a manifest's ``files``, relative to ``directory``) and its
+    external data files against ``files`` before anything loads them: the graph's own size and
+    sha256, that the data files it points at are the ones its entry lists, and each data file's
+    size and sha256. Returns the data files' keys in ``files``. A graph without external data is
+    left alone (the runtimes that read it check it as they always have). ``locations``: what the
+    graph points at, when the caller has read it already. Any mismatch is an IntegrityError naming
+    the file (a missing, renamed, truncated, swapped or modified data file; a graph pointing at
+    a file its manifest does not list)."""
+    directory = Path(directory)
+    graph_path = directory / name
+    entry = files.get(name)
+    if locations is None:
+        if not graph_path.is_file():
+            raise IntegrityError(f"{where}: {graph_path} is missing")
+        locations = external_data_locations(graph_structure(graph_path))
+    listed = entry.get("external_data", []) if isinstance(entry, dict) else []
+    if not locations and not listed:
+        return []
+    if not isinstance(entry, dict):
+        raise IntegrityError(f"{where}: {graph_path} keeps its tensors in external data, but the manifest does not list it")
+    if not isinstance(listed, list) or not all(isinstance(item, str) and _plain_name(item) for item in listed):
+        raise IntegrityError(f"{where}: files['{name}'].external_data must be a list of file names beside the graph")
+    strays = [location for location in locations if location not in listed]
+    if strays:
+        raise IntegrityError(f"{where}: {graph_path} points at external data '{strays[0]}', which its manifest entry "
+                             f"does not list (renamed or swapped graph?)")
+    _check_file(graph_path, entry, where)
+    prefix = str(Path(name).parent)
+    keys = []
+    for location in listed:
+        key = location if prefix == "." else f"{prefix}/{location}"
+        data_entry = files.get(key)
+        if not isinstance(data_entry, dict) or data_entry.get("external_data_of") != Path(name).name:
+            raise IntegrityError(f"{where}: the manifest lists no data file '{key}' of {name}")
+        path = directory / key
+        if not path.is_file():
+            raise IntegrityError(f"{where}: the external data file {path} of {name} is missing (renamed or deleted?)")
+        _check_file(path, data_entry, where)
+        keys.append(key)
+    return keys
+
+
+def _check_file(path: Path, entry: dict[str, Any], where: str) -> None:
+    from ..artifacts import sha256_file
+
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise IntegrityError(f"{where}: {path} has {size} bytes, the manifest records {entry.get('bytes')} "
+                             "(truncated or modified)")
+    if sha256_file(path) != entry.get("sha256"):
+        raise IntegrityError(f"{where}: {path} does not match the sha256 its manifest records (swapped or modified)")
+
+
+def verify_graph_data(path: Path) -> list[Path]:
+    """A graph's external data files checked against the export manifest beside it
+    (:func:`check_graph_files`) before a runtime loads the graph; returns their paths. A graph
+    without external data needs nothing. A bare graph (no manifest beside it, as the benchmark's
+    work graphs) has nothing to be checked against, as a bare graph without external data: its
+    data files need only exist, so that a missing one is our one line rather than the runtime's."""
+    path = Path(path)
+    locations = external_data_locations(graph_structure(path))
+    if not locations:
+        return []
+    manifest = path.parent / EXPORT_MANIFEST
+    if not manifest.is_file():
+        bad = next((name for name in locations if not _plain_name(name) or not (path.parent / name).is_file()), None)
+        if bad is not None:
+            raise IntegrityError(f"the external data file {path.parent / bad} of {path.name} is missing (renamed or deleted?)")
+        return [path.parent / name for name in locations]
+    files = read_json(manifest, "export manifest").get("files")
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{manifest}: 'files' must be an object")
+    keys = check_graph_files(path.parent, path.name, files, str(manifest), locations)
+    return [path.parent / key for key in keys]

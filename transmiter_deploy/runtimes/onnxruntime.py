@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DependencyError, InputError, VerificationError
+from ..errors import DependencyError, InputError, IntegrityError, VerificationError
 from . import load_probe
-from .base import InputSpec, Runner, check_qdq_scales, graph_precision, manifest_precision
+from .base import InputSpec, Runner, check_qdq_scales, graph_precision, manifest_precision, verify_graph_data
 from .registry import precision
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -29,6 +29,14 @@ def ort_session(path: Path | bytes, provider: str = "CPUExecutionProvider",
                 threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime session (CPU by default) for a graph: a file, or a serialised model held in
     memory (``bytes``).
+
+    A graph with external data (``model.onnx`` + ``model.onnx.data``) is loaded from its path:
+    ONNX Runtime then reads the data file beside the graph (the location is relative, so a moved
+    export still loads) without a second copy in Python's memory, which matters for the graphs
+    that need external data at all (over 2 GiB). ``bytes`` must hold every tensor: ONNX Runtime
+    has no directory to resolve a location against. Checking the data files against the export
+    manifest is the caller's (:func:`~.base.verify_graph_data`; the runner does it on activation):
+    the export's own sessions load graphs it has just written into its staging directory.
 
     Every precision runs with ONNX Runtime's default graph optimisation, as a user's own session
     would: the graphs the toolkit writes are made to load that way (deploy/consumer_safety.py), so
@@ -115,6 +123,13 @@ class OnnxRuntimeRunner(Runner):
         return None
 
     def activate_impl(self) -> None:
+        # external data checked against the manifest before anything reads it (one line, exit 2)
+        try:
+            verify_graph_data(self.path)
+        except IntegrityError:
+            raise
+        except InputError as exc:  # not an ONNX graph at all
+            raise InputError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
         self.precision = self.precision or _loadable_precision(self.path)
         if precision(self.precision).qdq:
             import onnx

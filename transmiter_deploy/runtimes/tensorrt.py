@@ -32,7 +32,7 @@ import numpy as np
 
 from ..artifacts import check_format, read_json, require_keys, sha256_file, utc_now, write_json
 from ..errors import DependencyError, InputError, IntegrityError, VerificationError
-from .base import InputSpec, Runner, check_qdq_scales, graph_precision
+from .base import InputSpec, Runner, check_qdq_scales, graph_precision, verify_graph_data
 from .registry import precision
 
 ENGINE_FORMAT = "transmiter-deploy/tensorrt-engine"
@@ -130,6 +130,9 @@ def build_engine(onnx_path: Path, engine: Path, profile: BatchProfile = BatchPro
     equivalent trtexec command and raise DependencyError (exit status 3)."""
     onnx_path, engine = Path(onnx_path), Path(engine)
     input_name, shape = onnx_input(onnx_path)
+    # TensorRT's parser reads a graph's external data from the graph's directory, unchecked:
+    # the data files are checked against the export manifest first (one line, exit status 2)
+    data_files = verify_graph_data(onnx_path)
     shapes = profile_shapes(shape, profile)
     graph_kind = graph_precision(onnx_path)
     if precision(graph_kind).qdq:  # TensorRT would build an engine that returns garbage
@@ -140,6 +143,7 @@ def build_engine(onnx_path: Path, engine: Path, profile: BatchProfile = BatchPro
     manifest: dict[str, Any] = {
         "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
         "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path), "precision": graph_kind,
+        **({"onnx_external_data": {path.name: sha256_file(path) for path in data_files}} if data_files else {}),
         "input": {"name": input_name, "shapes": shapes}, "profile": asdict(profile),
         "workspace_mib": workspace_mib, "strongly_typed": True,
         "trtexec": trtexec_command(onnx_path, engine, input_name, shapes, workspace_mib, timing_cache),
@@ -173,6 +177,9 @@ def _build_plan(onnx_path: Path, input_name: str, shapes: dict[str, list[int]], 
     else:
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
+    # parse_from_file, not parse(bytes): given the graph's path, the parser resolves external data
+    # locations against the graph's directory (TensorRT 10 and 11); parse(bytes) finds them only
+    # through its ``path`` argument, and holds a second copy of the graph in memory
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise VerificationError(f"TensorRT cannot parse {onnx_path}: {errors}")

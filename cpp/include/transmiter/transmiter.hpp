@@ -60,6 +60,11 @@ struct FileEntry {
   std::string sha256;  // lower-case hex
   std::uint64_t bytes = 0;
   std::string precision;  // as the export recorded it (fp32, mixed-fp16, int8-qdq); empty if not recorded
+  // ONNX external data (graphs past 2 GB keep their tensors in GRAPH.onnx.data, docs/export.md):
+  // a graph's data files, plain names beside the graph, as the graph itself names them; empty when
+  // it holds its tensors. A data file's entry names its graph (beside it) in external_data_of.
+  std::vector<std::string> external_data;
+  std::string external_data_of;
 };
 
 // The preprocessing block of manifest.json (models.py preprocess_config).
@@ -112,6 +117,8 @@ struct Manifest {
   std::string file_path(const std::string& name) const;
   // Reads a listed file and checks its size and sha256 against the manifest.
   std::vector<std::uint8_t> read_verified(const std::string& name) const;
+  // The keys in `files` of graph `name`'s external data files (in the graph's directory), in order.
+  std::vector<std::string> external_data_files(const std::string& name) const;
 };
 
 enum class Backend { Head, OnnxRuntime, TensorRT };

@@ -39,6 +39,7 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
     # and lowers ONNX Runtime's log level process-wide (restored afterwards).
     configure_logging(logging.WARNING)
     try:
+        # from the path: AutoCast loads the graph with its external data (read from beside it)
         model = convert_to_mixed_precision(
             str(fp32_path), low_precision_type="fp16", keep_io_types=True,
             nodes_to_exclude=list(fp32_nodes), calibration_data=calibration, providers=["cpu"],

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from ...errors import DependencyError, InputError
+from ...runtimes.base import external_data_locations, graph_structure
 from ..fusion import FP32_NODES
 
 CALIBRATION_METHOD = "entropy"
@@ -51,6 +52,9 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
         # it gets a copy: an artifact is never written by anyone but its own export.
         source, output = Path(work) / "model.onnx", Path(work) / "model_int8.onnx"
         shutil.copyfile(fp32_path, source)
+        # a graph with external data names its data files relative to itself: they go beside the copy
+        for location in external_data_locations(graph_structure(Path(fp32_path))):
+            shutil.copyfile(Path(fp32_path).parent / location, Path(work) / location)
         # ModelOpt logs at INFO, and at ERROR when NVML is absent (every CPU-only machine:
         # "Failed to get GPU count", harmless). Its failures raise, so its log is silenced.
         logging.getLogger("modelopt").setLevel(logging.CRITICAL)
@@ -63,7 +67,7 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
                      calibration_method=CALIBRATION_METHOD, calibration_eps=["cpu"], high_precision_dtype="fp32",
                      nodes_to_exclude=list(fp32_nodes), output_path=str(output), log_level="CRITICAL",
                      calibrate_per_node=per_node)
-        model = onnx.load(str(output))
+        model = onnx.load(str(output))  # with the external data ModelOpt wrote beside it, if any
     onnx.checker.check_model(model, full_check=True)
     return model
 

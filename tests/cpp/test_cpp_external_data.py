@@ -1,0 +1,114 @@
+"""The C++ runtime's onnxruntime backend on an export whose graphs keep their tensors in ONNX
+external data (``model.onnx`` + ``model.onnx.data``, forced on the small demo recipe): it reads
+and verifies the data files like the graph, hands them to ONNX Runtime from memory, and computes
+what Python's ONNX Runtime computes; a missing, truncated, swapped, tampered or renamed data file
+is one line with exit status 2, and nothing runs. Built and driven as tests/cpp/test_cpp_runtime.py
+is (``make test`` sets TRANSMITER_CPP_BUILD; without it these tests skip)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transmiter_deploy.features.datasets import decode_image
+from transmiter_deploy.runtimes.onnxruntime import ort_session
+
+from cpp.test_cpp_runtime import HEAD_ATOL, infer, run  # noqa: F401  (infer: the binary fixture)
+
+GRAPHS = ("model.onnx", "model_fp16.onnx")
+
+
+@pytest.fixture(scope="module")
+def external(demo_external_export, infer):
+    """The external-data demo export's manifest, its target model and 8 of its test images;
+    skipped (or failed, under TRANSMITER_CPP_ORT=ON) where the onnxruntime backend was not built."""
+    from transmiter_deploy.features.models import load_model
+    from transmiter_deploy.pipeline.export import model_specs
+
+    if "onnxruntime" not in run(infer, "--backends").stdout.split():
+        if os.environ.get("TRANSMITER_CPP_ORT") == "ON":
+            pytest.fail("TRANSMITER_CPP_ORT=ON but transmiter_infer was built without the onnxruntime backend")
+        pytest.skip("the onnxruntime backend was not built (no ONNX Runtime headers; see cpp/README.md)")
+    recipe, outcome = demo_external_export
+    manifest_path = outcome.export_dir / "manifest.json"
+    files = json.loads(manifest_path.read_text())["files"]
+    assert all(files[graph]["external_data"] == [f"{graph}.data"] for graph in GRAPHS)
+    images = sorted((outcome.out_dir / "data" / "test").glob("*/*.png"))[:8]
+    model = load_model(model_specs(recipe)["target"])
+    pixels = torch.stack([model.preprocess(decode_image(path)[0]) for path in images]).numpy()
+    return manifest_path, images, pixels
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_onnxruntime_backend_runs_external_data_graphs_as_python_does(external, infer, graph, tmp_path):
+    manifest_path, images, pixels = external
+    # from another working directory, on a copy moved elsewhere: the data file is found beside the
+    # graph (the manifest's directory), never relative to where the program runs
+    moved = shutil.copytree(manifest_path.parent, tmp_path / "moved" / "export")
+    for manifest in (manifest_path, moved / "manifest.json"):
+        logits = tmp_path / f"{manifest.parent.name}-{graph}.npy"
+        run(infer, "--manifest", manifest, "--image", *images, "--backend", "onnxruntime", "--graph", graph,
+            "--logits-out", logits, "--quiet")
+        reference = ort_session(manifest.parent / graph).run(None, {"pixel_values": pixels})[0]
+        cpp = np.load(logits)
+        diff = float(np.abs(cpp - reference).max())
+        print(f"onnxruntime backend, external data, {graph}: max abs diff {diff:.3e}")
+        assert diff <= HEAD_ATOL
+        assert (cpp.argmax(1) == reference.argmax(1)).all()
+
+
+def _break(directory: Path, case: str) -> str:
+    data = directory / "model.onnx.data"
+    if case == "missing":
+        data.unlink()
+        return "model.onnx.data not found"
+    if case == "renamed":
+        data.rename(directory / "weights.data")
+        return "model.onnx.data not found"
+    if case == "truncated":
+        with open(data, "r+b") as handle:
+            handle.truncate(data.stat().st_size - 4)
+        return "(truncated or modified)"
+    if case == "swapped":
+        data.unlink()
+        shutil.copy(directory / "model_fp16.onnx.data", data)
+        return "(truncated or modified)"
+    if case == "tampered":
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 3] ^= 0x10
+        data.unlink()
+        data.write_bytes(bytes(raw))
+        return "does not match the sha256"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "renamed", "truncated", "swapped", "tampered"])
+def test_a_bad_data_file_is_one_line_and_exit_status_2(external, infer, case, tmp_path):
+    manifest_path, images, _ = external
+    bad = shutil.copytree(manifest_path.parent, tmp_path / "bad")
+    expected = _break(bad, case)
+    logits = tmp_path / "logits.npy"
+    result = run(infer, "--manifest", bad / "manifest.json", "--image", images[0], "--backend", "onnxruntime",
+                 "--logits-out", logits, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model.onnx.data" in lines[0] and expected in lines[0], result.stderr
+    assert not logits.exists()
+
+
+def test_a_manifest_whose_graph_lists_an_unlisted_data_file_is_refused(external, infer, tmp_path):
+    manifest_path, images, _ = external
+    bad = shutil.copytree(manifest_path.parent, tmp_path / "bad")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["files"]["model.onnx.data"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    result = run(infer, "--manifest", bad / "manifest.json", "--image", images[0], "--backend", "onnxruntime",
+                 check=False)
+    assert result.returncode == 2
+    assert "names external data 'model.onnx.data', which 'files' does not list" in result.stderr
