@@ -2,13 +2,12 @@
 external data (``model.onnx`` + ``model.onnx.data``, forced on the small demo recipe): it reads
 and verifies the data files like the graph, hands them to ONNX Runtime from memory, and computes
 what Python's ONNX Runtime computes; a missing, truncated, swapped, tampered or renamed data file
-is one line with exit status 2, and nothing runs. Built and driven as tests/cpp/test_cpp_runtime.py
-is (``make test`` sets TRANSMITER_CPP_BUILD; without it these tests skip)."""
+is one line with exit status 2, and nothing runs. On the native release build and the aarch64 one
+under emulation (cpp_builds.py; ``make test`` names the builds, without them these tests skip)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,22 +18,21 @@ import torch
 from transmiter_deploy.features.datasets import decode_image
 from transmiter_deploy.runtimes.onnxruntime import ort_session
 
-from cpp.test_cpp_runtime import HEAD_ATOL, infer, run  # noqa: F401  (infer: the binary fixture)
+from cpp_builds import builds, needs_onnxruntime, run
+from test_cpp_runtime import HEAD_ATOL, fp16_atol
 
 GRAPHS = ("model.onnx", "model_fp16.onnx")
 
+# First in each test's arguments: a missing build skips before the export is made.
+pixels_build = builds("release", "aarch64")
+
 
 @pytest.fixture(scope="module")
-def external(demo_external_export, infer):
-    """The external-data demo export's manifest, its target model and 8 of its test images;
-    skipped (or failed, under TRANSMITER_CPP_ORT=ON) where the onnxruntime backend was not built."""
+def external(demo_external_export):
+    """The external-data demo export's manifest, 8 of its test images and their pixels."""
     from transmiter_deploy.features.models import load_model
     from transmiter_deploy.pipeline.export import model_specs
 
-    if "onnxruntime" not in run(infer, "--backends").stdout.split():
-        if os.environ.get("TRANSMITER_CPP_ORT") == "ON":
-            pytest.fail("TRANSMITER_CPP_ORT=ON but transmiter_infer was built without the onnxruntime backend")
-        pytest.skip("the onnxruntime backend was not built (no ONNX Runtime headers; see cpp/README.md)")
     recipe, outcome = demo_external_export
     manifest_path = outcome.export_dir / "manifest.json"
     files = json.loads(manifest_path.read_text())["files"]
@@ -46,7 +44,9 @@ def external(demo_external_export, infer):
 
 
 @pytest.mark.parametrize("graph", GRAPHS)
-def test_onnxruntime_backend_runs_external_data_graphs_as_python_does(external, infer, graph, tmp_path):
+def test_onnxruntime_backend_runs_external_data_graphs_as_python_does(pixels_build, external, graph, tmp_path):
+    infer = pixels_build
+    needs_onnxruntime(infer)
     manifest_path, images, pixels = external
     # from another working directory, on a copy moved elsewhere: the data file is found beside the
     # graph (the manifest's directory), never relative to where the program runs
@@ -58,8 +58,8 @@ def test_onnxruntime_backend_runs_external_data_graphs_as_python_does(external, 
         reference = ort_session(manifest.parent / graph).run(None, {"pixel_values": pixels})[0]
         cpp = np.load(logits)
         diff = float(np.abs(cpp - reference).max())
-        print(f"onnxruntime backend, external data, {graph}: max abs diff {diff:.3e}")
-        assert diff <= HEAD_ATOL
+        print(f"onnxruntime backend ({infer.name}), external data, {graph}: max abs diff {diff:.3e}")
+        assert diff <= (fp16_atol(infer, reference) if "fp16" in graph else HEAD_ATOL)
         assert (cpp.argmax(1) == reference.argmax(1)).all()
 
 
@@ -89,7 +89,9 @@ def _break(directory: Path, case: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["missing", "renamed", "truncated", "swapped", "tampered"])
-def test_a_bad_data_file_is_one_line_and_exit_status_2(external, infer, case, tmp_path):
+def test_a_bad_data_file_is_one_line_and_exit_status_2(pixels_build, external, case, tmp_path):
+    infer = pixels_build
+    needs_onnxruntime(infer)
     manifest_path, images, _ = external
     bad = shutil.copytree(manifest_path.parent, tmp_path / "bad")
     expected = _break(bad, case)
@@ -102,7 +104,9 @@ def test_a_bad_data_file_is_one_line_and_exit_status_2(external, infer, case, tm
     assert not logits.exists()
 
 
-def test_a_manifest_whose_graph_lists_an_unlisted_data_file_is_refused(external, infer, tmp_path):
+def test_a_manifest_whose_graph_lists_an_unlisted_data_file_is_refused(pixels_build, external, tmp_path):
+    infer = pixels_build
+    needs_onnxruntime(infer)
     manifest_path, images, _ = external
     bad = shutil.copytree(manifest_path.parent, tmp_path / "bad")
     manifest = json.loads((bad / "manifest.json").read_text())
