@@ -203,3 +203,37 @@ def demo_external_export(demo_export, tmp_path_factory):
     path, out = copy_export(demo_export, tmp_path_factory.mktemp("external"), SMALL_DEMO_EXTERNAL)
     recipe = load_recipe(path)
     return recipe, run_export(recipe, out, progress=False, log=lambda _: None)
+
+
+def damage_external_data(directory: Path, case: str, graph: str = "model.onnx", other: str = "model_fp16.onnx") -> None:
+    """Damage the data file of ``directory/graph`` as users' copies and disks do: ``missing``,
+    ``renamed``, ``truncated`` (to half), ``swapped`` (``other``'s data file in its place),
+    ``tampered`` (same size, one byte changed) or ``graph-points-elsewhere`` (the graph edited to
+    read ``other``'s data file)."""
+    import onnx
+
+    data = directory / f"{graph}.data"
+    if case == "missing":
+        data.unlink()
+    elif case == "renamed":
+        data.rename(directory / "weights.data")
+    elif case == "truncated":
+        with open(data, "r+b") as handle:
+            handle.truncate(data.stat().st_size // 2)
+    elif case == "swapped":
+        data.unlink()
+        shutil.copy(directory / f"{other}.data", data)
+    elif case == "tampered":
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.unlink()  # a new file: never write through a link to another copy
+        data.write_bytes(bytes(raw))
+    elif case == "graph-points-elsewhere":
+        model = onnx.load(directory / graph, load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = f"{other}.data"
+        onnx.save(model, directory / graph)
+    else:
+        raise AssertionError(case)

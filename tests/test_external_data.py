@@ -27,7 +27,7 @@ from transmiter_deploy.features.models import ModelSpec, load_model
 from transmiter_deploy.runtimes.base import external_data_locations, graph_structure, verify_graph_data
 from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, require_loadable
 
-from conftest import make_head_and_adapter
+from conftest import damage_external_data, make_head_and_adapter
 from hostile.hostile_support import one_line, run_cli, snapshot
 
 K = 6
@@ -191,49 +191,22 @@ def test_save_graph_keeps_the_callers_model_and_never_writes_through_an_old_data
 
 # ---- bad input ---------------------------------------------------------------------------------
 
-def _break(directory: Path, case: str) -> str:
-    """Damage ``directory/model.onnx``'s data file as ``case`` says; returns what the one-line
-    error must name."""
-    data = directory / "model.onnx.data"
-    if case == "missing":
-        data.unlink()
-        return "model.onnx.data of model.onnx is missing"
-    if case == "renamed":
-        data.rename(directory / "weights.data")
-        return "model.onnx.data of model.onnx is missing"
-    if case == "truncated":
-        with open(data, "r+b") as handle:
-            handle.truncate(data.stat().st_size // 2)
-        return "model.onnx.data has"
-    if case == "swapped":  # another graph's data file in its place
-        data.unlink()
-        shutil.copy(directory / "model_fp16.onnx.data", data)
-        return "model.onnx.data has"
-    if case == "tampered":  # same size, one weight changed
-        raw = bytearray(data.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        data.unlink()
-        data.write_bytes(bytes(raw))
-        return "model.onnx.data does not match the sha256"
-    if case == "graph-points-elsewhere":  # the graph edited to read the fp16 graph's data file
-        model = onnx.load(directory / "model.onnx", load_external_data=False)
-        for tensor in model.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = "model_fp16.onnx.data"
-        onnx.save(model, directory / "model.onnx")
-        return "points at external data 'model_fp16.onnx.data'"
-    raise AssertionError(case)
+# What the one-line error must name, per way of damaging the data file (conftest.damage_external_data).
+EXPECTED = {"missing": "model.onnx.data of model.onnx is missing", "renamed": "model.onnx.data of model.onnx is missing",
+            "truncated": "model.onnx.data has", "swapped": "model.onnx.data has",
+            "tampered": "model.onnx.data does not match the sha256",
+            "graph-points-elsewhere": "points at external data 'model_fp16.onnx.data'"}
 
 
-BAD_CASES = ["missing", "renamed", "truncated", "swapped", "tampered", "graph-points-elsewhere"]
+BAD_CASES = list(EXPECTED)
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_a_bad_data_file_is_refused_in_one_line_by_the_runner_and_build_engine(exports, tmp_path, case):
     root, pixels, _ = exports
     bad = shutil.copytree(root / "external", tmp_path / "bad")
-    expected = _break(bad, case)
+    damage_external_data(bad, case)
+    expected = EXPECTED[case]
     with pytest.raises(IntegrityError, match=re.escape(expected)):
         OnnxRuntimeRunner(bad / "model.onnx").activate()
     result = run_cli("build-engine", bad / "model.onnx", "--out", tmp_path / "engines" / "model.engine")
@@ -248,15 +221,7 @@ def test_bank_add_refuses_a_head_whose_data_file_is_bad_and_leaves_the_bank_as_i
     bank = shutil.copytree(root / "bank", tmp_path / "bank")
     before = snapshot(bank)
     head = shutil.copytree(root / "external", tmp_path / "head")
-    data = head / "head.onnx.data"
-    if case == "missing":
-        data.unlink()
-    elif case == "truncated":
-        with open(data, "r+b") as handle:
-            handle.truncate(100)
-    else:
-        data.unlink()
-        shutil.copy(head / "head_fp16.onnx.data", data)
+    damage_external_data(head, case, graph="head.onnx", other="head_fp16.onnx")
     result = run_cli("bank", "add", bank, "other", head)
     assert result.returncode == 2, result.stderr
     assert "head.onnx.data" in one_line(result.stderr)

@@ -18,6 +18,7 @@ import torch
 from transmiter_deploy.features.datasets import decode_image
 from transmiter_deploy.runtimes.onnxruntime import ort_session
 
+from conftest import damage_external_data
 from cpp_builds import builds, needs_onnxruntime, run
 from test_cpp_runtime import HEAD_ATOL, fp16_atol
 
@@ -63,38 +64,20 @@ def test_onnxruntime_backend_runs_external_data_graphs_as_python_does(pixels_bui
         assert (cpp.argmax(1) == reference.argmax(1)).all()
 
 
-def _break(directory: Path, case: str) -> str:
-    data = directory / "model.onnx.data"
-    if case == "missing":
-        data.unlink()
-        return "model.onnx.data not found"
-    if case == "renamed":
-        data.rename(directory / "weights.data")
-        return "model.onnx.data not found"
-    if case == "truncated":
-        with open(data, "r+b") as handle:
-            handle.truncate(data.stat().st_size - 4)
-        return "(truncated or modified)"
-    if case == "swapped":
-        data.unlink()
-        shutil.copy(directory / "model_fp16.onnx.data", data)
-        return "(truncated or modified)"
-    if case == "tampered":
-        raw = bytearray(data.read_bytes())
-        raw[len(raw) // 3] ^= 0x10
-        data.unlink()
-        data.write_bytes(bytes(raw))
-        return "does not match the sha256"
-    raise AssertionError(case)
+# What the one-line error must say, per way of damaging model.onnx's data file.
+EXPECTED = {"missing": "model.onnx.data not found", "renamed": "model.onnx.data not found",
+            "truncated": "(truncated or modified)", "swapped": "(truncated or modified)",
+            "tampered": "does not match the sha256"}
 
 
-@pytest.mark.parametrize("case", ["missing", "renamed", "truncated", "swapped", "tampered"])
+@pytest.mark.parametrize("case", list(EXPECTED))
 def test_a_bad_data_file_is_one_line_and_exit_status_2(pixels_build, external, case, tmp_path):
     infer = pixels_build
     needs_onnxruntime(infer)
     manifest_path, images, _ = external
     bad = shutil.copytree(manifest_path.parent, tmp_path / "bad")
-    expected = _break(bad, case)
+    damage_external_data(bad, case)
+    expected = EXPECTED[case]
     logits = tmp_path / "logits.npy"
     result = run(infer, "--manifest", bad / "manifest.json", "--image", images[0], "--backend", "onnxruntime",
                  "--logits-out", logits, check=False)
