@@ -73,9 +73,10 @@ cpp: $(STAMP) $(ORT_SDK)/usr/include/onnxruntime/onnxruntime_cxx_api.h
 	cmake --build $(CPP_BUILD) -j$(CPP_JOBS)
 
 # The fuzz test and the CLI checks run on this build; ONNX Runtime itself is not instrumented,
-# so this build leaves that backend out.
+# so this build leaves that backend out. -O1 -g1: AddressSanitizer's recommended level, and line
+# tables for its reports, at half RelWithDebInfo's build time.
 cpp-asan:
-	cmake -S cpp -B $(CPP_ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTRANSMITER_SANITIZE=ON \
+	cmake -S cpp -B $(CPP_ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" -DTRANSMITER_SANITIZE=ON \
 	    -DTRANSMITER_WITH_ONNXRUNTIME=OFF -DTRANSMITER_WITH_TENSORRT=OFF >/dev/null
 	cmake --build $(CPP_ASAN_BUILD) -j$(CPP_JOBS)
 	cd $(CPP_ASAN_BUILD) && ctest --output-on-failure
@@ -88,7 +89,11 @@ cpp-aarch64-deps:
 
 # ctest runs each test program under qemu (the toolchain file sets CMAKE_CROSSCOMPILING_EMULATOR).
 # LeakSanitizer needs ptrace, which qemu-user does not emulate: the emulated sanitizer build checks
-# addresses and undefined behaviour, the native one leaks too.
+# addresses and undefined behaviour, the native one leaks too. Only the programs the tests run are
+# built (head_bench times the head: meaningless under emulation); the sanitizer build at -O1 -g1
+# (line tables for reports) builds in 45 s and runs its ctest in 22 s, against 97 s and 51 s for
+# RelWithDebInfo (measured on the 2-core machine).
+AARCH64_TEST_PROGRAMS := transmiter_infer fuzz_formats bank_manifest
 cpp-aarch64: $(STAMP) $(ORT_SDK)/usr/include/onnxruntime/onnxruntime_cxx_api.h
 	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
 	    { echo "no aarch64 cross compiler or qemu-user: run make cpp-aarch64-deps (as root)" >&2; exit 3; }
@@ -96,11 +101,12 @@ cpp-aarch64: $(STAMP) $(ORT_SDK)/usr/include/onnxruntime/onnxruntime_cxx_api.h
 	cmake -S cpp -B $(CPP_AARCH64_BUILD) -DCMAKE_TOOLCHAIN_FILE=$(AARCH64_TOOLCHAIN) -DCMAKE_BUILD_TYPE=Release \
 	    -DTRANSMITER_WITH_ONNXRUNTIME=$(CPP_ORT) -DONNXRUNTIME_ROOT=$(abspath $(ORT_SDK)) \
 	    -DONNXRUNTIME_LIBRARY="$$(ls $(abspath $(ORT_AARCH64))/libonnxruntime.so.* 2>/dev/null | tail -n 1)" >/dev/null
-	cmake --build $(CPP_AARCH64_BUILD) -j$(CPP_JOBS)
+	cmake --build $(CPP_AARCH64_BUILD) -j$(CPP_JOBS) --target $(AARCH64_TEST_PROGRAMS) transmiter
 	cd $(CPP_AARCH64_BUILD) && ctest --output-on-failure
 	cmake -S cpp -B $(CPP_AARCH64_ASAN_BUILD) -DCMAKE_TOOLCHAIN_FILE=$(AARCH64_TOOLCHAIN) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-	    -DTRANSMITER_SANITIZE=ON -DTRANSMITER_WITH_ONNXRUNTIME=OFF -DTRANSMITER_WITH_TENSORRT=OFF >/dev/null
-	cmake --build $(CPP_AARCH64_ASAN_BUILD) -j$(CPP_JOBS)
+	    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" -DTRANSMITER_SANITIZE=ON -DTRANSMITER_WITH_ONNXRUNTIME=OFF \
+	    -DTRANSMITER_WITH_TENSORRT=OFF >/dev/null
+	cmake --build $(CPP_AARCH64_ASAN_BUILD) -j$(CPP_JOBS) --target $(AARCH64_TEST_PROGRAMS)
 	cd $(CPP_AARCH64_ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure
 
 RECIPE ?= export/recipes/demo.yaml

@@ -145,3 +145,14 @@ def builds(*names: str):
     def build(request) -> CppBuild:
         return cpp_build(request.param)
     return build
+
+
+def build_cases(*cases: tuple[str, str]):
+    """A fixture for chosen (build, case) pairs, for tests whose every case runs natively but only
+    some under emulation (each emulated ONNX Runtime run costs ~8 s in qemu). Use it with
+    ``@pytest.mark.parametrize(NAME, CASES, indirect=True, ids=...)``; it gives (CppBuild, case)."""
+    @pytest.fixture
+    def build_case(request) -> tuple[CppBuild, str]:
+        name, case = request.param
+        return cpp_build(name), case
+    return build_case
