@@ -25,6 +25,7 @@ from transmiter_deploy.features.datasets import decode_image
 from transmiter_deploy.runtimes.onnxruntime import ort_session
 
 HEAD_ATOL = 1e-4  # logits, as the export's own parity checks
+PIXEL_ATOL = 1e-6  # pixels where the reference is not the same preprocessing code path (bank, ONNX Runtime tests)
 HEAD_FEATURES_ATOL = 1e-5  # the C++ head against head.onnx on the same features (cpp/README.md)
 # An fp16 graph on aarch64 against Python's ONNX Runtime on x86-64: x86-64's CPU provider has no
 # fp16 MatMul and runs the graph's fp16 GEMMs in fp32 between Casts; aarch64's has fp16 kernels
@@ -35,7 +36,7 @@ FP16_AARCH64_RTOL = 2e-3
 
 def fp16_atol(build: CppBuild, reference: np.ndarray) -> float:
     return HEAD_ATOL if build.arch == "x86_64" else FP16_AARCH64_RTOL * float(np.abs(reference).max())
-PIXEL_ATOL = 1e-6
+
 
 # Every build that runs the head backend; the pixels tests on the release builds (ONNX Runtime is
 # not instrumented, so the sanitizer builds leave that backend out), the input checks on the
@@ -92,7 +93,9 @@ def test_head_backend_logits_equal_the_python_head_on_demo_features(head_build, 
     reference = python_head(manifest_path, raw)
     assert cpp.shape == reference.shape == (16, len(json.loads(manifest_path.read_text())["class_names"]))
     diff = float(np.abs(cpp - reference).max())
-    print(f"head parity ({binary.name}, {run(binary, '--head-kernel').stdout.strip()} kernel): max abs diff {diff:.3e} over {cpp.size} logits (|logit| max {np.abs(reference).max():.1f})")
+    kernel = run(binary, "--head-kernel").stdout.strip()
+    print(f"head parity ({binary.name}, {kernel} kernel): max abs diff {diff:.3e} over {cpp.size} logits "
+          f"(|logit| max {np.abs(reference).max():.1f})")
     assert diff <= HEAD_FEATURES_ATOL
     # The full pixels -> logits graph agrees with the head on the same backbone's features.
     assert np.abs(cpp - ort_session(manifest_path.parent / "model.onnx").run(None, {"pixel_values": pixels})[0]).max() <= HEAD_ATOL
