@@ -238,10 +238,9 @@ def test_onnxruntime_backend_runs_the_int8_graph_as_python_does(pixels_build, de
     if infer.arch == "x86_64":
         assert diff <= HEAD_ATOL
     else:
-        # ONNX Runtime's int8 kernels differ by architecture (x86-64: u8s8 through 16-bit pairwise
-        # sums; aarch64: exact int32 dot products; and their requantisation): judged as the int8
-        # precision is judged (registry: top-1 against the reference), and no further from x86's
-        # int8 logits than those are from fp32's.
+        # ONNX Runtime's int8 GEMM and requantisation kernels (MLAS) are written per architecture:
+        # judged as the int8 precision is judged (registry: top-1 against the reference), and no
+        # further from x86's int8 logits than those are from fp32's.
         assert diff <= quantisation
         assert (np.load(tmp_path / "logits.npy").argmax(1) == reference.argmax(1)).all()
     missing = run(infer, "--manifest", manifest_path, "--image", images[0], "--graph", "model_int4.onnx", check=False)
