@@ -147,12 +147,10 @@ def builds(*names: str):
     return build
 
 
-def build_cases(*cases: tuple[str, str]):
-    """A fixture for chosen (build, case) pairs, for tests whose every case runs natively but only
-    some under emulation (each emulated ONNX Runtime run costs ~8 s in qemu). Use it with
-    ``@pytest.mark.parametrize(NAME, CASES, indirect=True, ids=...)``; it gives (CppBuild, case)."""
-    @pytest.fixture
-    def build_case(request) -> tuple[CppBuild, str]:
-        name, case = request.param
-        return cpp_build(name), case
-    return build_case
+@pytest.fixture
+def build_case(request) -> tuple[CppBuild, str]:
+    """(build, case) for a test parameterised indirectly over chosen (build name, case) pairs:
+    every case natively, some under emulation (each emulated ONNX Runtime run costs ~8 s in qemu).
+    ``@pytest.mark.parametrize("build_case", PAIRS, indirect=True, ids=...)``."""
+    name, case = request.param
+    return cpp_build(name), case

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import copy_tree
-from cpp_builds import CppBuild, build_cases, builds, infer, infer_asan, needs_onnxruntime, run  # noqa: F401 (fixtures)
+from cpp_builds import CppBuild, build_case, builds, infer, infer_asan, needs_onnxruntime, run  # noqa: F401 (fixtures)
 from test_cpp_runtime import HEAD_ATOL, PIXEL_ATOL, fp16_atol
 from transmiter_deploy.features.datasets import decode_image
 from transmiter_deploy.runtimes.onnxruntime import ort_session
@@ -144,13 +144,12 @@ def test_head_backend_gives_each_tasks_head_onnx_logits_on_features(head_build, 
 # Every graph natively; on aarch64 the default path (the C++ heads after ONNX Runtime's backbone):
 # the fused graphs are ONNX Runtime's alone, checked on aarch64 by test_cpp_runtime.py's export graphs.
 BANK_GRAPHS = [("release", "default"), ("release", "model.onnx"), ("release", "model_fp16.onnx"), ("aarch64", "default")]
-bank_graph = build_cases(*BANK_GRAPHS)
 
 
-@pytest.mark.parametrize("bank_graph", BANK_GRAPHS, indirect=True, ids=["-".join(case) for case in BANK_GRAPHS])
-def test_onnxruntime_backend_gives_each_tasks_model_onnx_outputs(bank_graph, bank, bank_pixels, tmp_path):
+@pytest.mark.parametrize("build_case", BANK_GRAPHS, indirect=True, ids=["-".join(case) for case in BANK_GRAPHS])
+def test_onnxruntime_backend_gives_each_tasks_model_onnx_outputs(build_case, bank, bank_pixels, tmp_path):
     """Default: backbone.onnx once, then every task's head in C++; or a fused graph run as Python runs it."""
-    infer, graph = bank_graph
+    infer, graph = build_case
     needs_onnxruntime(infer)
     manifest_path, manifest, images = bank
     chosen = () if graph == "default" else ("--graph", graph)

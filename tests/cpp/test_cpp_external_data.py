@@ -18,7 +18,7 @@ from transmiter_deploy.features.datasets import decode_image
 from transmiter_deploy.runtimes.onnxruntime import ort_session
 
 from conftest import damage_external_data
-from cpp_builds import build_cases, builds, needs_onnxruntime, run
+from cpp_builds import build_case, builds, needs_onnxruntime, run  # noqa: F401 (fixture)
 from test_cpp_runtime import HEAD_ATOL, fp16_atol
 
 GRAPHS = ("model.onnx", "model_fp16.onnx")
@@ -45,12 +45,11 @@ def external(demo_external_export):
 
 # Both graphs natively; the fp32 one on aarch64 (fp16 on aarch64 is checked on the inline export).
 EXTERNAL_GRAPHS = [("release", graph) for graph in GRAPHS] + [("aarch64", "model.onnx")]
-external_graph = build_cases(*EXTERNAL_GRAPHS)
 
 
-@pytest.mark.parametrize("external_graph", EXTERNAL_GRAPHS, indirect=True, ids=["-".join(c) for c in EXTERNAL_GRAPHS])
-def test_onnxruntime_backend_runs_external_data_graphs_as_python_does(external_graph, external, tmp_path):
-    infer, graph = external_graph
+@pytest.mark.parametrize("build_case", EXTERNAL_GRAPHS, indirect=True, ids=["-".join(c) for c in EXTERNAL_GRAPHS])
+def test_onnxruntime_backend_runs_external_data_graphs_as_python_does(build_case, external, tmp_path):
+    infer, graph = build_case
     needs_onnxruntime(infer)
     manifest_path, images, pixels = external
     # from another working directory, on a copy moved elsewhere: the data file is found beside the
