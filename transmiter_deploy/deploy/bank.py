@@ -230,12 +230,17 @@ class Part:
     def verify(self, what: str) -> None:
         """Every file the part lists has the size and sha256 its manifest records, and every graph
         points only at the external data files its entry lists (runtimes/base.check_graph_files)."""
+        checked: set[str] = set()  # hashed by check_graph_files: a data file is gigabytes, hash it once
         for name, entry in self.files.items():
             if name.endswith(".onnx"):
                 # the graph's sha256 is checked (here or below), so what it points at is what its
                 # entry lists: no need to parse a large graph to read its locations
-                check_graph_files(self.directory, name, self.files, what, locations=_listed_data(entry))
+                data = check_graph_files(self.directory, name, self.files, what, locations=_listed_data(entry))
+                if data:  # a graph with external data was checked whole, with its data files
+                    checked.update([name, *data])
         for name, entry in self.files.items():
+            if name in checked:
+                continue
             path = self.directory / name
             if not path.is_file():
                 raise IntegrityError(f"{what}: {path} is missing")

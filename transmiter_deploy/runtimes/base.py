@@ -285,6 +285,8 @@ def check_graph_files(directory: Path, name: str, files: dict[str, Any], where: 
 def _check_file(path: Path, entry: dict[str, Any], where: str) -> None:
     from ..artifacts import sha256_file
 
+    if not path.is_file():  # a graph whose locations the caller gave was not looked for yet
+        raise IntegrityError(f"{where}: {path} is missing")
     size = path.stat().st_size
     if size != entry.get("bytes"):
         raise IntegrityError(f"{where}: {path} has {size} bytes, the manifest records {entry.get('bytes')} "
