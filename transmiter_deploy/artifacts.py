@@ -56,7 +56,7 @@ def library_versions() -> dict[str, str]:
     """Versions recorded in every manifest, so an artifact says what made it."""
     versions = {}
     for dist in ("transmiter-deploy", "torch", "open_clip_torch", "numpy", "safetensors", "onnx",
-                 "onnxruntime-gpu", "onnxslim", "nvidia-modelopt"):
+                 "onnxruntime-gpu", "onnxslim", "nvidia-modelopt", "onnxconverter-common"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

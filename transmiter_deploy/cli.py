@@ -352,12 +352,12 @@ def evaluate(cache_dir, head_dir, adapter_dirs, num_base, json_path):
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(list(registry.PRECISIONS)),
               help="Export these precisions (repeatable; fp32, the reference, always; default: "
                    f"{', '.join(registry.default_precisions())}).")
-@click.option("--no-fp16", is_flag=True, help="Skip the mixed-precision graphs (no ModelOpt needed).")
+@click.option("--no-fp16", is_flag=True, help="Skip the mixed-precision graphs (no onnxconverter-common needed).")
 @click.option("--sigma-mode", type=click.Choice(["auto", "norm", "gram"]), default="auto", show_default=True,
               help="How the folded head computes sigma: norm of the pushed vector or the Gram form.")
 @click.option("--calibration-images", type=click.IntRange(1, None), default=1, show_default=True,
-              help="Images ModelOpt AutoCast runs through the fp32 model (memory grows with each; "
-                   "ViT-L-14 needs several GB per image).")
+              help="Images the fp16 converter runs through the fp32 model to find the nodes fp16 cannot "
+                   "hold (its memory is bounded whatever the number: the tensors are fetched in groups).")
 @click.option("--calibration-data", type=click.Path(path_type=Path),
               help="Unlabelled images to calibrate int8 on (directory or CSV; a seeded sample).")
 @click.option("--calibration-count", type=click.IntRange(1, None), default=128, show_default=True,

@@ -34,8 +34,8 @@ from .variants import TargetGroup
 _GRAPH_SOURCES = ("deploy/fusion.py", "method/adapter.py", "deploy/onnx_export.py", "method/eft.py",
                   "benchmark/variants.py", "deploy/precisions/fp16.py", "deploy/precisions/int8.py")
 # Calibration inputs per conversion, random pixels (the weights are random too; speed does not
-# depend on values): as many as the export passes by default, 1 for AutoCast's fp16 reference
-# run (its memory grows with each image: 32 images took ViT-B-16 to 22.5 GB), 32 for int8.
+# depend on values): as many as the export passes by default, 1 for the fp16 converter's range
+# pass (one image finds the out-of-range nodes of random weights), 32 for int8.
 CALIBRATION_IMAGES = {True: 32, False: 1}  # by Precision.needs_calibration
 
 

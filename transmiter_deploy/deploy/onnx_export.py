@@ -100,10 +100,9 @@ class ExportSettings:
     softmax: bool = False
     precisions: tuple[str, ...] = default_precisions()  # fp32 is the reference of every other
     sigma_mode: str = "auto"
-    # Images AutoCast runs through the fp32 model to find out-of-range nodes. Its
-    # reference run keeps every intermediate tensor: ViT-L-14 with 4 images
-    # needed over 24 GB, and even with 1 image the whole fp16 export of ViT-L-14
-    # peaked at 22.4 GB RSS. The statistic nodes are kept fp32 by name regardless.
+    # Images the fp16 converter runs through the fp32 model to find out-of-range nodes (in
+    # groups of tensors: its memory does not grow with them, its time does). The statistic
+    # nodes are kept fp32 by name regardless.
     calibration_images: int = 1
     # Graphs whose tensors pass this many bytes are written with external data (save_graph);
     # None: the TRANSMITER_EXTERNAL_DATA_THRESHOLD environment variable, else just under 2 GiB.

@@ -106,7 +106,7 @@ PRECISIONS: dict[str, Precision] = {precision.name: precision for precision in (
     # mixed fp16: logits reach ~100 (CLIP's logit scale), so absolute error is judged by top-1;
     # the pixels graph on ONNX Runtime CPU is reported, not gated (TensorRT is its runtime)
     Precision("fp16", "_fp16", "mixed-fp16", max_abs=None, top1=0.995, needs_calibration=False,
-              converter="transmiter_deploy.deploy.precisions.fp16:convert", requires=("modelopt",),
+              converter="transmiter_deploy.deploy.precisions.fp16:convert", requires=("onnxconverter_common",),
               install="pip install 'transmiter-deploy[fp16]'", gates_export=False),
     # int8 Q/DQ (ModelOpt PTQ) for edge CPUs and TensorRT's explicit quantisation; calibrated on the
     # recipe's own images and gated on its labelled ones (pipeline/export.py), opt-in
