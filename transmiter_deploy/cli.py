@@ -68,11 +68,12 @@ def model_options(func):
     return func
 
 
-def _load_model(model_name, pretrained, checkpoint, init_seed, device):
+def _load_model(model_name, pretrained, checkpoint, init_seed, device, image_tower_only=False):
     from . import demo  # noqa: F401  (registers the demo world's architectures)
-    from .features.models import ModelSpec, load_model
+    from .features.models import ModelSpec, load_image_tower, load_model
 
-    return load_model(ModelSpec(model_name, pretrained, checkpoint, init_seed), device=device)
+    load = load_image_tower if image_tower_only else load_model
+    return load(ModelSpec(model_name, pretrained, checkpoint, init_seed), device=device)
 
 
 def _read_class_file(path: Path) -> list[str]:
@@ -387,7 +388,8 @@ def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_d
     artifact, target_head = load_adapter(adapter_dir), load_head(head_dir)
     if device != "cpu":
         raise InputError("export-onnx traces on the CPU; drop --device")
-    model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
+    # the head is computed already: the text tower is never built
+    model = _load_model(model_name, pretrained, checkpoint, init_seed, device, image_tower_only=True)
     if artifact.model != model.identity:
         raise InputError(
             f"adapter {adapter_dir} applies to {artifact.model.describe()}, not to the model named "

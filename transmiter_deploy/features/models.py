@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import open_clip
 import torch
 from torch import nn
@@ -161,13 +162,12 @@ def tokenizer_for(name: str) -> Callable:
     return open_clip.get_tokenizer(name)
 
 
-def load_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
-    """Build an open_clip model in eval mode, with its preprocessing and tokenizer."""
+def _weights_source(spec: ModelSpec) -> tuple[str | None, ModelIdentity]:
+    """What open_clip is given as ``pretrained`` (a tag, a checkpoint path, or None for random
+    weights) and the identity of those weights; a bad name, tag or checkpoint is refused here."""
     check_model_name(spec.name)
     if spec.pretrained and spec.checkpoint:
         raise InputError("give either a pretrained tag or a checkpoint, not both")
-    pretrained: str | None = None
-    identity = ModelIdentity(spec.name, init_seed=spec.init_seed)
     if spec.checkpoint is not None:
         checkpoint = Path(spec.checkpoint)
         if not checkpoint.is_file():
@@ -178,29 +178,19 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
                 f"checkpoint {checkpoint} is not a .safetensors file; convert it first "
                 "(safetensors.torch.save_file(state_dict, 'model.safetensors'))"
             )
-        pretrained = str(checkpoint)
-        identity = ModelIdentity(spec.name, checkpoint_sha256=sha256_file(checkpoint))
-    elif spec.pretrained:
+        return str(checkpoint), ModelIdentity(spec.name, checkpoint_sha256=sha256_file(checkpoint))
+    if spec.pretrained:
         if spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
             raise InputError(f"model '{spec.name}' has no pretrained tag '{spec.pretrained}' (known: {tags})")
-        pretrained = spec.pretrained
-        identity = ModelIdentity(spec.name, pretrained=spec.pretrained)
+        return spec.pretrained, ModelIdentity(spec.name, pretrained=spec.pretrained)
+    return None, ModelIdentity(spec.name, init_seed=spec.init_seed)
 
-    with _quiet_root_logger(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.init_seed)
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=pretrained, device=device
-            )
-        except (RuntimeError, FileNotFoundError, OSError, ValueError, KeyError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"cannot load model {identity.describe()}: {message}") from exc
-    model.eval()
-    visual = model.visual
+
+def _preprocess_config(visual: nn.Module) -> dict[str, Any]:
     cfg = dict(getattr(visual, "preprocess_cfg", {}))
     size = cfg.get("size", getattr(visual, "image_size", 224))
-    preprocess_config = {
+    return {
         "image_size": list(size) if isinstance(size, (tuple, list)) else [int(size), int(size)],
         "mean": list(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         "std": list(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
@@ -213,10 +203,109 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
         "layout": "NCHW",
         "color_order": "RGB",
     }
+
+
+class ImageTower(nn.Module):
+    """A CLIP's image tower alone (``visual``, ``logit_scale``), with CLIP's ``encode_image``:
+    what deploying needs once the heads are computed. The text tower of ViT-bigG-14 alone is
+    ~700 M parameters (2.8 GB in fp32) that an image-only export never runs."""
+
+    def __init__(self, visual: nn.Module, logit_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.visual = visual
+        self.logit_scale = nn.Parameter(logit_scale.detach().clone(), requires_grad=False)
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(image)
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        raise InputError("this model was loaded as an image tower alone: text features need the whole model")
+
+
+def load_image_tower(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
+    """The image tower of ``spec`` alone, with the weights, preprocessing and identity the whole
+    model would have (same seed, same visual weights: CLIP builds its image tower first).
+
+    Random weights and safetensors checkpoints never build the text tower (a checkpoint's
+    ``visual.*`` tensors are read alone). A pretrained tag goes through open_clip's own loader,
+    which reads the whole file: the text tower is built, then dropped."""
+    pretrained, identity = _weights_source(spec)
+    config = open_clip.get_model_config(spec.name)
+    tower_alone = (config is not None and "timm_model_name" not in config.get("vision_cfg", {})
+                   and (pretrained is None or spec.checkpoint is not None))
+    if not tower_alone:  # a pretrained tag, or a timm image tower: open_clip's loader, then the text tower dropped
+        whole = load_model(spec, device)
+        whole.model = ImageTower(whole.model.visual, whole.model.logit_scale)
+        whole.tokenizer = _no_tokenizer
+        return whole
+    from open_clip.model import _build_vision_tower
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    with _quiet_root_logger(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        try:
+            visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"],
+                                         quick_gelu=config.get("quick_gelu", False), cast_dtype=None)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"cannot build the image tower of {identity.describe()}: {exc}") from exc
+    logit_scale = torch.tensor(float(np.log(1 / 0.07)))  # CLIP's initial value
+    if spec.checkpoint is not None:
+        visual_state, logit_scale = _read_image_tower(Path(spec.checkpoint), logit_scale)
+        try:
+            visual.load_state_dict(visual_state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise InputError(f"checkpoint {spec.checkpoint} does not fit {spec.name}'s image tower: {first}") from exc
+    preprocess_cfg = asdict(PreprocessCfg())
+    preprocess_cfg.update(config.get("preprocess_cfg", {}))
+    preprocess_cfg["size"] = visual.image_size
+    visual.preprocess_cfg = preprocess_cfg
+    model = ImageTower(visual, logit_scale).to(device).eval()
+    return LoadedModel(model=model, preprocess=image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False),
+                       tokenizer=_no_tokenizer, identity=identity, preprocess_config=_preprocess_config(visual))
+
+
+def _no_tokenizer(texts: list[str]) -> torch.Tensor:
+    raise InputError("this model was loaded as an image tower alone: text features need the whole model")
+
+
+def _read_image_tower(checkpoint: Path, logit_scale: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The ``visual.*`` tensors of a safetensors checkpoint (and its logit scale), read alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(checkpoint), framework="pt") as handle:
+            keys = list(handle.keys())
+            prefix = "module.visual." if any(key.startswith("module.visual.") for key in keys) else "visual."
+            state = {key[len(prefix):]: handle.get_tensor(key) for key in keys if key.startswith(prefix)}
+            for name in ("logit_scale", "module.logit_scale"):
+                if name in keys:
+                    logit_scale = handle.get_tensor(name)
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"checkpoint {checkpoint} is not a readable safetensors file: {exc}") from exc
+    if not state:
+        raise InputError(f"checkpoint {checkpoint} has no image tower tensors (no 'visual.*' keys)")
+    return state, logit_scale
+
+
+def load_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
+    """Build an open_clip model in eval mode, with its preprocessing and tokenizer."""
+    pretrained, identity = _weights_source(spec)
+    with _quiet_root_logger(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, device=device
+            )
+        except (RuntimeError, FileNotFoundError, OSError, ValueError, KeyError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"cannot load model {identity.describe()}: {message}") from exc
+    model.eval()
     return LoadedModel(
         model=model,
         preprocess=preprocess,
         tokenizer=tokenizer_for(spec.name),
         identity=identity,
-        preprocess_config=preprocess_config,
+        preprocess_config=_preprocess_config(model.visual),
     )
