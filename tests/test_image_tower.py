@@ -1,0 +1,49 @@
+"""An image tower loaded alone (features/models.py:load_image_tower) is the whole model's image
+tower: same weights, preprocessing, identity and features, without the text tower."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from transmiter_deploy.demo.weights import demo_model_spec, shipped_weights_dir
+from transmiter_deploy.errors import InputError
+from transmiter_deploy.features.models import ImageTower, ModelSpec, load_image_tower, load_model
+
+
+def _same_tower(spec: ModelSpec) -> None:
+    whole, alone = load_model(spec), load_image_tower(spec)
+    assert isinstance(alone.model, ImageTower) and not hasattr(alone.model, "transformer")
+    expected, got = whole.model.visual.state_dict(), alone.model.visual.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+    assert alone.identity == whole.identity and alone.preprocess_config == whole.preprocess_config
+    assert float(alone.model.logit_scale) == float(whole.model.logit_scale.detach())
+    pixels = torch.rand(2, 3, *whole.preprocess_config["image_size"], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(alone.encode_images(pixels), whole.encode_images(pixels))
+    assert alone.model.visual.training is False
+
+
+@pytest.mark.parametrize("name,seed", [("TM-Tiny-ViT", 3), ("TM-Tiny-RN", 1)])
+def test_random_weights_match_the_whole_models_image_tower(name, seed):
+    _same_tower(ModelSpec(name, init_seed=seed))
+
+
+def test_a_checkpoints_image_tower_is_read_alone_and_matches():
+    _same_tower(demo_model_spec(shipped_weights_dir(), "TM-Demo-Target"))
+
+
+def test_text_features_are_refused_in_one_line():
+    alone = load_image_tower(ModelSpec("TM-Tiny-ViT", init_seed=0))
+    with pytest.raises(InputError, match="image tower alone"):
+        alone.encode_texts(["a photo"])
+
+
+def test_a_checkpoint_without_an_image_tower_or_of_another_shape_is_refused(tmp_path):
+    whole = load_model(ModelSpec("TM-Tiny-ViT", init_seed=0)).model.state_dict()
+    text_only = {key: value for key, value in whole.items() if not key.startswith("visual.")}
+    save_file({k: v.contiguous() for k, v in text_only.items()}, tmp_path / "text.safetensors")
+    with pytest.raises(InputError, match="no image tower tensors"):
+        load_image_tower(ModelSpec("TM-Tiny-ViT", checkpoint=tmp_path / "text.safetensors"))
+    other = load_model(ModelSpec("TM-Tiny-RN", init_seed=0)).model.state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "rn.safetensors")
+    with pytest.raises(InputError, match="does not fit TM-Tiny-ViT's image tower"):
+        load_image_tower(ModelSpec("TM-Tiny-ViT", checkpoint=tmp_path / "rn.safetensors"))
