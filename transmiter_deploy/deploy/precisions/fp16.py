@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 import tempfile
 import uuid
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import onnx
 from onnx import TensorProto
 
 from ...errors import DependencyError, InputError
-from ...runtimes.base import external_data_locations, graph_tensors
+from ...runtimes.base import graph_tensors
 from ..consumer_safety import move_transposes_after_matmuls
 from ..fusion import FP32_NODES
 
@@ -49,7 +50,6 @@ FP16_MAX = float(np.finfo(np.float16).max)  # an initialiser beyond it cannot be
 # activations (one calibration image of ViT-bigG-14 produces ~6 GB of them) for a session
 # load per group (the weights are read again each time, from the page cache).
 PROBE_BUDGET_BYTES = 128 << 20
-TENSOR_MIN_BYTES = 1024  # smaller tensors stay in the structure (shape constants; onnx's own default)
 
 
 def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
@@ -63,9 +63,11 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
         raise DependencyError(
             "the fp16 export needs onnxconverter-common: pip install 'transmiter-deploy[fp16]' "
             "(or export without fp16)") from exc
+    from ..onnx_export import check_full, weights_apart  # the same layer; onnx_export loads converters by name
+
     fp32_path = Path(fp32_path)
     with tempfile.TemporaryDirectory(prefix=".fp16-", dir=fp32_path.parent) as work:
-        structure, data_dir = _structure(fp32_path, Path(work))
+        structure, data_dir = weights_apart(fp32_path, Path(work))
         named = {node.name for node in structure.graph.node
                  if any(re.match(pattern, node.name) for pattern in fp32_nodes)}
         blocked = named | out_of_range_nodes(structure, data_dir, calibration)
@@ -76,40 +78,28 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
         del structure.graph.value_info[:]
         fp32_outputs = [output.name for output in structure.graph.output
                         if output.type.tensor_type.elem_type == TensorProto.FLOAT]
-        try:
-            converted = float16.convert_float_to_float16(
-                structure, keep_io_types=True, node_block_list=sorted(blocked),
-                op_block_list=float16.DEFAULT_OP_BLOCK_LIST)
-        except ValueError as exc:  # "already converted to float16"
-            raise InputError(f"{fp32_path} cannot be converted to fp16: {str(exc).splitlines()[0]}") from exc
-        _restore_fp32_outputs(converted, fp32_outputs)
-        _read_tensors(converted, data_dir, float16.convert_np_to_float16)
+        # the library clamps to +-1e4 by default; fp16 holds up to 65504, and the readers of larger
+        # initialisers are blocked above, so nothing is clamped. Its warning for each value under
+        # 1e-7 ("will be truncated") is its documented rule, silenced.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will be truncated to.*", category=UserWarning)
+            try:
+                converted = float16.convert_float_to_float16(
+                    structure, keep_io_types=True, node_block_list=sorted(blocked),
+                    op_block_list=float16.DEFAULT_OP_BLOCK_LIST, max_finite_val=FP16_MAX)
+            except ValueError as exc:  # "already converted to float16"
+                raise InputError(f"{fp32_path} cannot be converted to fp16: {str(exc).splitlines()[0]}") from exc
+            _restore_fp32_outputs(converted, fp32_outputs)
+            _read_tensors(converted, data_dir,
+                          lambda array: float16.convert_np_to_float16(array, max_finite_val=FP16_MAX))
     # the rewrite leaves stale entries (a blocked node's output typed fp16 where a Cast now makes
     # it): value types are derived again by whoever needs them (checker, bank composition, runtimes)
     del converted.graph.value_info[:]
     # ONNX Runtime's default CPU optimiser segfaults on fp16 Transpose -> MatMul chains
     # (consumer_safety.py): the rewrite keeps every value and lets default sessions load the graph
     move_transposes_after_matmuls(converted)
-    from ..onnx_export import check_full  # the same layer; imported here: onnx_export loads converters by name
-
     check_full(converted, f"fp16 conversion of {fp32_path.name}")
     return converted
-
-
-def _structure(fp32_path: Path, work: Path) -> tuple[onnx.ModelProto, Path]:
-    """The graph with every tensor of ``TENSOR_MIN_BYTES`` or more in a data file, and the
-    directory its locations are relative to: the graph's own for a graph with external data,
-    else ``work``, where onnx moves the inline tensors (one at a time, freeing each)."""
-    try:
-        model = onnx.load(str(fp32_path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends for corrupt files
-        raise InputError(f"{fp32_path} is not a readable ONNX model: {str(exc).splitlines()[0]}") from exc
-    if external_data_locations(model):
-        return model, fp32_path.parent
-    onnx.save_model(model, str(work / "fp32.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="fp32.onnx.data", size_threshold=TENSOR_MIN_BYTES, convert_attribute=False)
-    del model  # read back rather than kept: protobuf's arena would hold the moved bytes until then
-    return onnx.load(str(work / "fp32.onnx"), load_external_data=False), work
 
 
 def _external(tensor: TensorProto) -> dict[str, str] | None:

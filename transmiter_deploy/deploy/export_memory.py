@@ -1,0 +1,79 @@
+"""The memory an export will need, estimated from the image tower's size before anything is
+traced, so that a machine that cannot hold it fails in one line with the estimate and the way
+out, not minutes later in an out-of-memory kill.
+
+The estimate is linear in the tower's fp32 weight bytes G: the interpreter with torch, onnx
+and ONNX Runtime loaded, plus a factor of G per precision, the largest of the phases the
+export runs (the PyTorch tower stays loaded throughout; the exporter's trace, ONNX Runtime's
+parity session and the fp16 converter's range pass each hold about one more copy of the
+weights). The factors are the largest measured by ``benchmarks/large_models.py`` on this
+project's machines (ViT-B-16 to ViT-H-14: ``benchmarks/results/cpu-2core/large_models.md``),
+rounded up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..errors import DependencyError, InputError
+
+INTERPRETER_BYTES = 900 << 20  # measured: python with torch, open_clip, onnx, onnxruntime imported
+# peak RSS over the tower's fp32 weight bytes, per precision exported (the export's largest phase)
+FACTORS = {"fp32": 3.5, "fp16": 3.5, "int8": 4.5}
+MEMORY_CHECK_ENV = "TRANSMITER_MEMORY_CHECK"  # "off": export whatever the estimate says
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weight_bytes: int
+    peak_bytes: int
+    available_bytes: int
+    limiting: str  # the precision whose phase sets the peak
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.available_bytes
+
+
+def available_bytes() -> int:
+    """What this process can grow to: the kernel's MemAvailable plus what it holds already."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            resident = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, KeyError, ValueError):  # not Linux: nothing to compare against
+        return 1 << 62
+    return available + resident
+
+
+def estimate(weight_bytes: int, precisions: Iterable[str], available: int | None = None) -> MemoryEstimate:
+    factors = {name: FACTORS.get(name, max(FACTORS.values())) for name in precisions}
+    limiting = max(factors, key=factors.get)
+    peak = INTERPRETER_BYTES + int(factors[limiting] * weight_bytes)
+    return MemoryEstimate(weight_bytes, peak, available_bytes() if available is None else available, limiting)
+
+
+def check_export_memory(weight_bytes: int, precisions: tuple[str, ...], what: str) -> MemoryEstimate:
+    """Refuse (exit 3) an export this machine cannot hold, naming the estimate and what to do;
+    ``TRANSMITER_MEMORY_CHECK=off`` skips the refusal (the estimate is still returned)."""
+    setting = os.environ.get(MEMORY_CHECK_ENV, "on").strip().lower()
+    if setting not in ("on", "off"):
+        raise InputError(f"{MEMORY_CHECK_ENV} must be 'on' or 'off', got '{setting[:20]}'")
+    result = estimate(weight_bytes, precisions)
+    if result.fits or setting == "off":
+        return result
+    gb = 1e9
+    fp32_only = estimate(weight_bytes, ("fp32",), result.available_bytes)
+    if result.limiting != "fp32" and fp32_only.fits:
+        way_out = (f"export fp32 alone here (--precision fp32 --no-fp16, or export.precisions: [fp32]; "
+                   f"about {fp32_only.peak_bytes / gb:.1f} GB) and convert on a larger machine")
+    else:
+        way_out = f"use a machine with at least {result.peak_bytes / gb:.0f} GB of free memory"
+    raise DependencyError(
+        f"exporting {what} ({', '.join(precisions)}) needs about {result.peak_bytes / gb:.1f} GB of memory "
+        f"({weight_bytes / gb:.2f} GB of fp32 weights); {result.available_bytes / gb:.1f} GB is available: {way_out} "
+        f"({MEMORY_CHECK_ENV}=off exports anyway)")
