@@ -443,6 +443,8 @@ def export(recipe_path, out, force, check):
     for step in outcome.steps:
         if step.status == "unavailable":
             click.echo(f"skipped {step.name}: {step.detail}", err=True)
+    for warning in outcome.teacher_warnings():
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"artifacts: {outcome.export_dir}")
     click.echo(f"report:    {out / 'report.md'}")
 
