@@ -282,12 +282,10 @@ def _teacher_logits(run: _Run, split: str, where: Path) -> None:
 def _heads(run: _Run) -> None:
     """Zero-shot heads over the task classes (+ auxiliary classes for source and target)."""
     from ..features.heads import build_head, save_head
-    from ..features.templates import resolve_templates
     from ..features.vocabulary import select_auxiliary
 
     head_recipe = run.task.head
-    templates = resolve_templates(head_recipe.templates) if head_recipe.templates is not None else (
-        run.task_templates or resolve_templates("simple"))
+    templates = head_templates(run)
     if head_recipe.auxiliary_vocabulary is not None:
         vocabulary = [line.strip() for line in head_recipe.auxiliary_vocabulary.read_text(encoding="utf-8").splitlines()
                       if line.strip()]
@@ -303,6 +301,14 @@ def _heads(run: _Run) -> None:
             [where / "head.json"],
             lambda tag=tag, where=where, names=names: save_head(
                 build_head(run.models[tag], run.classes, names, templates, progress=run.progress), where))
+
+
+def head_templates(run: _Run) -> tuple[str, ...]:
+    """The prompt templates of the task's heads: the recipe's, else the demo task's, else simple."""
+    from ..features.templates import resolve_templates
+
+    templates = run.task.head.templates
+    return resolve_templates(templates) if templates is not None else (run.task_templates or resolve_templates("simple"))
 
 
 def _extract(run: _Run) -> None:

@@ -8,9 +8,9 @@ one artifact per image set:
 
 - ``onnx``: pixels (N, 3, H, W) -> (N, K) logits, any framework; the pixels are
   made by open_clip's eval transform with the preprocessing the recipe states or
-  the JSON manifest beside the graph gives; run on ONNX Runtime's CPU runner.
+  the JSON manifest beside the graph gives (``<graph>.onnx.json``); run on ONNX Runtime's CPU runner.
 - ``logits``: a safetensors (tensor ``logits``) or npy file of (N, K) logits and a
-  JSON image list, one entry per row: ``{"split", "path", "sha256"}``. Rows are
+  JSON image list (default: beside it, ``<file>.json``), one entry per row: ``{"split", "path", "sha256"}``. Rows are
   matched to the dataset by split, relative path and content hash, never by
   position, so the file's row order does not matter; a missing, extra or changed
   image is refused, naming it.
@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import load_tensors, read_json, sha256_file
-from ..errors import InputError
+from ..errors import InputError, IntegrityError
 from ..features.datasets import ImageDataset, PreprocessedImages
 from ..features.teacher_logits import Fingerprint, TeacherLogits, check_task_logits
 from .recipe import LogitsTeacher, ModelRef, OnnxTeacher, TeacherPreprocess
@@ -49,12 +49,18 @@ def teacher_kind(ref: Any) -> str:
 
 def images_path(ref: LogitsTeacher) -> Path:
     """The image list of a precomputed-logits teacher: given, or beside the logits file."""
-    return ref.images if ref.images is not None else ref.logits.with_suffix(".json")
+    return ref.images if ref.images is not None else sidecar(ref.logits)
 
 
 def manifest_path(onnx: Path) -> Path:
     """Where an ONNX teacher's manifest is read from when the recipe states no preprocessing."""
-    return Path(onnx).with_suffix(".json")
+    return sidecar(onnx)
+
+
+def sidecar(path: Path) -> Path:
+    """The JSON file beside a teacher file: its whole name + .json (teacher.onnx.json), so an ONNX
+    graph and a logits file of the same stem never share one."""
+    return Path(path).with_name(Path(path).name + ".json")
 
 
 def check_preprocess(preprocess: TeacherPreprocess) -> None:
@@ -81,7 +87,12 @@ def resolve_preprocess(ref: OnnxTeacher) -> TeacherPreprocess:
     if not path.is_file():
         raise InputError(f"ONNX teacher {ref.onnx}: state its preprocessing in the recipe (finetuned.preprocess) "
                          f"or beside it in {path}")
-    raw = read_json(path, "ONNX teacher manifest").get("preprocess")
+    manifest = read_json(path, "ONNX teacher manifest")
+    recorded = manifest.get("onnx_sha256")
+    if isinstance(recorded, str) and recorded != sha256_file(ref.onnx):
+        raise IntegrityError(f"ONNX teacher {ref.onnx} does not match the sha256 in its manifest {path} "
+                             "(replaced or modified since the manifest was written)")
+    raw = manifest.get("preprocess")
     if not isinstance(raw, dict):
         raise InputError(f"ONNX teacher manifest {path}: needs a 'preprocess' object")
     try:
@@ -210,6 +221,10 @@ def read_precomputed(ref: LogitsTeacher, class_names: list[str]) -> PrecomputedL
                          f"{_dims(logits.shape)}")
     listing = images_path(ref)
     manifest = read_json(listing, "precomputed logits image list")
+    recorded = manifest.get("logits_sha256")
+    if isinstance(recorded, str) and recorded != sha256_file(ref.logits):
+        raise IntegrityError(f"precomputed logits {where} do not match the sha256 in their image list {listing} "
+                             "(replaced or modified since the list was written)")
     images = manifest.get("images")
     if not isinstance(images, list):
         raise InputError(f"image list {listing}: needs an 'images' list (one {{split, path, sha256}} per row)")
@@ -248,8 +263,6 @@ def match_precomputed(logits: PrecomputedLogits, datasets: dict[str, ImageDatase
     image's bytes; None for a split the file holds no rows for (test or few-shot only: the
     training images must all be there). Every image of a split the file covers must have a row
     with the same content, and every row an image: the first one that does not is named."""
-    from ..artifacts import sha256_file
-
     unknown = sorted(logits.splits() - set(datasets))
     if unknown:
         split, path = next(k for k in sorted(logits.rows) if k[0] == unknown[0])
