@@ -167,7 +167,8 @@ def onnx_teacher_logits(ref: OnnxTeacher, dataset: ImageDataset, num_classes: in
                     batch = np.concatenate([batch, np.zeros((fixed_batch - count, *batch.shape[1:]), np.float32)])
                 out = runner.infer(batch)[:count]
                 if out.ndim != 2 or out.shape[1] != num_classes:
-                    raise InputError(f"{what}: outputs {_dims(out.shape)} per batch, but the task has {num_classes} "
+                    width = out.shape[1] if out.ndim == 2 else f"{_dims(out.shape[1:])} (not a row of)"
+                    raise InputError(f"{what}: outputs {width} logits per image, but the task has {num_classes} "
                                      f"classes (it must output (N, {num_classes}) task logits)")
                 bad = (~np.isfinite(out)).any(axis=1).nonzero()[0]
                 if len(bad):
