@@ -1,8 +1,10 @@
 """`transmiter export RECIPE`: a recipe run end to end, step by step, incrementally.
 
-Steps: data -> feature caches -> heads -> extract -> transfer -> TransMiter+
--> evaluate -> ONNX (every precision of the recipe, parity) -> TensorRT engines
--> validation on every available runtime -> report. Each step is keyed by the
+Steps: data -> feature caches (an ONNX or precomputed teacher: its logits,
+pipeline/teachers.py) -> heads -> extract -> transfer -> TransMiter+ -> teacher
+check (pipeline/teacher_check.py) -> evaluate -> ONNX (every precision of the
+recipe, parity) -> TensorRT engines -> validation on every available runtime
+-> report. Each step is keyed by the
 content of what it reads (:mod:`.steps`) and skipped when unchanged; every step
 writes its outputs atomically, so a failure leaves the previous outputs and
 every completed step usable.
