@@ -29,7 +29,7 @@ from transmiter_deploy.pipeline.export import run_export
 from transmiter_deploy.pipeline.recipe import LogitsTeacher, OnnxTeacher, RecipeError, TeacherPreprocess, load_recipe
 from transmiter_deploy.pipeline.teachers import match_precomputed, onnx_teacher_logits, read_precomputed
 
-from conftest import SMALL_DEMO, copy_tree
+from conftest import SMALL_DEMO, bank_recipe_text, copy_tree
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_TEACHER = "finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-colours-tinted}"
@@ -358,6 +358,13 @@ def test_recipes_name_a_teacher_of_each_kind_and_refuse_bad_ones(tmp_path):
     onnx = load("{onnx: t.onnx, preprocess: {image_size: 48, mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}}")
     assert onnx.finetuned == OnnxTeacher(tmp_path / "t.onnx", TeacherPreprocess(48, (0.5,) * 3, (0.2,) * 3))
     assert load("{logits: l.npy}").finetuned == LogitsTeacher(tmp_path / "l.npy")
+    bank = tmp_path / "bank.yaml"  # a bank's tasks may each have a teacher of any kind
+    bank.write_text(bank_recipe_text().replace(
+        "finetuned: {name: TM-Demo-Source, demo_weights: TM-Demo-Source-ft-textures-foggy}",
+        "finetuned: {logits: l.npy, images: l.npy.json}"))
+    tasks = load_recipe(bank).tasks
+    assert tasks[0].finetuned.demo_weights == "TM-Demo-Source-ft-colours-tinted"
+    assert tasks[1].finetuned == LogitsTeacher(tmp_path / "l.npy", tmp_path / "l.npy.json")
     for teacher, message in [
         ("{onnx: t.onnx, logits: l.npy}", "give one teacher kind, not both onnx and logits"),
         ("{onnx: missing.onnx}", "finetuned.onnx: file not found"),
