@@ -43,9 +43,13 @@ def recipe_text(teacher: str) -> str:
     return text.replace("export: {precisions: [fp32, fp16], batch: {min: 1, opt: 4, max: 8}}\n", FAST_EXPORT)
 
 
-def export(root: Path, teacher: str, out: str):
+def export(root: Path, teacher: str, out: str, seed: Path | None = None):
+    """The small demo recipe with ``teacher``, exported into ``root / out`` (which starts as a copy
+    of ``seed``, an export of the same data: its data, source and target steps are then skipped)."""
     path = root / f"{out}.yaml"
     path.write_text(recipe_text(teacher))
+    if seed is not None:
+        copy_tree(seed, root / out)
     return run_export(load_recipe(path), root / out, progress=False, log=lambda _: None)
 
 
@@ -56,25 +60,27 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def teacher_files(tmp_path_factory):
+def teacher_files(tmp_path_factory, demo_export):
     """The small demo recipe's teacher as an ONNX graph and as precomputed logits, written by the
-    CLI (the recipe's demo data rendered once into a shared work directory)."""
+    CLI; its work directory is a copy of the checkpoint teacher's export, whose rendered demo
+    images it reuses (the same data step)."""
     root = tmp_path_factory.mktemp("teachers")
     (root / "checkpoint.yaml").write_text(SMALL_DEMO)
+    work = copy_tree(demo_export[1].out_dir, root / "work")
     for kind, name in (("onnx", "teacher.onnx"), ("logits", "teacher.safetensors")):
         assert main(["--quiet", "teacher", kind, str(root / "checkpoint.yaml"), "--out", str(root / "files" / name),
-                     "--work", str(root / "work")]) == 0
+                     "--work", str(work)]) == 0
     return root
 
 
 @pytest.fixture(scope="module")
-def onnx_export(teacher_files):
-    return export(teacher_files, "{onnx: files/teacher.onnx}", "out-onnx")
+def onnx_export(teacher_files, demo_export):
+    return export(teacher_files, "{onnx: files/teacher.onnx}", "out-onnx", seed=demo_export[1].out_dir)
 
 
 @pytest.fixture(scope="module")
-def logits_export(teacher_files):
-    return export(teacher_files, "{logits: files/teacher.safetensors}", "out-logits")
+def logits_export(teacher_files, demo_export):
+    return export(teacher_files, "{logits: files/teacher.safetensors}", "out-logits", seed=demo_export[1].out_dir)
 
 
 def checkpoint_logits(out: Path, split: str) -> torch.Tensor:
@@ -107,7 +113,9 @@ def test_an_onnx_teacher_gives_the_checkpoint_teachers_logits_adapter_and_table(
     assert onnx_export.accuracy == reference.accuracy
     provenance = load_adapter(out / "adapters" / "extracted").provenance["extraction"]
     assert provenance["teacher"]["kind"] == "onnx"
-    assert not (out / "heads" / "teacher").exists()  # an ONNX teacher has no zero-shot head
+    ran = {step.name: step.status for step in onnx_export.steps}
+    assert "head-teacher" not in ran  # an ONNX teacher has no zero-shot head
+    assert ran["cache-teacher-train"] == ran["extract"] == "ran" and ran["cache-source-train"] == "skipped"
 
 
 def test_precomputed_logits_reproduce_the_checkpoint_teacher_exactly(demo_export, logits_export):
@@ -400,3 +408,13 @@ def test_teacher_commands_need_an_open_clip_teacher(teacher_files, logits_export
                             str(teacher_files / "x.onnx")], capsys)
     assert code == 2 and "finetuned must be an open_clip model" in err and len(err.strip().splitlines()) == 1
     assert not (teacher_files / "x.onnx").exists()
+
+
+def test_a_bank_report_has_a_teacher_check_per_task(demo_bank_export):
+    report = json.loads((demo_bank_export / "report.json").read_text())
+    assert list(report["task_teacher_check"]) == ["colours_tinted", "textures_foggy"]
+    text = (demo_bank_export / "report.md").read_text()
+    for task, check in report["task_teacher_check"].items():
+        assert check["decided_on"] == "few-shot" and [entry["images"] for entry in check["sets"]] == ["few-shot", "test"]
+        recorded = json.loads((demo_bank_export / "tasks" / task / "teacher_check.json").read_text())
+        assert recorded == check and f"## Teacher check: task {task}" in text
