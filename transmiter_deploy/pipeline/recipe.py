@@ -68,7 +68,7 @@ class OnnxTeacher:
     task logits."""
 
     onnx: Path
-    preprocess: TeacherPreprocess | None = None  # default: the "preprocess" of <onnx>.json beside it
+    preprocess: TeacherPreprocess | None = None  # default: the "preprocess" of <graph>.onnx.json beside it
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class LogitsTeacher:
     """Precomputed task logits (N, K) with the images they belong to (docs/recipes.md)."""
 
     logits: Path  # .safetensors (tensor "logits") or .npy
-    images: Path | None = None  # the image list (JSON); default: the logits path with .json
+    images: Path | None = None  # the image list (JSON); default: beside the logits, <logits file>.json
 
 
 Teacher = ModelRef | OnnxTeacher | LogitsTeacher

@@ -99,7 +99,8 @@ def _accuracy_lines(title: str, rows: list[dict]) -> list[str]:
 
 def _teacher_check_lines(title: str, check: dict) -> list[str]:
     """Teacher, target zero-shot and target + TransMiter on each labelled image set, and the verdict."""
-    lines = [title, "", check["summary"][0].upper() + check["summary"][1:] + ".", ""]
+    summary = check["summary"].rstrip(".")
+    lines = [title, "", summary[0].upper() + summary[1:] + ".", ""]
     for entry in check["sets"]:
         if entry.get("note"):
             lines += [f"{entry['images']} images: {entry['note']}.", ""]
