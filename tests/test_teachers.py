@@ -418,3 +418,40 @@ def test_a_bank_report_has_a_teacher_check_per_task(demo_bank_export):
         assert check["decided_on"] == "few-shot" and [entry["images"] for entry in check["sets"]] == ["few-shot", "test"]
         recorded = json.loads((demo_bank_export / "tasks" / task / "teacher_check.json").read_text())
         assert recorded == check and f"## Teacher check: task {task}" in text
+
+
+def test_an_onnx_teacher_of_the_wrong_width_stops_the_export_in_one_line(demo_export, tmp_path, capsys):
+    """Through the CLI: exit 2, one line naming the width; nothing of the teacher is written and
+    the earlier adapter is unchanged."""
+    out = copy_tree(demo_export[1].out_dir, tmp_path / "out")
+    extracted = sha256_file(out / "adapters" / "extracted" / "adapter.safetensors")
+    tiny_onnx(tmp_path / "tiny.onnx", 7, 48)
+    (tmp_path / "r.yaml").write_text(recipe_text(
+        "{onnx: tiny.onnx, preprocess: {image_size: 48, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}}"))
+    code, _, err = run_cli(["export", str(tmp_path / "r.yaml"), "--out", str(out)], capsys)
+    errors = [line for line in err.splitlines() if not line.startswith("[")]
+    assert code == 2 and len(errors) == 1, err
+    assert "outputs 7 logits per image, but the task has 8 classes" in errors[0]
+    assert not (out / "caches" / "teacher-logits-train").exists()
+    assert not list((out / "caches").glob(".*"))  # no staging left behind
+    assert sha256_file(out / "adapters" / "extracted" / "adapter.safetensors") == extracted
+
+
+def test_an_onnx_teacher_manifest_is_checked_against_its_graph(tmp_path):
+    from transmiter_deploy.pipeline.teachers import resolve_preprocess
+
+    graph = tiny_onnx(tmp_path / "t.onnx", 8, 48)
+    manifest = {"preprocess": {"image_size": [48, 48], "mean": [0.5] * 3, "std": [0.25] * 3, "layout": "NCHW"},
+                "onnx_sha256": sha256_file(graph)}
+    (tmp_path / "t.onnx.json").write_text(json.dumps(manifest))
+    assert resolve_preprocess(OnnxTeacher(graph)) == TeacherPreprocess(48, (0.5,) * 3, (0.25,) * 3)
+    (tmp_path / "t.onnx.json").write_text(json.dumps({**manifest, "preprocess": {**manifest["preprocess"],
+                                                                                 "layout": "NHWC"}}))
+    with pytest.raises(InputError, match="layout 'NHWC' is not supported"):
+        resolve_preprocess(OnnxTeacher(graph))
+    (tmp_path / "t.onnx.json").write_text(json.dumps({**manifest, "onnx_sha256": "0" * 64}))
+    with pytest.raises(IntegrityError, match="does not match the sha256 in its manifest"):
+        resolve_preprocess(OnnxTeacher(graph))
+    (tmp_path / "t.onnx.json").unlink()
+    with pytest.raises(InputError, match="state its preprocessing in the recipe"):
+        resolve_preprocess(OnnxTeacher(graph))
