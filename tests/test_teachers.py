@@ -455,3 +455,24 @@ def test_an_onnx_teacher_manifest_is_checked_against_its_graph(tmp_path):
     (tmp_path / "t.onnx.json").unlink()
     with pytest.raises(InputError, match="state its preprocessing in the recipe"):
         resolve_preprocess(OnnxTeacher(graph))
+
+
+def test_the_verdict_is_taken_on_the_first_labelled_set_the_teacher_has_logits_on():
+    from transmiter_deploy.pipeline.teacher_check import teacher_check
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    right = torch.nn.functional.one_hot(labels, 4).float()  # every image right
+    wrong = right.roll(1, dims=1)  # every image wrong
+    sets = {"few-shot": {"labels": labels, "teacher": None, "teacher_unavailable": "no rows", "target": wrong,
+                         "transmiter": right},
+            "test": {"labels": labels, "teacher": right, "target": right, "transmiter": right}}
+    tie = teacher_check(sets, num_base=2)  # not better is not enough: a tie warns
+    assert tie["decided_on"] == "test" and tie["transfer_likely_helps"] is False
+    assert "teacher 100.0% vs target zero-shot 100.0% on the base classes of the 6 test images" in tie["warning"]
+    assert tie["sets"][0]["rows"][0]["note"] == "not available: no rows"
+    sets["test"]["target"] = wrong
+    assert teacher_check(sets, num_base=2)["transfer_likely_helps"] is True
+    unlabelled = {"few-shot": {**sets["few-shot"], "labels": torch.full((6,), -1)}}
+    none = teacher_check(unlabelled, num_base=2)
+    assert none["decided_on"] is None and none["warning"] is None and "not available" in none["summary"]
+    assert none["sets"][0]["note"] == "no labelled images"
