@@ -476,3 +476,12 @@ def test_the_verdict_is_taken_on_the_first_labelled_set_the_teacher_has_logits_o
     none = teacher_check(unlabelled, num_base=2)
     assert none["decided_on"] is None and none["warning"] is None and "not available" in none["summary"]
     assert none["sets"][0]["note"] == "no labelled images"
+
+
+def test_a_bad_teacher_file_is_found_before_any_image_is_encoded(tmp_path, capsys):
+    (tmp_path / "l.npy").write_bytes(b"not an npy file")
+    (tmp_path / "l.npy.json").write_text(json.dumps({"images": []}))
+    (tmp_path / "r.yaml").write_text(recipe_text("{logits: l.npy}"))
+    code, _, err = run_cli(["export", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "not a readable .npy file" in err
+    assert not list((tmp_path / "out" / "caches").glob("*"))  # neither the source's nor the target's cache

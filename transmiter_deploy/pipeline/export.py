@@ -249,6 +249,8 @@ def _caches(run: _Run) -> None:
         needed.append(("teacher", "fewshot"))
     if "test" in run.splits:
         needed += [("source", "test"), ("teacher", "test"), ("target", "test")]
+    if run.teacher_kind != "checkpoint":  # its file is checked before hours of encoding, not after
+        needed.sort(key=lambda entry: entry[0] != "teacher")
     for tag, split in needed:
         where = run.root / "caches" / f"{tag}-{split}"
         if tag == "teacher" and run.teacher_kind != "checkpoint":
