@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install test export bench bench-core demo-weights demo-accuracy clean
+.PHONY: help install test export bench bench-core demo-weights demo-accuracy demo-teachers clean
 
 .PHONY: cpp cpp-asan cpp-deps cpp-test cpp-aarch64 cpp-aarch64-deps
 
@@ -17,6 +17,8 @@ help:
 	@echo "make bench-core     speed of extraction and transfer on cached logits"
 	@echo "make demo-weights   retrain the demo world's CLIP models from scratch into DEMO_WEIGHTS (~17 min on 2 cores)"
 	@echo "make demo-accuracy  the method's accuracy table and checks on the demo world (DEMO_WEIGHTS=dir)"
+	@echo "make demo-teachers  the demo teacher as ONNX and as precomputed logits (export/teachers/), for"
+	@echo "                    RECIPE=export/recipes/demo-onnx-teacher.yaml and demo-logits-teacher.yaml"
 	@echo "make clean    remove the virtual environment and caches"
 
 $(STAMP): pyproject.toml
@@ -113,6 +115,14 @@ RECIPE ?= export/recipes/demo.yaml
 
 export: $(STAMP)
 	$(VENV)/bin/transmiter export $(RECIPE)
+
+# The files the ONNX-teacher and precomputed-logits demo recipes read: demo.yaml's fine-tuned
+# teacher written out by the project itself (docs/recipes.md, "Teachers").
+DEMO_TEACHERS ?= export/teachers
+
+demo-teachers: $(STAMP)
+	$(VENV)/bin/transmiter teacher onnx export/recipes/demo.yaml --out $(DEMO_TEACHERS)/demo-teacher.onnx
+	$(VENV)/bin/transmiter teacher logits export/recipes/demo.yaml --out $(DEMO_TEACHERS)/demo-teacher-logits.safetensors
 
 BENCH ?= quick
 

@@ -70,8 +70,8 @@ def test_a_rerun_skips_every_step_and_a_changed_setting_redoes_only_what_depends
 
     changed = small_recipe(tmp_path, SMALL_DEMO.replace("regularisation: 500", "regularisation: 50"))
     redo = statuses(run_export(changed, outcome.out_dir, progress=False, log=lambda _: None))
-    assert {name for name, status in redo.items() if status == "ran"} == {"transfer", "plus", "evaluate", "onnx",
-                                                                          "validate"}
+    assert {name for name, status in redo.items() if status == "ran"} == {"transfer", "plus", "teacher-check",
+                                                                          "evaluate", "onnx", "validate"}
     assert redo["extract"] == redo["cache-source-train"] == redo["head-target"] == "skipped"
 
 

@@ -445,6 +445,8 @@ def export(recipe_path, out, force, check):
     for step in outcome.steps:
         if step.status == "unavailable":
             click.echo(f"skipped {step.name}: {step.detail}", err=True)
+    for warning in outcome.teacher_warnings():
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"artifacts: {outcome.export_dir}")
     click.echo(f"report:    {out / 'report.md'}")
 
@@ -607,6 +609,82 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, var
                       log=lambda line: click.echo(line, err=True), progress=_progress(),
                       precisions=tuple(precisions) or ("fp32",))
     click.echo(f"results: {write_report(out, command, plots=not no_plots)}")
+
+
+@cli.group("teacher")
+def teacher_group():
+    """Write a recipe's open_clip teacher out as another teacher kind (docs/recipes.md, "Teachers").
+
+    The files are what an ONNX or precomputed-logits teacher (finetuned: {onnx: ...} or
+    {logits: ...}) reads; `make demo-teachers` makes the demo recipes' files this way.
+    """
+
+
+def _recipe_teacher(recipe_path: Path, task_name: str | None, work: Path | None):
+    """The checkpoint teacher of RECIPE's task (the only one, or --task), its data rendered or
+    read into ``work``."""
+    from .pipeline.recipe import load_recipe
+    from .pipeline.teacher_files import checkpoint_teacher
+
+    recipe = load_recipe(recipe_path)
+    tasks = {task.name: task for task in recipe.tasks}
+    if task_name is None and len(tasks) > 1:
+        raise InputError(f"recipe {recipe_path} has {len(tasks)} tasks; name one with --task ({', '.join(tasks)})")
+    if task_name is not None and task_name not in tasks:
+        raise InputError(f"recipe {recipe_path} has no task '{task_name}' (its tasks: {', '.join(tasks)})")
+    task = tasks[task_name] if task_name is not None else recipe.tasks[0]
+    return checkpoint_teacher(recipe, task, work, _progress(), lambda line: click.echo(line, err=True))
+
+
+def _teacher_options(func):
+    func = click.option("--work", type=click.Path(path_type=Path),
+                        help="Where a demo task's images and the teacher's caches go (default: a temporary "
+                             "directory, removed afterwards).")(func)
+    func = click.option("--task", "task_name", help="The task of a bank recipe.")(func)
+    func = click.option("--out", required=True, type=click.Path(path_type=Path), help="The file to write.")(func)
+    return click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))(func)
+
+
+def _in_work_dir(work: Path | None, body):
+    import tempfile
+
+    if work is not None:
+        return body(work)
+    with tempfile.TemporaryDirectory(prefix="transmiter-teacher-") as scratch:
+        return body(Path(scratch))
+
+
+@teacher_group.command("onnx")
+@_teacher_options
+def teacher_onnx(recipe_path, out, task_name, work):
+    """RECIPE's teacher as an ONNX classifier: OUT (.onnx, pixels -> task logits) and OUT.json
+    beside it (its preprocessing, classes and sha256), checked on ONNX Runtime first.
+
+    \b
+    Example:
+      transmiter teacher onnx export/recipes/demo.yaml --out export/teachers/demo-teacher.onnx
+    """
+    from .pipeline.teacher_files import export_onnx_teacher
+
+    difference = _in_work_dir(work, lambda where: export_onnx_teacher(_recipe_teacher(recipe_path, task_name, where), out))
+    click.echo(f"wrote {out} and {out}.json (max abs vs PyTorch {difference:.2e})")
+
+
+@teacher_group.command("logits")
+@_teacher_options
+def teacher_logits(recipe_path, out, task_name, work):
+    """RECIPE's teacher's task logits on every image of its data: OUT (.safetensors or .npy, N x K)
+    and OUT.json beside it, the image of each row (split, relative path, sha256).
+
+    \b
+    Example:
+      transmiter teacher logits export/recipes/demo.yaml --out export/teachers/demo-teacher-logits.safetensors
+    """
+    from .pipeline.teacher_files import write_teacher_logits
+
+    rows = _in_work_dir(work, lambda where: write_teacher_logits(_recipe_teacher(recipe_path, task_name, where), out,
+                                                                 where, progress=_progress()))
+    click.echo(f"wrote {out} ({rows} images) and {out}.json")
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -49,6 +49,7 @@ def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress
             accuracy = task_steps(run)
             if accuracy:
                 outcome.task_accuracy[task.name] = accuracy
+            outcome.task_teacher_check[task.name] = run.teacher_check
             head_keys[task.name] = _head_export(run)
             task_runs.append(run)
         shared.models, shared.model_keys = models, task_runs[0].model_keys

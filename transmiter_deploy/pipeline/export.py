@@ -1,8 +1,10 @@
 """`transmiter export RECIPE`: a recipe run end to end, step by step, incrementally.
 
-Steps: data -> feature caches -> heads -> extract -> transfer -> TransMiter+
--> evaluate -> ONNX (every precision of the recipe, parity) -> TensorRT engines
--> validation on every available runtime -> report. Each step is keyed by the
+Steps: data -> feature caches (an ONNX or precomputed teacher: its logits,
+pipeline/teachers.py) -> heads -> extract -> transfer -> TransMiter+ -> teacher
+check (pipeline/teacher_check.py) -> evaluate -> ONNX (every precision of the
+recipe, parity) -> TensorRT engines -> validation on every available runtime
+-> report. Each step is keyed by the
 content of what it reads (:mod:`.steps`) and skipped when unchanged; every step
 writes its outputs atomically, so a failure leaves the previous outputs and
 every completed step usable.
@@ -30,13 +32,15 @@ REFERENCES = "references"  # the onnx step's PyTorch outputs on the parity image
 
 
 def model_specs(recipe: Recipe, task: TaskRecipe | None = None) -> dict[str, Any]:
-    """The ModelSpec of source, teacher (``task``'s, by default the first task's) and target;
-    the shipped demo weights are verified once."""
+    """The ModelSpec of source, teacher (``task``'s, by default the first task's, when it is an
+    open_clip model) and target; the shipped demo weights are verified once."""
     from ..demo.weights import demo_model_spec, shipped_weights_dir, verify_weights
     from ..features.models import ModelSpec
 
     task = task or recipe.tasks[0]
     refs: dict[str, ModelRef] = {"source": recipe.source, "teacher": task.finetuned, "target": recipe.target}
+    if not isinstance(task.finetuned, ModelRef):  # an ONNX or precomputed teacher (pipeline/teachers.py)
+        del refs["teacher"]
     if any(ref.demo_weights is not None for ref in refs.values()):
         verify_weights(shipped_weights_dir())
     return {tag: demo_model_spec(shipped_weights_dir(), ref.demo_weights) if ref.demo_weights is not None
@@ -96,6 +100,8 @@ class _Run:
     head_keys: dict[str, str] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # extract, transfer, final (the adapter exported), onnx
     final_stage: str = "transferred"
+    teacher_check: dict | None = None  # the teacher check's record (pipeline/teacher_check.py)
+    precomputed: dict | None = None  # a precomputed-logits teacher matched to every split, once
     precisions: tuple[str, ...] = ()  # the recipe's, less those skipped here
 
     def __post_init__(self) -> None:
@@ -120,6 +126,27 @@ class _Run:
 
         return load_head(self.root / "heads" / tag)
 
+    @property
+    def teacher_kind(self) -> str:
+        from .teachers import teacher_kind
+
+        return teacher_kind(self.task.finetuned)
+
+    def teacher(self, split: str):
+        """The teacher's task logits on ``split`` (a TeacherLogits), whatever its kind; one whose
+        ``extra`` has ``unavailable`` holds none (a precomputed file without rows for the split)."""
+        from ..features.teacher_logits import load_teacher_logits
+        from .phases import checkpoint_teacher_logits
+
+        if self.teacher_kind == "checkpoint":
+            return checkpoint_teacher_logits(self.cache("teacher", split), self.head("teacher"))
+        return load_teacher_logits(self.teacher_logits_dir(split))
+
+    def teacher_logits_dir(self, split: str) -> Path:
+        """Where an ONNX or precomputed teacher's logits on ``split`` go (an open_clip teacher's
+        cache is caches/teacher-<split>: another kind of artifact, so a recipe can switch kinds)."""
+        return self.root / "caches" / f"teacher-logits-{split}"
+
     def adapter(self, stage: str):
         from ..features.adapter_artifact import load_adapter
 
@@ -142,6 +169,7 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
         run.models = _Models(specs)
         run.model_keys = run.models.model_keys
         outcome.accuracy = task_steps(run)
+        outcome.teacher_check = run.teacher_check
         _onnx(run)
         outcome.export_dir = run.onnx_dir
         _drop_unasked(run)
@@ -161,13 +189,19 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
 
 def task_steps(run: _Run) -> list[dict]:
     """A task's steps up to its adapter and accuracy table (empty without test images): data,
-    caches, heads, extract, transfer, TransMiter+, evaluate. ``run.models`` is set."""
+    caches, heads, extract, transfer, TransMiter+, teacher check, evaluate. ``run.models`` is set."""
+    from .teacher_check import teacher_check_step
+    from .teachers import teacher_key
+
+    if "teacher" not in run.model_keys:  # an ONNX or precomputed teacher: keyed by its files
+        run.model_keys = {**run.model_keys, "teacher": teacher_key(run.task.finetuned)}
     _data(run)
     _caches(run)
     _heads(run)
     _extract(run)
     _transfer(run)
     _plus(run)
+    run.teacher_check = teacher_check_step(run)
     return _evaluate(run) if "test" in run.splits else []
 
 
@@ -209,35 +243,60 @@ def _caches(run: _Run) -> None:
     from ..features.datasets import open_dataset
 
     needed = [("source", "train"), ("teacher", "train"), ("target", "train")]
-    if run.task.plus.enabled:
+    if run.task.plus.enabled or "fewshot" in run.splits:  # TransMiter+, and the teacher check
         needed.append(("target", "fewshot"))
+    if "fewshot" in run.splits:
+        needed.append(("teacher", "fewshot"))
     if "test" in run.splits:
         needed += [("source", "test"), ("teacher", "test"), ("target", "test")]
+    if run.teacher_kind != "checkpoint":  # its file is checked before hours of encoding, not after
+        needed.sort(key=lambda entry: entry[0] != "teacher")
     for tag, split in needed:
         where = run.root / "caches" / f"{tag}-{split}"
+        if tag == "teacher" and run.teacher_kind != "checkpoint":
+            where = run.teacher_logits_dir(split)
+            work, marker = (lambda split=split, where=where: _teacher_logits(run, split, where)), "teacher.json"
+        else:
+            work, marker = (lambda tag=tag, split=split, where=where: build_cache(
+                run.models[tag], open_dataset(run.splits[split], run.classes), where, progress=run.progress)), "cache.json"
         run.cache_keys[tag, split] = run.steps.run(
             f"cache-{tag}-{split}", {"model": run.model_keys[tag], "data": run.split_keys[split], "classes": run.classes},
-            [where / "cache.json"],
-            lambda tag=tag, split=split, where=where: build_cache(
-                run.models[tag], open_dataset(run.splits[split], run.classes), where, progress=run.progress))
+            [where / marker], work)
+
+
+def _teacher_logits(run: _Run, split: str, where: Path) -> None:
+    """An ONNX or precomputed teacher's logits on ``split``, stored like a cache. A precomputed
+    file is matched to every split at once, so an image missing from the test split stops the
+    run before any of its artifacts is written."""
+    from ..features.datasets import open_dataset
+    from ..features.teacher_logits import save_teacher_logits
+    from .teachers import match_precomputed, onnx_teacher_logits, read_precomputed, unavailable_teacher
+
+    key = run.model_keys["teacher"]
+    if run.teacher_kind == "onnx":
+        save_teacher_logits(onnx_teacher_logits(run.task.finetuned, open_dataset(run.splits[split], run.classes),
+                                                len(run.classes), key, progress=run.progress), where)
+        return
+    if run.precomputed is None:
+        datasets = {name: open_dataset(path, run.classes) for name, path in run.splits.items()}
+        run.precomputed = match_precomputed(read_precomputed(run.task.finetuned, run.classes), datasets, key)
+    save_teacher_logits(run.precomputed[split] or unavailable_teacher(split, key, run.classes), where)
 
 
 def _heads(run: _Run) -> None:
     """Zero-shot heads over the task classes (+ auxiliary classes for source and target)."""
     from ..features.heads import build_head, save_head
-    from ..features.templates import resolve_templates
     from ..features.vocabulary import select_auxiliary
 
     head_recipe = run.task.head
-    templates = resolve_templates(head_recipe.templates) if head_recipe.templates is not None else (
-        run.task_templates or resolve_templates("simple"))
+    templates = head_templates(run)
     if head_recipe.auxiliary_vocabulary is not None:
         vocabulary = [line.strip() for line in head_recipe.auxiliary_vocabulary.read_text(encoding="utf-8").splitlines()
                       if line.strip()]
     else:
         vocabulary = run.demo_vocabulary
     auxiliary = select_auxiliary(run.classes, head_recipe.logit_width, head_recipe.seed, vocabulary=vocabulary)
-    for tag in ("source", "teacher", "target"):
+    for tag in ("source", "teacher", "target") if run.teacher_kind == "checkpoint" else ("source", "target"):
         where = run.root / "heads" / tag
         names = [] if tag == "teacher" else auxiliary
         run.head_keys[tag] = run.steps.run(
@@ -248,18 +307,26 @@ def _heads(run: _Run) -> None:
                 build_head(run.models[tag], run.classes, names, templates, progress=run.progress), where))
 
 
+def head_templates(run: _Run) -> tuple[str, ...]:
+    """The prompt templates of the task's heads: the recipe's, else the demo task's, else simple."""
+    from ..features.templates import resolve_templates
+
+    templates = run.task.head.templates
+    return resolve_templates(templates) if templates is not None else (run.task_templates or resolve_templates("simple"))
+
+
 def _extract(run: _Run) -> None:
     from ..features.adapter_artifact import save_adapter
-    from .phases import extract_adapter
+    from .phases import extract_adapter_from_teacher
 
     recipe = run.task
     run.keys["extract"] = run.steps.run(
         "extract", {"caches": [run.cache_keys["source", "train"], run.cache_keys["teacher", "train"]],
-                    "heads": [run.head_keys["source"], run.head_keys["teacher"]], "adapter": asdict(recipe.adapter),
+                    "heads": [run.head_keys["source"], run.head_keys.get("teacher")], "adapter": asdict(recipe.adapter),
                     "settings": recipe.extraction.to_dict()},
         [run.adapters / "extracted" / "adapter.json"],
-        lambda: save_adapter(extract_adapter(
-            run.cache("source", "train"), run.head("source"), run.cache("teacher", "train"), run.head("teacher"),
+        lambda: save_adapter(extract_adapter_from_teacher(
+            run.cache("source", "train"), run.head("source"), run.teacher("train"),
             recipe.adapter.latent_dim, recipe.adapter.mlp_ratio, recipe.adapter.num_layers,
             recipe.extraction, progress=run.progress)[0], run.adapters / "extracted"))
 
@@ -311,16 +378,19 @@ def _evaluate(run: _Run) -> list[dict]:
         test_labels = run.cache("target", "test").labels
         k = len(run.classes)
         target_logits = zero_shot_logits(run.cache("target", "test"), run.head("target"))
+        teacher = run.teacher("test")
         rows = {
             "source zero-shot": zero_shot_logits(run.cache("source", "test"), run.head("source"))[:, :k],
-            "source fine-tuned": zero_shot_logits(run.cache("teacher", "test"), run.head("teacher")),
+            "source fine-tuned": None if teacher.extra.get("unavailable") else teacher.logits,
             "target zero-shot": target_logits[:, :k],
         }
         with torch.no_grad():
             for stage, label in (("transferred", "target + TransMiter"), ("plus", "target + TransMiter+")):
                 if (run.adapters / stage / "adapter.json").is_file() and (stage != "plus" or recipe.plus.enabled):
                     rows[label] = run.adapter(stage).adapter.task_logits(target_logits)
-        table = [{"model": name, **base_to_novel(logits, test_labels, recipe.data.base_classes)}
+        table = [{"model": name, **base_to_novel(logits, test_labels, recipe.data.base_classes)} if logits is not None
+                 else {"model": name, "base": None, "novel": None, "hm": None, "all": None,
+                       "note": f"not available: {teacher.extra['unavailable']}"}
                  for name, logits in rows.items()]
         write_json(out / "accuracy.json", {"rows": table})
 

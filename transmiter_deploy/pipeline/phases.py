@@ -16,6 +16,7 @@ from ..features.cache import FeatureCache, check_same_images, zero_shot_logits
 from ..errors import InputError
 from ..method.extraction import ExtractionSettings, extract
 from ..features.heads import ZeroShotHead
+from ..features.teacher_logits import TeacherLogits
 from ..method.plus import PlusSettings, few_shot_indices, train_plus
 from ..method.transfer import TransferResult, transfer
 
@@ -24,16 +25,37 @@ def extract_adapter(source_cache: FeatureCache, source_head: ZeroShotHead, teach
                     teacher_head: ZeroShotHead, latent_dim: int | None = None, mlp_ratio: int = 4,
                     num_layers: int = 1, settings: ExtractionSettings = ExtractionSettings(),
                     progress: bool = True) -> tuple[AdapterArtifact, list[float]]:
-    """Phase 1 on the source: the adapter and its loss per epoch."""
-    check_same_images(source_cache, teacher_cache)
-    if teacher_head.class_names != source_head.class_names:
-        raise InputError("the teacher head's classes differ from the source head's task classes")
+    """Phase 1 on the source, taught by an open_clip teacher (its cache and head): the adapter
+    and its loss per epoch."""
+    return extract_adapter_from_teacher(source_cache, source_head, checkpoint_teacher_logits(teacher_cache, teacher_head),
+                                        latent_dim, mlp_ratio, num_layers, settings, progress)
+
+
+def checkpoint_teacher_logits(teacher_cache: FeatureCache, teacher_head: ZeroShotHead) -> TeacherLogits:
+    """An open_clip teacher's task logits on its cache's images (its head's task rows)."""
+    logits = zero_shot_logits(teacher_cache, teacher_head)[:, : teacher_head.num_task_classes]
+    return TeacherLogits(logits, teacher_cache.labels, teacher_head.class_names,
+                         {"kind": "checkpoint", "model": teacher_head.model.to_dict(),
+                          "head_sha256": teacher_head.weights_sha256},
+                         teacher_cache.fingerprint, teacher_cache.location)
+
+
+def extract_adapter_from_teacher(source_cache: FeatureCache, source_head: ZeroShotHead, teacher: TeacherLogits,
+                                 latent_dim: int | None = None, mlp_ratio: int = 4, num_layers: int = 1,
+                                 settings: ExtractionSettings = ExtractionSettings(),
+                                 progress: bool = True) -> tuple[AdapterArtifact, list[float]]:
+    """Phase 1 on the source from a teacher of any kind (its task logits on the same images)."""
+    check_same_images(source_cache, teacher)
+    if teacher.class_names != source_head.class_names:
+        raise InputError("the teacher's classes differ from the source head's task classes")
     source_logits = zero_shot_logits(source_cache, source_head)
-    teacher_logits = zero_shot_logits(teacher_cache, teacher_head)[:, : teacher_head.num_task_classes]
     width = len(source_head.all_class_names)
     config = AdapterConfig(num_task_classes=source_head.num_task_classes, logit_width=width,
                            latent_dim=latent_dim or width, mlp_ratio=mlp_ratio, num_layers=num_layers)
-    adapter, history = extract(source_logits, teacher_logits, config, settings, progress=progress)
+    adapter, history = extract(source_logits, teacher.logits, config, settings, progress=progress)
+    # an open_clip teacher keeps the provenance keys adapters have always carried
+    described = ({"teacher_model": teacher.teacher["model"], "teacher_head_sha256": teacher.teacher["head_sha256"]}
+                 if teacher.teacher.get("kind") == "checkpoint" else {"teacher": teacher.teacher})
     artifact = AdapterArtifact(
         adapter=adapter,
         class_names=source_head.class_names,
@@ -46,8 +68,7 @@ def extract_adapter(source_cache: FeatureCache, source_head: ZeroShotHead, teach
             "loss_per_epoch": history,
             "source_cache_fingerprint": source_cache.fingerprint,
             "source_head_sha256": source_head.weights_sha256,
-            "teacher_model": teacher_head.model.to_dict(),
-            "teacher_head_sha256": teacher_head.weights_sha256,
+            **described,
         }},
     )
     return artifact, history

@@ -52,6 +52,38 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class TeacherPreprocess:
+    """How an ONNX teacher's pixels are made: open_clip's eval transform with these settings."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_mode: str = "shortest"  # shortest side + centre crop | longest side + pad | squash
+    interpolation: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class OnnxTeacher:
+    """A fine-tuned classifier exported to ONNX from any framework: pixels (N, 3, H, W) -> (N, K)
+    task logits."""
+
+    onnx: Path
+    preprocess: TeacherPreprocess | None = None  # default: the "preprocess" of <graph>.onnx.json beside it
+
+
+@dataclass(frozen=True)
+class LogitsTeacher:
+    """Precomputed task logits (N, K) with the images they belong to (docs/recipes.md)."""
+
+    logits: Path  # .safetensors (tensor "logits") or .npy
+    images: Path | None = None  # the image list (JSON); default: beside the logits, <logits file>.json
+
+
+Teacher = ModelRef | OnnxTeacher | LogitsTeacher
+TEACHER_KINDS = {"onnx": OnnxTeacher, "logits": LogitsTeacher}  # the key that selects each kind; else a ModelRef
+
+
+@dataclass(frozen=True)
 class DataSection:
     demo_task: str | None = None  # render a demo-world task instead of reading files
     train: Path | None = None  # unlabelled images (directory, flat directory or CSV)
@@ -132,7 +164,7 @@ class TaskRecipe:
     the top level of a single-task recipe)."""
 
     name: str
-    finetuned: ModelRef
+    finetuned: Teacher
     data: DataSection
     head: HeadSection = field(default_factory=HeadSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
@@ -155,7 +187,7 @@ class Recipe:
     name: str
     source: ModelRef
     target: ModelRef
-    finetuned: ModelRef | None = None  # a bank recipe may give it per task only
+    finetuned: Teacher | None = None  # a bank recipe may give it per task only
     data: DataSection | None = None
     head: HeadSection = field(default_factory=HeadSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
@@ -203,6 +235,15 @@ class _Reader:
                        and f.default is MISSING and f.default_factory is MISSING]
             raise self.fail(key, f"missing key '{missing[0] if missing else exc}'") from exc
 
+    def teacher(self, raw: Any, key: str) -> Teacher:
+        """``finetuned:``: an open_clip model, or the kind its one selecting key names."""
+        chosen = [kind for kind in TEACHER_KINDS if isinstance(raw, dict) and kind in raw]
+        if len(chosen) > 1:
+            raise self.fail(key, f"give one teacher kind, not both {' and '.join(chosen)}")
+        if not chosen:
+            return self.section(ModelRef, raw, key)
+        return self.section(TEACHER_KINDS[chosen[0]], raw, key, nested={"preprocess": TeacherPreprocess})
+
     def value(self, hint: Any, value: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -230,6 +271,11 @@ class _Reader:
                 raise self.fail(where, f"must be a path, got {value!r}")
             path = Path(value).expanduser()
             return path if path.is_absolute() else (self.base / path)
+        if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is float:
+            if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in value):
+                raise self.fail(where, f"must be a list of numbers, got {value!r}")
+            return tuple(float(v) for v in value)
         if typing.get_origin(hint) is tuple:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise self.fail(where, f"must be a list of strings, got {value!r}")
@@ -331,7 +377,9 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
             if not isinstance(raw[key], dict):
                 raise reader.fail(key, f"must be a mapping, got {type(raw[key]).__name__}")
             continue  # only defaults for the tasks' data: checked merged into each task
-        if key in nested_models:
+        if key == "finetuned":
+            values[key] = reader.teacher(raw[key], key)
+        elif key in nested_models:
             values[key] = reader.section(ModelRef, raw[key], key)
         elif key == "export":
             values[key] = reader.section(ExportSection, raw[key], key,
@@ -379,7 +427,7 @@ def _tasks(raw: dict, reader: _Reader) -> tuple[TaskRecipe, ...]:
         finetuned = task.get("finetuned", raw.get("finetuned"))
         if finetuned is None:
             raise reader.fail(f"{where}.finetuned", "missing key (give it in the task or at the top level)")
-        values: dict[str, Any] = {"name": name, "finetuned": reader.section(ModelRef, finetuned, f"{where}.finetuned")}
+        values: dict[str, Any] = {"name": name, "finetuned": reader.teacher(finetuned, f"{where}.finetuned")}
         for key, cls in MERGED_SECTIONS.items():
             own, default = task.get(key), raw.get(key)
             merged = {**default, **own} if isinstance(own, dict) and isinstance(default, dict) else (
@@ -401,7 +449,10 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
     for key, ref in (("source", recipe.source), ("target", recipe.target),
                      *((("finetuned", recipe.finetuned),) if recipe.bank and recipe.finetuned is not None else ()),
                      *((_prefix(recipe, task) + "finetuned", task.finetuned) for task in recipe.tasks)):
-        _check_model(ref, key, known, reader, check_files)
+        if isinstance(ref, ModelRef):
+            _check_model(ref, key, known, reader, check_files)
+        else:
+            _check_teacher(ref, key, reader, check_files)
     for task in recipe.tasks:
         _check_task(task, _prefix(recipe, task), reader, check_files, BUILTIN_TEMPLATES)
     if recipe.bank:
@@ -453,6 +504,26 @@ def _check_model(ref: ModelRef, key: str, known: list[str], reader: _Reader, che
         if ref.demo_weights not in shipped:
             raise reader.fail(f"{key}.demo_weights", f"not a shipped demo model: '{ref.demo_weights}' "
                               f"(known: {', '.join(shipped)})")
+
+
+def _check_teacher(ref: OnnxTeacher | LogitsTeacher, key: str, reader: _Reader, check_files: bool) -> None:
+    from .teachers import check_preprocess, images_path
+
+    if isinstance(ref, LogitsTeacher):
+        if ref.logits.suffix not in (".safetensors", ".npy"):
+            raise reader.fail(f"{key}.logits", f"must be a .safetensors or .npy file, got {ref.logits.name}")
+        files = {"logits": ref.logits, "images": images_path(ref)}
+    else:
+        if ref.preprocess is not None:
+            try:
+                check_preprocess(ref.preprocess)
+            except InputError as exc:
+                raise reader.fail(f"{key}.preprocess", str(exc)) from exc
+        files = {"onnx": ref.onnx}
+    if check_files:
+        for name, path in files.items():
+            if not path.is_file():
+                raise reader.fail(f"{key}.{name}", f"file not found: {path}")
 
 
 def _check_task(task: TaskRecipe, prefix: str, reader: _Reader, check_files: bool, builtin_templates) -> None:

@@ -24,6 +24,14 @@ class ExportOutcome:
     validation_skipped: list[str] = field(default_factory=list)
     export_dir: Path | None = None
     gates: list[dict] = field(default_factory=list)  # calibrated precisions: their accuracy gates
+    teacher_check: dict | None = None  # will transfer help? (pipeline/teacher_check.py)
+    task_teacher_check: dict[str, dict] = field(default_factory=dict)  # a bank: per task
+
+    def teacher_warnings(self) -> list[str]:
+        """The teacher check's warnings, one per task that has one."""
+        checks = {"": self.teacher_check} if self.teacher_check else {}
+        checks.update({f"task {task}: ": check for task, check in self.task_teacher_check.items() if check})
+        return [prefix + check["warning"] for prefix, check in checks.items() if check.get("warning")]
 
 
 def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
@@ -35,10 +43,17 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
         "steps": [asdict(step) for step in outcome.steps], "accuracy": outcome.accuracy,
         "task_accuracy": outcome.task_accuracy, "parity": parity,
         "validation": outcome.validation, "validation_skipped": outcome.validation_skipped,
-        "gates": outcome.gates,
+        "gates": outcome.gates, "teacher_check": outcome.teacher_check,
+        "task_teacher_check": outcome.task_teacher_check,
     }
     write_json(out / "report.json", payload)
     lines = [f"# Export report: {recipe.name}", "", f"Recipe: `{recipe.path}`. Artifacts: `{outcome.export_dir}`.", ""]
+    lines += [f"**Warning: {warning}**" for warning in outcome.teacher_warnings()]
+    lines += [""] if outcome.teacher_warnings() else []
+    if outcome.teacher_check:
+        lines += _teacher_check_lines("## Teacher check: will transfer help?", outcome.teacher_check)
+    for task, check in outcome.task_teacher_check.items():
+        lines += _teacher_check_lines(f"## Teacher check: task {task}", check) if check else []
     if outcome.accuracy:
         lines += _accuracy_lines("## Accuracy (test images)", outcome.accuracy)
     for task, rows in outcome.task_accuracy.items():
@@ -78,7 +93,20 @@ def _accuracy_lines(title: str, rows: list[dict]) -> list[str]:
     cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     return [title, "", "| model | base | novel | HM | all |", "| --- | ---: | ---: | ---: | ---: |",
             *(f"| {r['model']} | {cell(r['base'])} | {cell(r['novel'])} | {cell(r['hm'])} | {cell(r['all'])} |"
-              for r in rows), ""]
+              for r in rows), "", *(f"{r['model']}: {r['note']}." for r in rows if r.get("note")),
+            *([""] if any(r.get("note") for r in rows) else [])]
+
+
+def _teacher_check_lines(title: str, check: dict) -> list[str]:
+    """Teacher, target zero-shot and target + TransMiter on each labelled image set, and the verdict."""
+    summary = check["summary"].rstrip(".")
+    lines = [title, "", summary[0].upper() + summary[1:] + ".", ""]
+    for entry in check["sets"]:
+        if entry.get("note"):
+            lines += [f"{entry['images']} images: {entry['note']}.", ""]
+            continue
+        lines += _accuracy_lines(f"Accuracy (%) on the {entry['samples']} {entry['images']} images:", entry["rows"])
+    return lines
 
 
 def _bank_lines(parity: dict) -> list[str]:
