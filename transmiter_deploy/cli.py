@@ -95,25 +95,55 @@ def _read_class_file(path: Path) -> list[str]:
               help="Text file, one class per line: fixes the class order (default: sorted names).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to write.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_file, out, batch_size, workers):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process (a DataLoader); ray: a Ray cluster (extra [distributed]), same cache.")
+@click.option("--workers", type=click.IntRange(0, None),
+              help="local: DataLoader worker processes (default 0); ray: encoding actors, one model each "
+                   "(default: one per CPU of the cluster, or per --gpus-per-worker GPUs).")
+@click.option("--address", help="--engine ray: the cluster's HOST:PORT or auto (default: start a local cluster).")
+@click.option("--gpus-per-worker", type=click.FloatRange(0, None), default=0, show_default=True,
+              help="--engine ray: GPUs each encoding actor gets (fractions share a GPU).")
+def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_file, out, batch_size, engine, workers,
+          address, gpus_per_worker):
     """Encode a dataset's images once and store normalised features.
 
-    Every later phase reads this cache, never the images.
+    Every later phase reads this cache, never the images. --engine ray writes the same cache
+    on a Ray cluster (docs/recipes.md, "Run it on a cluster").
 
     \b
     Example:
       transmiter cache --model ViT-B-16 --pretrained openai --data data/train --out caches/b16-train
+      transmiter cache --model ViT-B-16 --pretrained openai --data /shared/train --out caches/b16-train \\
+          --engine ray --address 10.0.0.1:6379 --gpus-per-worker 1
     """
-    from .features.cache import build_cache
     from .features.datasets import open_dataset
 
     class_names = _read_class_file(classes_file) if classes_file else None
+    if engine == "local" and (address is not None or gpus_per_worker):
+        raise InputError("--address and --gpus-per-worker need --engine ray")
+    if engine == "ray" and device != "cpu":
+        raise InputError("--engine ray places the models itself (--gpus-per-worker); drop --device")
     dataset = open_dataset(data, class_names)
-    model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
-    build_cache(model, dataset, out, batch_size=batch_size, num_workers=workers, device=device, progress=_progress())
+    if engine == "ray":
+        from . import demo  # noqa: F401  (registers the demo world's architectures)
+        from .features.distributed_cache import RayCacheSettings, build_cache_ray, import_ray
+        from .artifacts import read_json
+        from .features.models import ModelIdentity, ModelSpec
+
+        import_ray()  # a missing extra is reported before any model loads
+        spec = ModelSpec(model_name, pretrained, checkpoint, init_seed)
+        build_cache_ray(spec, dataset, out, RayCacheSettings(address, workers or None, gpus_per_worker),
+                        batch_size=batch_size, progress=_progress())
+        identity = ModelIdentity.from_dict(read_json(Path(out) / "cache.json", "cache manifest")["model"], str(out))
+    else:
+        from .features.cache import build_cache
+
+        model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
+        build_cache(model, dataset, out, batch_size=batch_size, num_workers=workers or 0, device=device,
+                    progress=_progress())
+        identity = model.identity
     click.echo(f"cached {len(dataset)} images ({len(dataset.class_names)} classes) with "
-               f"{model.identity.describe()} -> {out}")
+               f"{identity.describe()} -> {out}")
 
 
 @cli.command()
