@@ -75,8 +75,10 @@ def assert_same_cache(ray_dir: Path, local_dir: Path) -> None:
     assert ray_cache.model == local_cache.model
     assert (ray_cache.features - local_cache.features).abs().max() <= 1e-6
     ray_manifest, local_manifest = (json.loads((d / "cache.json").read_text()) for d in (ray_dir, local_dir))
-    for key in ("preprocess", "dataset", "num_samples", "feature_dim"):
+    for key in ("preprocess", "num_samples", "feature_dim"):
         assert ray_manifest[key] == local_manifest[key], key
+    for key in ("kind", "num_samples", "fingerprint"):  # the location differs where a copy is compared
+        assert ray_manifest["dataset"][key] == local_manifest["dataset"][key], key
     assert [s["rows"] for s in ray_manifest["shards"]] == [s["rows"] for s in local_manifest["shards"]]
 
 
@@ -185,3 +187,20 @@ def test_bad_engine_settings_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(InputError, match="workers"):
         RayCacheSettings(workers=0).validate()
     assert not (tmp_path / "c").exists()
+
+
+def test_export_with_data_engine_ray_builds_the_same_cache_under_the_same_step_keys(ray_local_cluster, demo_export,
+                                                                                     tmp_path):
+    """`data.engine: ray` in a recipe: a missing cache is rebuilt on the cluster, equal to the one
+    the local engine wrote, and switching engine redoes no other step (the keys do not change)."""
+    from conftest import SMALL_DEMO, copy_export
+    from transmiter_deploy.pipeline.export import run_export
+    from transmiter_deploy.pipeline.recipe import load_recipe
+
+    recipe_text = SMALL_DEMO.replace("data: {demo_task:", "data: {engine: ray, workers: 2, demo_task:")
+    assert recipe_text != SMALL_DEMO
+    path, out = copy_export(demo_export, tmp_path, recipe_text)
+    kept = shutil.move(out / "caches" / "target-test", tmp_path / "local-target-test")
+    outcome = run_export(load_recipe(path), out, progress=False, log=lambda _: None)
+    assert [step.name for step in outcome.steps if step.status == "ran"] == ["cache-target-test"]
+    assert_same_cache(out / "caches" / "target-test", Path(kept))

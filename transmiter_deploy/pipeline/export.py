@@ -10,6 +10,7 @@ every completed step usable.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -204,22 +205,39 @@ def _data(run: _Run) -> None:
 
 
 def _caches(run: _Run) -> None:
-    """Feature caches: the models see each image once."""
+    """Feature caches: the models see each image once (here, or on a Ray cluster: the same caches,
+    under the same step keys)."""
     from ..features.cache import build_cache
     from ..features.datasets import open_dataset
 
+    data = run.task.data
     needed = [("source", "train"), ("teacher", "train"), ("target", "train")]
     if run.task.plus.enabled:
         needed.append(("target", "fewshot"))
     if "test" in run.splits:
         needed += [("source", "test"), ("teacher", "test"), ("target", "test")]
-    for tag, split in needed:
-        where = run.root / "caches" / f"{tag}-{split}"
-        run.cache_keys[tag, split] = run.steps.run(
-            f"cache-{tag}-{split}", {"model": run.model_keys[tag], "data": run.split_keys[split], "classes": run.classes},
-            [where / "cache.json"],
-            lambda tag=tag, split=split, where=where: build_cache(
-                run.models[tag], open_dataset(run.splits[split], run.classes), where, progress=run.progress))
+    joined = False  # one Ray cluster for all the caches, joined by the first that needs building
+    with ExitStack() as cluster:
+        def build(tag: str, split: str, where: Path) -> None:
+            nonlocal joined
+            dataset = open_dataset(run.splits[split], run.classes)
+            if data.engine != "ray":
+                build_cache(run.models[tag], dataset, where, progress=run.progress)
+                return
+            from ..features.distributed_cache import RayCacheSettings, build_cache_ray, ray_cluster
+
+            if not joined:
+                cluster.enter_context(ray_cluster(data.address))
+                joined = True
+            build_cache_ray(run.models.specs[tag], dataset, where,
+                            RayCacheSettings(data.address, data.workers, data.gpus_per_worker), progress=run.progress)
+
+        for tag, split in needed:
+            where = run.root / "caches" / f"{tag}-{split}"
+            run.cache_keys[tag, split] = run.steps.run(
+                f"cache-{tag}-{split}", {"model": run.model_keys[tag], "data": run.split_keys[split], "classes": run.classes},
+                [where / "cache.json"],
+                lambda tag=tag, split=split, where=where: build(tag, split, where))
 
 
 def _heads(run: _Run) -> None:

@@ -62,6 +62,12 @@ class DataSection:
     base_classes: int | None = None  # the first N classes are "base" in the table (default: half)
     train_per_class: int = 500  # demo task sizes
     test_per_class: int = 100
+    # where the feature caches are computed: local (this process) or ray (a Ray cluster, the
+    # [distributed] extra); the caches are the same either way, so switching redoes none
+    engine: str = "local"
+    address: str | None = None  # engine ray: HOST:PORT or auto of a running cluster (default: a local one)
+    workers: int | None = None  # engine ray: encoding actors (default: one per CPU, or per gpus_per_worker GPUs)
+    gpus_per_worker: float = 0.0  # engine ray
 
 
 @dataclass(frozen=True)
@@ -479,6 +485,18 @@ def _check_task(task: TaskRecipe, prefix: str, reader: _Reader, check_files: boo
                 value = getattr(data, key)
                 if value is not None and not value.exists():
                     raise reader.fail(f"{prefix}data.{key}", f"not found: {value}")
+    if data.engine not in ("local", "ray"):
+        raise reader.fail(f"{prefix}data.engine", f"must be 'local' or 'ray', got '{data.engine}'")
+    if data.engine == "local":
+        for key in ("address", "workers"):
+            if getattr(data, key) is not None:
+                raise reader.fail(f"{prefix}data.{key}", "only with data.engine: ray")
+        if data.gpus_per_worker:
+            raise reader.fail(f"{prefix}data.gpus_per_worker", "only with data.engine: ray")
+    if data.workers is not None and data.workers < 1:
+        raise reader.fail(f"{prefix}data.workers", f"must be positive, got {data.workers}")
+    if not data.gpus_per_worker >= 0:
+        raise reader.fail(f"{prefix}data.gpus_per_worker", f"must be 0 or more, got {data.gpus_per_worker}")
     templates = task.head.templates
     if templates is not None and templates not in builtin_templates and check_files \
             and not (reader.base / templates).is_file():
