@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_CODES, WRITE_ERRNOS, InputError, TransmiterError, one_line, write_failure
+from .method.device import DEVICE_HELP, resolve_device
 from .runtimes import registry
 
 _STATE = {"debug": False, "progress": True}
@@ -230,8 +231,9 @@ def _classes_from(path: Path) -> tuple[list[str], list[str] | None]:
               help="How the basis stays orthogonal: qr = retraction after each step (fast); "
                    "cayley/matrix_exp/householder = PyTorch's parametrisations.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help=f"Where the adapter trains: {DEVICE_HELP}.")
 def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_dim, mlp_ratio, layers, epochs,
-            batch_size, lr, weight_decay, temperature, orthogonal_map, seed):
+            batch_size, lr, weight_decay, temperature, orthogonal_map, seed, device):
     """Phase 1: learn the fine-tuning's effect as an adapter on the source's logits (no labels).
 
     \b
@@ -245,12 +247,13 @@ def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_
     from .features.heads import load_head
     from .pipeline.phases import extract_adapter
 
+    device = resolve_device(device)  # before any file is read: a missing GPU is said at once
     src_cache = load_cache(source_cache)
     settings = ExtractionSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                   teacher_temperature=temperature, orthogonal_map=orthogonal_map, seed=seed)
     artifact, history = extract_adapter(src_cache, load_head(source_head), load_cache(teacher_cache),
                                         load_head(teacher_head), latent_dim, mlp_ratio, layers, settings,
-                                        progress=_progress())
+                                        progress=_progress(), device=device)
     save_adapter(artifact, out)
     click.echo(f"extracted adapter on {artifact.source_model.describe()} ({len(src_cache)} samples, "
                f"final loss {history[-1]:.4f}) -> {out}")
@@ -302,7 +305,8 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
 @click.option("--weight-decay", type=float, default=1e-3, show_default=True)
 @click.option("--free-basis", is_flag=True, help="Drop the orthogonality constraint while training.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, weight_decay, free_basis, seed):
+@click.option("--device", default="auto", show_default=True, help=f"Where the adapter trains: {DEVICE_HELP}.")
+def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, weight_decay, free_basis, seed, device):
     """Phase 3 (TransMiter+): refine a transferred adapter with a few labels.
 
     \b
@@ -315,10 +319,11 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
     from .pipeline.phases import plus_adapter
     from .method.plus import PlusSettings
 
+    device = resolve_device(device)  # before any file is read: a missing GPU is said at once
     settings = PlusSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             keep_orthogonal=not free_basis, seed=seed)
     result, history, num_samples = plus_adapter(load_adapter(adapter_dir), load_cache(cache_dir), load_head(head_dir),
-                                                shots, settings, progress=_progress())
+                                                shots, settings, progress=_progress(), device=device)
     save_adapter(result, out)
     click.echo(f"TransMiter+ on {num_samples} labelled samples, final loss {history[-1]:.4f} -> {out}")
 

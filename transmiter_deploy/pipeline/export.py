@@ -20,6 +20,7 @@ import torch
 
 from ..artifacts import atomic_directory, load_tensors, read_json, save_tensors, sha256_file, write_json
 from ..errors import DependencyError, InputError
+from ..method.device import resolve_device
 from ..runtimes.registry import PRECISIONS, RUNTIMES, reference_runtime
 from .recipe import ModelRef, Recipe, TaskRecipe
 from .report import ExportOutcome, write_report
@@ -97,11 +98,13 @@ class _Run:
     head_keys: dict[str, str] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # extract, transfer, final (the adapter exported), onnx
     final_stage: str = "transferred"
+    device: Any = field(default=None, init=False)  # where extraction and TransMiter+ train (recipe.device)
     precisions: tuple[str, ...] = ()  # the recipe's, less those skipped here
 
     def __post_init__(self) -> None:
         self.task = self.task or self.recipe.tasks[0]
         self.root = self.root or self.out
+        self.device = resolve_device(self.recipe.device)  # a GPU asked for and missing stops the run here
 
     @property
     def adapters(self) -> Path:
@@ -279,7 +282,7 @@ def _extract(run: _Run) -> None:
         lambda: save_adapter(extract_adapter(
             run.cache("source", "train"), run.head("source"), run.cache("teacher", "train"), run.head("teacher"),
             recipe.adapter.latent_dim, recipe.adapter.mlp_ratio, recipe.adapter.num_layers,
-            recipe.extraction, progress=run.progress)[0], run.adapters / "extracted"))
+            recipe.extraction, progress=run.progress, device=run.device)[0], run.adapters / "extracted"))
 
 
 def _transfer(run: _Run) -> None:
@@ -314,7 +317,8 @@ def _plus(run: _Run) -> None:
                  "head": run.head_keys["target"], "shots": plus.shots, "settings": settings.to_dict()},
         [run.adapters / "plus" / "adapter.json"],
         lambda: save_adapter(plus_adapter(run.adapter("transferred"), run.cache("target", "fewshot"),
-                                          run.head("target"), plus.shots, settings, progress=run.progress)[0],
+                                          run.head("target"), plus.shots, settings, progress=run.progress,
+                                          device=run.device)[0],
                              run.adapters / "plus"))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
+from ..method.device import DEVICE_HELP
 from ..method.extraction import ExtractionSettings
 from ..method.plus import PlusSettings
 from ..runtimes import registry
@@ -172,6 +173,9 @@ class Recipe:
     runtimes: tuple[str, ...] = RUNTIMES
     tasks: tuple[TaskRecipe, ...] = ()  # always filled: a single-task recipe is a bank of one
     bank: bool = False  # the recipe has a tasks: list (the export writes a bank, docs/bank.md)
+    # where extraction and TransMiter+ train (method/device.py); not part of any step's key: the
+    # results agree across devices to float rounding
+    device: str = "auto"
 
 
 class _Reader:
@@ -318,7 +322,7 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
         "name": str, "source": ModelRef, "finetuned": ModelRef, "target": ModelRef, "data": DataSection,
         "head": HeadSection, "adapter": AdapterSection, "extraction": ExtractionSettings,
         "transfer": TransferSection, "plus": PlusSection, "export": ExportSection, "runtimes": tuple,
-        "tasks": list,
+        "tasks": list, "device": str,
     }
     for key in raw:
         if key not in top:
@@ -344,6 +348,8 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
                                          nested={"batch": BatchRange, "calibration": CalibrationSection})
         elif key == "runtimes":
             values[key] = reader.value(tuple[str, ...], raw[key], key)
+        elif key == "device":
+            values[key] = reader.value(str, raw[key], key)
         else:
             values[key] = reader.section(cls, raw[key], key)
     values["tasks"] = _tasks(raw, reader) if bank else (TaskRecipe(
@@ -431,6 +437,8 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
     batch = recipe.export.batch
     if not 1 <= batch.min <= batch.opt <= batch.max:
         raise reader.fail("export.batch", f"need 1 <= min <= opt <= max, got {batch.min}/{batch.opt}/{batch.max}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", recipe.device):
+        raise reader.fail("device", f"must be {DEVICE_HELP}, got '{recipe.device}'")
     for runtime in recipe.runtimes:
         if runtime not in RUNTIMES:
             raise reader.fail("runtimes", f"unknown runtime '{runtime}' (known: {', '.join(RUNTIMES)})")
