@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import atomic_directory
-from ..errors import DependencyError, InputError, TransmiterError
+from ..errors import DependencyError, InputError, TransmiterError, VerificationError
 from .cache import MANIFEST, CacheWriter
 from .datasets import ImageDataset, decode_image
 from .models import ModelSpec, load_model, register_architecture_config, architecture_config
@@ -149,16 +149,26 @@ class _ImageEncoder:
     """Ray actor: one model per actor, built here from its spec; encodes preprocessed batches."""
 
     def __init__(self, spec: ModelSpec, architecture: dict[str, Any], threads: int) -> None:
-        register_architecture_config(spec.name, architecture)
         torch.set_num_threads(threads)
         import ray
 
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.model = load_model(spec, device=self.device)
         self.batches = 0
+        self.error = ""
+        try:
+            register_architecture_config(spec.name, architecture)
+            self.model = load_model(spec, device=self.device)
+        except TransmiterError as exc:
+            # a checkpoint missing on this node, say: raised here, Ray would report an actor that
+            # died in its constructor, not why; the driver raises it from the first batch's rows
+            self.error = str(exc)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.error:
+            rows = len(batch["index"])
+            return {"index": batch["index"], "features": np.zeros((rows, 0), np.float32),
+                    "sha256": batch["sha256"], "error": np.full(rows, self.error)}
         _maybe_die_for_test(self.batches)
         self.batches += 1
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
@@ -209,24 +219,6 @@ def _default_workers(ray, settings: RayCacheSettings) -> int:
                                   f"an encoding worker asks for {settings.gpus_per_worker:g}")
         return workers
     return max(1, int(resources.get("CPU", 1)))
-
-
-def _transmiter_error(exc: BaseException) -> TransmiterError | None:
-    """The toolkit's own error (a corrupt image, non-finite features) inside Ray's wrapping."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        cause = getattr(current, "cause", None)
-        if isinstance(cause, TransmiterError):
-            return type(cause)(*cause.args)
-        if isinstance(current, TransmiterError) and type(current).__module__.startswith("transmiter_deploy"):
-            return current
-        stack += [cause, current.__cause__, current.__context__]
-    return None
 
 
 def build_cache_ray(
@@ -281,26 +273,18 @@ def build_cache_ray(
                     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
                         indices = batch["index"]
                         failed = [str(error) for error in batch["error"] if error]
-                        if failed:
+                        if failed:  # a file that does not decode, a model a worker cannot load
                             raise InputError(failed[0])
-                        expected = np.arange(writer.rows, writer.rows + len(indices))
-                        if not np.array_equal(indices, expected):
-                            raise InputError(
-                                f"Ray delivered images out of order or twice: expected rows from "
-                                f"{writer.rows}, got {indices[:3].tolist()}... ({dataset.records[writer.rows].relpath})")
+                        if not np.array_equal(indices, np.arange(writer.rows, writer.rows + len(indices))):
+                            raise VerificationError(
+                                f"the Ray engine delivered images out of order or twice: expected rows from "
+                                f"{writer.rows}, got {indices[:3].tolist()}...; nothing was written")
                         writer.append(torch.from_numpy(np.array(batch["features"], dtype=np.float32)),
                                       [str(digest) for digest in batch["sha256"]])
                         bar.update(len(indices))
-            except TransmiterError:
-                raise
-            except Exception as exc:
-                own = _transmiter_error(exc)
-                if own is not None:
-                    raise own from exc
-                if isinstance(exc, ray.exceptions.RayError):
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise DependencyError(f"the Ray cluster failed while caching {dataset.root}: {first}") from exc
-                raise
+            except ray.exceptions.RayError as exc:  # a node lost for good, an actor past its restarts
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DependencyError(f"the Ray cluster failed while caching {dataset.root}: {first}") from exc
             writer.finish(model.preprocess_config)
     return out_dir
 
