@@ -9,13 +9,19 @@ or a killed driver leaves the previous cache intact and nothing half-written.
 
 Order: ``DataContext.execution_options.preserve_order = True``, so batches reach the driver in
 dataset order and the driver streams them into shards as they come (memory bounded by what Ray
-has in flight, not by the dataset). Every row also carries its index, and the driver checks that
-the indices arrive as 0, 1, 2, ... - a lost or duplicated image (a retried batch delivered twice)
-is an error, never a silently shifted cache.
+has in flight, not by the dataset; carrying the row index and sorting at the end would hold the
+whole dataset's features on the driver). The price is that a slow batch holds back the ones
+behind it. Every row also carries its index, and the driver checks that the indices arrive as
+0, 1, 2, ... - a lost or duplicated image (a retried batch delivered twice) is an error, never a
+silently shifted cache.
 
 Fingerprint: each decoding task hashes the bytes of its files (the expensive part, in parallel);
 the driver combines the hashes with the relative paths and labels in dataset order, exactly as
 the local engine does, so the two engines give the same fingerprint.
+
+Errors: a file that does not decode (or a model a worker cannot load) travels back to the driver
+as a row carrying the toolkit's one-line message, which the driver raises (Ray itself would keep
+only a traceback as text); a cluster that fails beyond its retries is one DependencyError line.
 
 Fault tolerance: an encoding actor that dies (a lost node, an out-of-memory kill) is restarted
 up to ``ACTOR_RESTARTS`` times and its unfinished batches are retried on it. Tests inject such a
@@ -42,7 +48,7 @@ from ..artifacts import atomic_directory
 from ..errors import DependencyError, InputError, TransmiterError, VerificationError
 from .cache import MANIFEST, CacheWriter
 from .datasets import ImageDataset, decode_image
-from .models import ModelSpec, load_model, register_architecture_config, architecture_config
+from .models import ModelSpec, architecture_config, load_model, register_architecture_config
 
 EXTRA = "distributed"  # pip install 'transmiter-deploy[distributed]'
 CONNECT_TIMEOUT_S = 10.0  # an address that does not answer within this is unreachable
@@ -199,15 +205,20 @@ def _maybe_die_for_test(batches_done: int) -> None:
 @contextmanager
 def _in_order(ray) -> Iterator[None]:
     """Ray Data delivers batches in dataset order for the block (its default lets a fast task
-    overtake a slow one); the process's previous settings come back afterwards."""
+    overtake a slow one) and keeps its progress bars and execution log to itself (the driver's
+    bar counts images; failures come back as exceptions); the process's previous settings come
+    back afterwards."""
     context = ray.data.DataContext.get_current()
-    previous = context.execution_options.preserve_order, context.enable_progress_bars
+    data_log = logging.getLogger("ray.data")
+    previous = context.execution_options.preserve_order, context.enable_progress_bars, data_log.level
     context.execution_options.preserve_order = True
-    context.enable_progress_bars = False  # the driver's own bar counts images
+    context.enable_progress_bars = False
+    data_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        context.execution_options.preserve_order, context.enable_progress_bars = previous
+        context.execution_options.preserve_order, context.enable_progress_bars, level = previous
+        data_log.setLevel(level)
 
 
 def _default_workers(ray, settings: RayCacheSettings) -> int:
