@@ -177,6 +177,15 @@ def test_without_ray_the_ray_engine_exits_3_naming_the_extra(tmp_path, capsys, m
     assert err.count("\n") == 1 and "pip install 'transmiter-deploy[distributed]'" in err
 
 
+def test_gpus_per_worker_on_a_cluster_without_gpus_is_exit_3(ray_local_cluster, images_and_local_cache,
+                                                           demo_source_spec, tmp_path):
+    dataset, _ = images_and_local_cache
+    with pytest.raises(DependencyError, match="the Ray cluster has 0 GPUs; an encoding worker asks for 0.5"):
+        build_cache_ray(demo_source_spec, dataset, tmp_path / "c", RayCacheSettings(gpus_per_worker=0.5),
+                        progress=False)
+    assert not (tmp_path / "c").exists()
+
+
 def test_bad_engine_settings_are_one_line_errors(tmp_path, capsys):
     images = make_image_folder(tmp_path / "images", per_class=1)
     base = ["cache", "--model", "TM-Tiny-ViT", "--data", str(images), "--out", str(tmp_path / "c")]
