@@ -115,6 +115,23 @@ def test_corrupt_image_is_named_and_the_previous_cache_stays(ray_local_cluster, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]
 
 
+def test_a_model_a_worker_cannot_load_comes_back_as_its_one_line_error(ray_local_cluster, tmp_path):
+    """A checkpoint present where the driver runs but not on a worker's node: the encoder (built
+    here as Ray builds it in an actor) answers every batch with the loader's message, which the
+    driver raises like a corrupt image's."""
+    import numpy as np
+
+    from transmiter_deploy.features.distributed_cache import _ImageEncoder
+    from transmiter_deploy.features.models import ModelSpec, architecture_config
+
+    missing = tmp_path / "not-on-this-node.safetensors"
+    encoder = _ImageEncoder(ModelSpec("TM-Tiny-ViT", checkpoint=missing), architecture_config("TM-Tiny-ViT"), 1)
+    rows = encoder({"index": np.arange(3), "pixels": np.zeros((3, 3, 32, 32), np.float32),
+                    "sha256": np.array(["a", "b", "c"]), "error": np.array(["", "", ""])})
+    assert rows["index"].tolist() == [0, 1, 2]
+    assert set(rows["error"].tolist()) == {f"checkpoint not found: {missing}"}
+
+
 def test_killed_driver_leaves_the_previous_cache(ray_local_cluster, images_and_local_cache, tmp_path):
     """SIGKILL of `transmiter cache --engine ray` while it writes: the cache that was there stays,
     whole (the run wrote only into its hidden staging directory)."""
