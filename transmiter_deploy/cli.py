@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_CODES, WRITE_ERRNOS, InputError, TransmiterError, one_line, write_failure
+from .method.device import DEVICE_HELP, resolve_device
 from .runtimes import registry
 
 _STATE = {"debug": False, "progress": True}
@@ -96,25 +97,55 @@ def _read_class_file(path: Path) -> list[str]:
               help="Text file, one class per line: fixes the class order (default: sorted names).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to write.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_file, out, batch_size, workers):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process (a DataLoader); ray: a Ray cluster (extra [distributed]), same cache.")
+@click.option("--workers", type=click.IntRange(0, None),
+              help="local: DataLoader worker processes (default 0); ray: encoding actors, one model each "
+                   "(default: one per CPU of the cluster, or per --gpus-per-worker GPUs).")
+@click.option("--address", help="--engine ray: the cluster's HOST:PORT or auto (default: start a local cluster).")
+@click.option("--gpus-per-worker", type=click.FloatRange(0, None), default=0, show_default=True,
+              help="--engine ray: GPUs each encoding actor gets (fractions share a GPU).")
+def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_file, out, batch_size, engine, workers,
+          address, gpus_per_worker):
     """Encode a dataset's images once and store normalised features.
 
-    Every later phase reads this cache, never the images.
+    Every later phase reads this cache, never the images. --engine ray writes the same cache
+    on a Ray cluster (docs/recipes.md, "Run it on a cluster").
 
     \b
     Example:
       transmiter cache --model ViT-B-16 --pretrained openai --data data/train --out caches/b16-train
+      transmiter cache --model ViT-B-16 --pretrained openai --data /shared/train --out caches/b16-train \\
+          --engine ray --address 10.0.0.1:6379 --gpus-per-worker 1
     """
-    from .features.cache import build_cache
     from .features.datasets import open_dataset
 
     class_names = _read_class_file(classes_file) if classes_file else None
+    if engine == "local" and (address is not None or gpus_per_worker):
+        raise InputError("--address and --gpus-per-worker need --engine ray")
+    if engine == "ray" and device != "cpu":
+        raise InputError("--engine ray places the models itself (--gpus-per-worker); drop --device")
     dataset = open_dataset(data, class_names)
-    model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
-    build_cache(model, dataset, out, batch_size=batch_size, num_workers=workers, device=device, progress=_progress())
+    if engine == "ray":
+        from . import demo  # noqa: F401  (registers the demo world's architectures)
+        from .features.distributed_cache import RayCacheSettings, build_cache_ray, import_ray
+        from .artifacts import read_json
+        from .features.models import ModelIdentity, ModelSpec
+
+        import_ray()  # a missing extra is reported before any model loads
+        spec = ModelSpec(model_name, pretrained, checkpoint, init_seed)
+        build_cache_ray(spec, dataset, out, RayCacheSettings(address, workers or None, gpus_per_worker),
+                        batch_size=batch_size, progress=_progress())
+        identity = ModelIdentity.from_dict(read_json(Path(out) / "cache.json", "cache manifest")["model"], str(out))
+    else:
+        from .features.cache import build_cache
+
+        model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
+        build_cache(model, dataset, out, batch_size=batch_size, num_workers=workers or 0, device=device,
+                    progress=_progress())
+        identity = model.identity
     click.echo(f"cached {len(dataset)} images ({len(dataset.class_names)} classes) with "
-               f"{model.identity.describe()} -> {out}")
+               f"{identity.describe()} -> {out}")
 
 
 @cli.command()
@@ -201,8 +232,9 @@ def _classes_from(path: Path) -> tuple[list[str], list[str] | None]:
               help="How the basis stays orthogonal: qr = retraction after each step (fast); "
                    "cayley/matrix_exp/householder = PyTorch's parametrisations.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help=f"Where the adapter trains: {DEVICE_HELP}.")
 def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_dim, mlp_ratio, layers, epochs,
-            batch_size, lr, weight_decay, temperature, orthogonal_map, seed):
+            batch_size, lr, weight_decay, temperature, orthogonal_map, seed, device):
     """Phase 1: learn the fine-tuning's effect as an adapter on the source's logits (no labels).
 
     \b
@@ -216,12 +248,13 @@ def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_
     from .features.heads import load_head
     from .pipeline.phases import extract_adapter
 
+    device = resolve_device(device)  # before any file is read: a missing GPU is said at once
     src_cache = load_cache(source_cache)
     settings = ExtractionSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                   teacher_temperature=temperature, orthogonal_map=orthogonal_map, seed=seed)
     artifact, history = extract_adapter(src_cache, load_head(source_head), load_cache(teacher_cache),
                                         load_head(teacher_head), latent_dim, mlp_ratio, layers, settings,
-                                        progress=_progress())
+                                        progress=_progress(), device=device)
     save_adapter(artifact, out)
     click.echo(f"extracted adapter on {artifact.source_model.describe()} ({len(src_cache)} samples, "
                f"final loss {history[-1]:.4f}) -> {out}")
@@ -273,7 +306,8 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
 @click.option("--weight-decay", type=float, default=1e-3, show_default=True)
 @click.option("--free-basis", is_flag=True, help="Drop the orthogonality constraint while training.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, weight_decay, free_basis, seed):
+@click.option("--device", default="auto", show_default=True, help=f"Where the adapter trains: {DEVICE_HELP}.")
+def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, weight_decay, free_basis, seed, device):
     """Phase 3 (TransMiter+): refine a transferred adapter with a few labels.
 
     \b
@@ -286,10 +320,11 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
     from .pipeline.phases import plus_adapter
     from .method.plus import PlusSettings
 
+    device = resolve_device(device)  # before any file is read: a missing GPU is said at once
     settings = PlusSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             keep_orthogonal=not free_basis, seed=seed)
     result, history, num_samples = plus_adapter(load_adapter(adapter_dir), load_cache(cache_dir), load_head(head_dir),
-                                                shots, settings, progress=_progress())
+                                                shots, settings, progress=_progress(), device=device)
     save_adapter(result, out)
     click.echo(f"TransMiter+ on {num_samples} labelled samples, final loss {history[-1]:.4f} -> {out}")
 

@@ -82,7 +82,8 @@ def save_adapter(artifact: AdapterArtifact, out_dir: Path) -> Path:
     release_orthogonal(artifact.adapter)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
-        state = {name: t for name, t in artifact.adapter.state_dict().items()}
+        # from CPU tensors whatever device trained the adapter: the file is the same either way
+        state = {name: t.detach().cpu() for name, t in artifact.adapter.state_dict().items()}
         digest = save_tensors(staging / WEIGHTS, state)
         manifest = {
             "stage": artifact.stage,

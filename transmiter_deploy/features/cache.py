@@ -73,59 +73,81 @@ def build_cache(
         num_workers=num_workers,
         shuffle=False,
     )
-    fingerprint = hashlib.sha256()
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
-        shards: list[dict[str, Any]] = []
-        pending_features: list[torch.Tensor] = []
-        pending_labels: list[torch.Tensor] = []
-        pending_rows = 0
-        index = 0
-        feature_dim = 0
-
-        def flush(final: bool) -> None:
-            nonlocal pending_features, pending_labels, pending_rows
-            while pending_rows >= shard_size or (final and pending_rows > 0):
-                features = torch.cat(pending_features)
-                labels = torch.cat(pending_labels)
-                take = min(shard_size, pending_rows)
-                name = f"features-{len(shards):05d}.safetensors"
-                digest = save_tensors(staging / name, {"features": features[:take], "labels": labels[:take]})
-                shards.append({"file": name, "rows": take, "sha256": digest})
-                pending_features, pending_labels = [features[take:]], [labels[take:]]
-                pending_rows -= take
-
+        writer = CacheWriter(staging, dataset, shard_size, model.identity)
         bar = tqdm(total=len(dataset), desc=f"image tower {model.identity.name}", unit="img", disable=not progress)
         with bar:
-            for pixels, labels, digests in loader:
-                features = model.encode_images(pixels.to(device)).cpu()
-                feature_dim = features.shape[1]
-                if not torch.isfinite(features).all():
-                    raise InputError(
-                        f"model {model.identity.describe()} produced non-finite features for a batch "
-                        f"starting at {dataset.records[index].relpath}"
-                    )
-                for offset, digest in enumerate(digests):
-                    record = dataset.records[index + offset]
-                    fingerprint.update(f"{record.relpath}\t{record.label}\t{digest}\n".encode())
-                index += len(digests)
-                pending_features.append(features)
-                pending_labels.append(labels.to(torch.int64))
-                pending_rows += features.shape[0]
-                flush(final=False)
+            for pixels, _labels, digests in loader:
+                writer.append(model.encode_images(pixels.to(device)).cpu(), digests)
                 bar.update(len(digests))
-        flush(final=True)
-        manifest = {
-            "model": model.identity.to_dict(),
-            "preprocess": model.preprocess_config,
-            "dataset": {**dataset.describe(), "fingerprint": fingerprint.hexdigest()},
-            "class_names": dataset.class_names,
-            "num_samples": len(dataset),
-            "feature_dim": int(feature_dim),
-            "shards": shards,
-        }
-        write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, manifest)
+        writer.finish(model.preprocess_config)
     return out_dir
+
+
+class CacheWriter:
+    """Writes a cache's shards and manifest into a staging directory, batch by batch in dataset
+    order. Every engine (the local DataLoader, the Ray cluster) encodes however it likes and hands
+    its batches here, so the files they write are the same."""
+
+    def __init__(self, staging: Path, dataset: ImageDataset, shard_size: int, identity: ModelIdentity) -> None:
+        if shard_size < 1:
+            raise InputError("batch size and shard size must be positive")
+        self.staging, self.dataset, self.shard_size, self.identity = Path(staging), dataset, shard_size, identity
+        self.fingerprint = hashlib.sha256()
+        self.shards: list[dict[str, Any]] = []
+        self.pending_features: list[torch.Tensor] = []
+        self.pending_labels: list[torch.Tensor] = []
+        self.pending_rows = 0
+        self.rows = 0  # records written so far: the next batch starts at this one
+        self.feature_dim = 0
+
+    def append(self, features: torch.Tensor, digests: list[str]) -> None:
+        """The features of the next ``len(digests)`` records and the sha256 of each file's bytes."""
+        records = self.dataset.records[self.rows : self.rows + len(digests)]
+        if len(records) != len(digests) or features.shape[0] != len(digests):
+            raise InputError(f"cache of {len(self.dataset)} images: a batch of {len(digests)} images and "
+                             f"{features.shape[0]} features does not fit after {self.rows}")
+        if not torch.isfinite(features).all():
+            raise InputError(
+                f"model {self.identity.describe()} produced non-finite features for a batch "
+                f"starting at {records[0].relpath}"
+            )
+        for record, digest in zip(records, digests):
+            self.fingerprint.update(f"{record.relpath}\t{record.label}\t{digest}\n".encode())
+        self.rows += len(digests)
+        self.feature_dim = features.shape[1]
+        self.pending_features.append(features)
+        self.pending_labels.append(torch.tensor([record.label for record in records], dtype=torch.int64))
+        self.pending_rows += features.shape[0]
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        while self.pending_rows >= self.shard_size or (final and self.pending_rows > 0):
+            features = torch.cat(self.pending_features)
+            labels = torch.cat(self.pending_labels)
+            take = min(self.shard_size, self.pending_rows)
+            name = f"features-{len(self.shards):05d}.safetensors"
+            digest = save_tensors(self.staging / name, {"features": features[:take], "labels": labels[:take]})
+            self.shards.append({"file": name, "rows": take, "sha256": digest})
+            self.pending_features, self.pending_labels = [features[take:]], [labels[take:]]
+            self.pending_rows -= take
+
+    def finish(self, preprocess_config: dict[str, Any]) -> None:
+        """The last shard and the manifest; every record must have been appended."""
+        if self.rows != len(self.dataset):
+            raise InputError(f"cache of {len(self.dataset)} images: only {self.rows} were encoded")
+        self._flush(final=True)
+        manifest = {
+            "model": self.identity.to_dict(),
+            "preprocess": preprocess_config,
+            "dataset": {**self.dataset.describe(), "fingerprint": self.fingerprint.hexdigest()},
+            "class_names": self.dataset.class_names,
+            "num_samples": len(self.dataset),
+            "feature_dim": int(self.feature_dim),
+            "shards": self.shards,
+        }
+        write_manifest(self.staging / MANIFEST, FORMAT, FORMAT_VERSION, manifest)
 
 
 def load_cache(path: Path) -> FeatureCache:

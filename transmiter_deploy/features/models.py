@@ -9,7 +9,9 @@ cache from one model can never be combined with the head of another.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -51,6 +53,24 @@ def register_architectures(config_dir: Path, tokenizer: Callable[[], Callable] |
         open_clip.add_model_config(Path(config_dir))
     if tokenizer is not None:
         _TOKENIZERS.update({name: tokenizer for name in names})
+
+
+def architecture_config(name: str) -> dict[str, Any]:
+    """The open_clip configuration ``name`` is built from, to rebuild it in another process (a
+    Ray worker) where the layers that registered it were never imported."""
+    check_model_name(name)
+    return open_clip.get_model_config(name)
+
+
+def register_architecture_config(name: str, config: dict[str, Any]) -> None:
+    """Make open_clip know ``name`` from its configuration (see :func:`architecture_config`),
+    unless it knows it already."""
+    register_packaged_configs()
+    if name in open_clip.list_models():
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / f"{name}.json").write_text(json.dumps(config), encoding="utf-8")
+        open_clip.add_model_config(Path(folder) / f"{name}.json")
 
 
 # open_clip resize modes: shortest side to size then centre crop; longest side

@@ -41,11 +41,12 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 def add_logit_noise(
     logits: torch.Tensor, probability: float, scale: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """With ``probability`` per sample, add N(0, (scale * std(l))^2) noise to that sample."""
+    """With ``probability`` per sample, add N(0, (scale * std(l))^2) noise to that sample.
+    ``generator`` is a CPU generator: the draws are the same whatever device ``logits`` are on."""
     if probability <= 0 or scale <= 0:
         return logits
-    chosen = torch.rand(logits.shape[0], 1, generator=generator) < probability
-    noise = torch.randn(logits.shape, generator=generator) * (scale * logits.std(dim=1, keepdim=True))
+    chosen = (torch.rand(logits.shape[0], 1, generator=generator) < probability).to(logits.device)
+    noise = torch.randn(logits.shape, generator=generator).to(logits.device) * (scale * logits.std(dim=1, keepdim=True))
     return torch.where(chosen, logits + noise, logits)
 
 
@@ -55,8 +56,10 @@ def extract(
     config: AdapterConfig,
     settings: ExtractionSettings = ExtractionSettings(),
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[TransMiterAdapter, list[float]]:
-    """Train a fresh adapter on the source; returns it (basis materialised) and the loss per epoch."""
+    """Train a fresh adapter on the source (on ``device``); returns it (basis materialised, on the
+    CPU) and the loss per epoch."""
     settings.validate("extraction")
     check_logits(source_logits, config.logit_width, "source logits")
     if teacher_logits.ndim != 2 or teacher_logits.shape != (source_logits.shape[0], config.num_task_classes):
@@ -71,14 +74,14 @@ def extract(
 
     adapter = TransMiterAdapter(config, seed=settings.seed)
     after_step = constrain_orthogonal(adapter, settings.orthogonal_map)
-    source = source_logits.float()
-    teacher = teacher_logits.float()
+    source = source_logits.float().to(device)
+    teacher = teacher_logits.float().to(device)
 
     def batch_loss(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         inputs = add_logit_noise(source[indices], settings.noise_probability, settings.noise_scale, generator)
         return distillation_loss(adapter.task_logits(inputs), teacher[indices], settings.teacher_temperature)
 
-    history = train_adapter(adapter, len(source), batch_loss, settings, "extract", progress, after_step)
+    history = train_adapter(adapter, len(source), batch_loss, settings, "extract", progress, after_step, device)
     release_orthogonal(adapter)
     return adapter, history
 

@@ -49,8 +49,10 @@ def train_plus(
     labels: torch.Tensor,
     settings: PlusSettings = PlusSettings(),
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[TransMiterAdapter, list[float]]:
-    """Return a refined copy of ``adapter`` and the loss per epoch; unlabelled rows are ignored."""
+    """Return a refined copy of ``adapter`` (trained on ``device``, returned on the CPU) and the
+    loss per epoch; unlabelled rows are ignored."""
     settings.validate("TransMiter+")
     config = adapter.config
     check_logits(target_logits, config.logit_width, "target logits")
@@ -61,7 +63,7 @@ def train_plus(
         raise InputError("TransMiter+ needs labelled samples; the cache has none")
     if (labels[keep] >= config.num_task_classes).any():
         raise InputError(f"labels must be below the {config.num_task_classes} task classes")
-    logits, targets = target_logits[keep].float(), labels[keep]
+    logits, targets = target_logits[keep].float().to(device), labels[keep].to(device)
 
     refined = clone_adapter(adapter)
     after_step = None
@@ -71,6 +73,6 @@ def train_plus(
     def batch_loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
         return F.cross_entropy(refined.task_logits(logits[indices]), targets[indices])
 
-    history = train_adapter(refined, len(logits), batch_loss, settings, "plus", progress, after_step)
+    history = train_adapter(refined, len(logits), batch_loss, settings, "plus", progress, after_step, device)
     release_orthogonal(refined)
     return refined, history

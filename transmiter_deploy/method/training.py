@@ -60,15 +60,20 @@ def train_adapter(
     desc: str,
     progress: bool = True,
     after_step: Callable[[], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Run the loop; ``batch_loss(indices, generator)`` returns the loss of one batch.
+    """Run the loop on ``device``; ``batch_loss(indices, generator)`` returns the loss of one batch
+    (``indices`` on ``device``; the caller's tensors must be there too).
 
     ``after_step`` runs after every optimiser step (e.g. a retraction that
     keeps the basis orthogonal).
 
-    Returns the mean loss of every epoch. A private generator drives shuffling
-    and any augmentation, so the same seed gives bit-identical results on CPU.
+    Returns the mean loss of every epoch; the adapter is back on the CPU. A private CPU
+    generator drives shuffling and any augmentation, so the same seed gives bit-identical
+    results on CPU and the same batches on every device.
     """
+    device = torch.device(device)
+    adapter.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     steps_per_epoch = math.ceil(num_samples / settings.batch_size)
     total = settings.epochs * steps_per_epoch
@@ -85,7 +90,7 @@ def train_adapter(
             order = torch.randperm(num_samples, generator=generator)
             running, batches = 0.0, 0
             for start in range(0, num_samples, settings.batch_size):
-                loss = batch_loss(order[start : start + settings.batch_size], generator)
+                loss = batch_loss(order[start : start + settings.batch_size].to(device), generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -98,4 +103,5 @@ def train_adapter(
             history.append(running / batches)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
     adapter.eval()
+    adapter.to("cpu")  # artifacts are saved from CPU tensors, whatever trained them
     return history

@@ -12,6 +12,7 @@ every completed step usable.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ import torch
 
 from ..artifacts import atomic_directory, load_tensors, read_json, save_tensors, sha256_file, write_json
 from ..errors import DependencyError, InputError
+from ..method.device import resolve_device
 from ..runtimes.registry import PRECISIONS, RUNTIMES, reference_runtime
 from .recipe import ModelRef, Recipe, TaskRecipe
 from .report import ExportOutcome, write_report
@@ -102,11 +104,13 @@ class _Run:
     final_stage: str = "transferred"
     teacher_check: dict | None = None  # the teacher check's record (pipeline/teacher_check.py)
     precomputed: dict | None = None  # a precomputed-logits teacher matched to every split, once
+    device: Any = field(default=None, init=False)  # where extraction and TransMiter+ train (recipe.device)
     precisions: tuple[str, ...] = ()  # the recipe's, less those skipped here
 
     def __post_init__(self) -> None:
         self.task = self.task or self.recipe.tasks[0]
         self.root = self.root or self.out
+        self.device = resolve_device(self.recipe.device)  # a GPU asked for and missing stops the run here
 
     @property
     def adapters(self) -> Path:
@@ -238,10 +242,12 @@ def _data(run: _Run) -> None:
 
 
 def _caches(run: _Run) -> None:
-    """Feature caches: the models see each image once."""
+    """Feature caches: the models see each image once (here, or on a Ray cluster: the same caches,
+    under the same step keys)."""
     from ..features.cache import build_cache
     from ..features.datasets import open_dataset
 
+    data = run.task.data
     needed = [("source", "train"), ("teacher", "train"), ("target", "train")]
     if run.task.plus.enabled or "fewshot" in run.splits:  # TransMiter+, and the teacher check
         needed.append(("target", "fewshot"))
@@ -251,17 +257,32 @@ def _caches(run: _Run) -> None:
         needed += [("source", "test"), ("teacher", "test"), ("target", "test")]
     if run.teacher_kind != "checkpoint":  # its file is checked before hours of encoding, not after
         needed.sort(key=lambda entry: entry[0] != "teacher")
-    for tag, split in needed:
-        where = run.root / "caches" / f"{tag}-{split}"
-        if tag == "teacher" and run.teacher_kind != "checkpoint":
-            where = run.teacher_logits_dir(split)
-            work, marker = (lambda split=split, where=where: _teacher_logits(run, split, where)), "teacher.json"
-        else:
-            work, marker = (lambda tag=tag, split=split, where=where: build_cache(
-                run.models[tag], open_dataset(run.splits[split], run.classes), where, progress=run.progress)), "cache.json"
-        run.cache_keys[tag, split] = run.steps.run(
-            f"cache-{tag}-{split}", {"model": run.model_keys[tag], "data": run.split_keys[split], "classes": run.classes},
-            [where / marker], work)
+    joined = False  # one Ray cluster for all the caches, joined by the first that needs building
+    with ExitStack() as cluster:
+        def build(tag: str, split: str, where: Path) -> None:
+            nonlocal joined
+            dataset = open_dataset(run.splits[split], run.classes)
+            if data.engine != "ray":
+                build_cache(run.models[tag], dataset, where, progress=run.progress)
+                return
+            from ..features.distributed_cache import RayCacheSettings, build_cache_ray, ray_cluster
+
+            if not joined:
+                cluster.enter_context(ray_cluster(data.address))
+                joined = True
+            build_cache_ray(run.models.specs[tag], dataset, where,
+                            RayCacheSettings(data.address, data.workers, data.gpus_per_worker), progress=run.progress)
+
+        for tag, split in needed:
+            where = run.root / "caches" / f"{tag}-{split}"
+            if tag == "teacher" and run.teacher_kind != "checkpoint":
+                where = run.teacher_logits_dir(split)
+                work, marker = (lambda split=split, where=where: _teacher_logits(run, split, where)), "teacher.json"
+            else:
+                work, marker = (lambda tag=tag, split=split, where=where: build(tag, split, where)), "cache.json"
+            run.cache_keys[tag, split] = run.steps.run(
+                f"cache-{tag}-{split}", {"model": run.model_keys[tag], "data": run.split_keys[split], "classes": run.classes},
+                [where / marker], work)
 
 
 def _teacher_logits(run: _Run, split: str, where: Path) -> None:
@@ -328,7 +349,7 @@ def _extract(run: _Run) -> None:
         lambda: save_adapter(extract_adapter_from_teacher(
             run.cache("source", "train"), run.head("source"), run.teacher("train"),
             recipe.adapter.latent_dim, recipe.adapter.mlp_ratio, recipe.adapter.num_layers,
-            recipe.extraction, progress=run.progress)[0], run.adapters / "extracted"))
+            recipe.extraction, progress=run.progress, device=run.device)[0], run.adapters / "extracted"))
 
 
 def _transfer(run: _Run) -> None:
@@ -363,7 +384,8 @@ def _plus(run: _Run) -> None:
                  "head": run.head_keys["target"], "shots": plus.shots, "settings": settings.to_dict()},
         [run.adapters / "plus" / "adapter.json"],
         lambda: save_adapter(plus_adapter(run.adapter("transferred"), run.cache("target", "fewshot"),
-                                          run.head("target"), plus.shots, settings, progress=run.progress)[0],
+                                          run.head("target"), plus.shots, settings, progress=run.progress,
+                                          device=run.device)[0],
                              run.adapters / "plus"))
 
 

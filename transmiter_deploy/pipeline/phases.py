@@ -24,11 +24,11 @@ from ..method.transfer import TransferResult, transfer
 def extract_adapter(source_cache: FeatureCache, source_head: ZeroShotHead, teacher_cache: FeatureCache,
                     teacher_head: ZeroShotHead, latent_dim: int | None = None, mlp_ratio: int = 4,
                     num_layers: int = 1, settings: ExtractionSettings = ExtractionSettings(),
-                    progress: bool = True) -> tuple[AdapterArtifact, list[float]]:
-    """Phase 1 on the source, taught by an open_clip teacher (its cache and head): the adapter
-    and its loss per epoch."""
+                    progress: bool = True, device: str = "cpu") -> tuple[AdapterArtifact, list[float]]:
+    """Phase 1 on the source, taught by an open_clip teacher (its cache and head), trained on
+    ``device``: the adapter and its loss per epoch."""
     return extract_adapter_from_teacher(source_cache, source_head, checkpoint_teacher_logits(teacher_cache, teacher_head),
-                                        latent_dim, mlp_ratio, num_layers, settings, progress)
+                                        latent_dim, mlp_ratio, num_layers, settings, progress, device)
 
 
 def checkpoint_teacher_logits(teacher_cache: FeatureCache, teacher_head: ZeroShotHead) -> TeacherLogits:
@@ -43,8 +43,9 @@ def checkpoint_teacher_logits(teacher_cache: FeatureCache, teacher_head: ZeroSho
 def extract_adapter_from_teacher(source_cache: FeatureCache, source_head: ZeroShotHead, teacher: TeacherLogits,
                                  latent_dim: int | None = None, mlp_ratio: int = 4, num_layers: int = 1,
                                  settings: ExtractionSettings = ExtractionSettings(),
-                                 progress: bool = True) -> tuple[AdapterArtifact, list[float]]:
-    """Phase 1 on the source from a teacher of any kind (its task logits on the same images)."""
+                                 progress: bool = True, device: str = "cpu") -> tuple[AdapterArtifact, list[float]]:
+    """Phase 1 on the source from a teacher of any kind (its task logits on the same images),
+    trained on ``device``."""
     check_same_images(source_cache, teacher)
     if teacher.class_names != source_head.class_names:
         raise InputError("the teacher's classes differ from the source head's task classes")
@@ -52,7 +53,7 @@ def extract_adapter_from_teacher(source_cache: FeatureCache, source_head: ZeroSh
     width = len(source_head.all_class_names)
     config = AdapterConfig(num_task_classes=source_head.num_task_classes, logit_width=width,
                            latent_dim=latent_dim or width, mlp_ratio=mlp_ratio, num_layers=num_layers)
-    adapter, history = extract(source_logits, teacher.logits, config, settings, progress=progress)
+    adapter, history = extract(source_logits, teacher.logits, config, settings, progress=progress, device=device)
     # an open_clip teacher keeps the provenance keys adapters have always carried
     described = ({"teacher_model": teacher.teacher["model"], "teacher_head_sha256": teacher.teacher["head_sha256"]}
                  if teacher.teacher.get("kind") == "checkpoint" else {"teacher": teacher.teacher})
@@ -101,15 +102,16 @@ def transfer_adapter(artifact: AdapterArtifact, source_cache: FeatureCache, sour
 
 
 def plus_adapter(artifact: AdapterArtifact, labelled: FeatureCache, target_head: ZeroShotHead, shots: int | None,
-                 settings: PlusSettings = PlusSettings(),
-                 progress: bool = True) -> tuple[AdapterArtifact, list[float], int]:
-    """Phase 3 (TransMiter+): the refined adapter, its loss per epoch and the number of labelled samples."""
+                 settings: PlusSettings = PlusSettings(), progress: bool = True,
+                 device: str = "cpu") -> tuple[AdapterArtifact, list[float], int]:
+    """Phase 3 (TransMiter+, trained on ``device``): the refined adapter, its loss per epoch and
+    the number of labelled samples."""
     check_adapter_head(artifact, target_head, "head")
     logits, labels = zero_shot_logits(labelled, target_head), labelled.labels
     if shots is not None:
         chosen = few_shot_indices(labels, shots, settings.seed, num_classes=len(artifact.class_names))
         logits, labels = logits[chosen], labels[chosen]
-    refined, history = train_plus(artifact.adapter, logits, labels, settings, progress=progress)
+    refined, history = train_plus(artifact.adapter, logits, labels, settings, progress=progress, device=device)
     num_samples = int((labels >= 0).sum())
     result = replace(
         artifact,

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
+from ..method.device import DEVICE_HELP
 from ..method.extraction import ExtractionSettings
 from ..method.plus import PlusSettings
 from ..runtimes import registry
@@ -94,6 +95,12 @@ class DataSection:
     base_classes: int | None = None  # the first N classes are "base" in the table (default: half)
     train_per_class: int = 500  # demo task sizes
     test_per_class: int = 100
+    # where the feature caches are computed: local (this process) or ray (a Ray cluster, the
+    # [distributed] extra); the caches are the same either way, so switching redoes none
+    engine: str = "local"
+    address: str | None = None  # engine ray: HOST:PORT or auto of a running cluster (default: a local one)
+    workers: int | None = None  # engine ray: encoding actors (default: one per CPU, or per gpus_per_worker GPUs)
+    gpus_per_worker: float = 0.0  # engine ray
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,9 @@ class Recipe:
     runtimes: tuple[str, ...] = RUNTIMES
     tasks: tuple[TaskRecipe, ...] = ()  # always filled: a single-task recipe is a bank of one
     bank: bool = False  # the recipe has a tasks: list (the export writes a bank, docs/bank.md)
+    # where extraction and TransMiter+ train (method/device.py); not part of any step's key: the
+    # results agree across devices to float rounding
+    device: str = "auto"
 
 
 class _Reader:
@@ -358,7 +368,7 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
         "name": str, "source": ModelRef, "finetuned": ModelRef, "target": ModelRef, "data": DataSection,
         "head": HeadSection, "adapter": AdapterSection, "extraction": ExtractionSettings,
         "transfer": TransferSection, "plus": PlusSection, "export": ExportSection, "runtimes": tuple,
-        "tasks": list,
+        "tasks": list, "device": str,
     }
     for key in raw:
         if key not in top:
@@ -386,6 +396,8 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
                                          nested={"batch": BatchRange, "calibration": CalibrationSection})
         elif key == "runtimes":
             values[key] = reader.value(tuple[str, ...], raw[key], key)
+        elif key == "device":
+            values[key] = reader.value(str, raw[key], key)
         else:
             values[key] = reader.section(cls, raw[key], key)
     values["tasks"] = _tasks(raw, reader) if bank else (TaskRecipe(
@@ -476,6 +488,8 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
     batch = recipe.export.batch
     if not 1 <= batch.min <= batch.opt <= batch.max:
         raise reader.fail("export.batch", f"need 1 <= min <= opt <= max, got {batch.min}/{batch.opt}/{batch.max}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", recipe.device):
+        raise reader.fail("device", f"must be {DEVICE_HELP}, got '{recipe.device}'")
     for runtime in recipe.runtimes:
         if runtime not in RUNTIMES:
             raise reader.fail("runtimes", f"unknown runtime '{runtime}' (known: {', '.join(RUNTIMES)})")
@@ -550,6 +564,18 @@ def _check_task(task: TaskRecipe, prefix: str, reader: _Reader, check_files: boo
                 value = getattr(data, key)
                 if value is not None and not value.exists():
                     raise reader.fail(f"{prefix}data.{key}", f"not found: {value}")
+    if data.engine not in ("local", "ray"):
+        raise reader.fail(f"{prefix}data.engine", f"must be 'local' or 'ray', got '{data.engine}'")
+    if data.engine == "local":
+        for key in ("address", "workers"):
+            if getattr(data, key) is not None:
+                raise reader.fail(f"{prefix}data.{key}", "only with data.engine: ray")
+        if data.gpus_per_worker:
+            raise reader.fail(f"{prefix}data.gpus_per_worker", "only with data.engine: ray")
+    if data.workers is not None and data.workers < 1:
+        raise reader.fail(f"{prefix}data.workers", f"must be positive, got {data.workers}")
+    if not data.gpus_per_worker >= 0:
+        raise reader.fail(f"{prefix}data.gpus_per_worker", f"must be 0 or more, got {data.gpus_per_worker}")
     templates = task.head.templates
     if templates is not None and templates not in builtin_templates and check_files \
             and not (reader.base / templates).is_file():
