@@ -1,4 +1,4 @@
-"""What machine a measurement ran on: recorded next to every benchmark figure."""
+"""Facts about the machine (recorded next to every benchmark figure), and its memory."""
 
 from __future__ import annotations
 
@@ -14,3 +14,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def release_freed_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc's ``malloc_trim``).
+
+    Large exports free whole copies of a model's weights between phases (a traced graph, an
+    ONNX Runtime session); glibc keeps freed heap pages mapped, so without this the next phase
+    starts from the previous one's peak. A no-op where the C library has no ``malloc_trim``."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)

@@ -42,6 +42,7 @@ import torch
 
 from ..artifacts import atomic_directory, read_json, read_manifest, sha256_file, write_json, write_manifest
 from ..errors import WRITE_ERRNOS, InputError, VerificationError, write_failure
+from ..host import release_freed_memory
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel
@@ -428,6 +429,8 @@ def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[st
     if target.qdq:
         check_qdq_scales(converted, f"{target.graph_name(stem)} as converted")
     save_graph(converted, directory / target.graph_name(stem), external_data_threshold)
+    del converted
+    release_freed_memory()
     return target.graph_name(stem)
 
 
@@ -522,6 +525,7 @@ def export_deployment(
                              f"image tower {model.identity.name}", staging)
         save_graph(model_onnx, staging / "model.onnx", settings.external_data_threshold)
         del model_onnx  # counted from the file (_macs): a large graph is not held twice
+        release_freed_memory()
         head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head",
                             staging)
         save_graph(head_onnx, staging / "head.onnx", settings.external_data_threshold)
@@ -534,6 +538,7 @@ def export_deployment(
         write_head_safetensors(parts.folded, staging / HEAD_FILE)
         checks = Checks()
         _verify_fp32(staging, parts, pixels, checks)
+        release_freed_memory()  # the parity sessions' weights, before a converter loads them again
         files = {"model.onnx": REFERENCE_PRECISION, "head.onnx": REFERENCE_PRECISION}
         converter_inputs = {"model": {"pixel_values": pixels[: settings.calibration_images].numpy()},
                             "head": {"image_features": parts.features.numpy()}}

@@ -38,6 +38,7 @@ import onnx
 from onnx import TensorProto
 
 from ...errors import DependencyError, InputError
+from ...host import release_freed_memory
 from ...runtimes.base import graph_tensors
 from ..consumer_safety import move_transposes_after_matmuls
 from ..fusion import FP32_NODES
@@ -176,6 +177,7 @@ def value_ranges(structure: onnx.ModelProto, data_dir: Path, calibration: dict[s
             path.unlink(missing_ok=True)
         ranges.update({name: _abs_max(result) for name, result in zip(group, results)})
         del session, results
+        release_freed_memory()  # each group's session holds the weights: one at a time
     return ranges
 
 
