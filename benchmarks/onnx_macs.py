@@ -41,7 +41,8 @@ def main() -> int:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
             report = export_deployment(model, head, artifact, f"{out}/export", parity_pixels(model, None, args.samples),
-                                       ExportSettings(fp16=args.fp16, calibration_images=args.calibration_images), log=lambda _line: None)
+                                       ExportSettings(precisions=("fp32", "fp16") if args.fp16 else ("fp32",),
+                                                      calibration_images=args.calibration_images), log=lambda _line: None)
         print(f"== {name} (random weights; d = {model.model.visual.output_dim}, C = D = {args.width}, "
               f"K = {args.classes}), export + verification {time.perf_counter() - start:.1f} s")
         print(format_report(report))

@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -183,9 +184,16 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
         structure, data_dir = weights_apart(traced, Path(work))
         model = _slim_structure(structure, onnxslim.slim)
         del structure
+        # checked as a structure beside its data file: the checker reads the graph from the path
+        # and never the weights (in memory, it would hold the serialised graph twice more)
+        checked = data_dir / f".checked-{uuid.uuid4().hex}.onnx"
+        try:
+            onnx.save_model(model, str(checked))
+            check_full(checked, f"exported {what}")
+        finally:
+            checked.unlink(missing_ok=True)
         # the weights back in memory, once: the caller saves the graph (save_graph decides where)
         onnx.external_data_helper.load_external_data_for_model(model, str(data_dir))
-    check_full(model, f"exported {what}")
     return model
 
 
@@ -239,11 +247,15 @@ def _mha_fast_path(enabled: bool) -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def check_full(model: onnx.ModelProto, what: str) -> None:
-    """``onnx.checker``'s full check (shape inference included) of an in-memory graph. The checker
-    serialises its argument, which protobuf refuses past 2 GiB: such a graph is checked from a
-    temporary copy written with external data, which the checker reads from its path."""
+def check_full(model: onnx.ModelProto | Path, what: str) -> None:
+    """``onnx.checker``'s full check (shape inference included) of a graph in memory or in a file
+    (with its external data beside it). The checker serialises an in-memory argument, which
+    protobuf refuses past 2 GiB: such a graph is checked from a temporary copy written with
+    external data, which the checker reads from its path."""
     try:
+        if isinstance(model, Path):
+            onnx.checker.check_model(str(model), full_check=True)
+            return
         if tensor_bytes(model) < PROTOBUF_LIMIT - (64 << 20):
             onnx.checker.check_model(model, full_check=True)
             return
@@ -276,13 +288,14 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
         # back leaves the caller's model as it was (verification and the MAC count use it next)
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=False)
+        written = external_data_locations(model)  # what the file just written points at
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         for tensor in graph_tensors(model.graph):  # as it was: onnx leaves data_location set to DEFAULT
             if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
                 tensor.ClearField("data_location")
     else:
         onnx.save_model(model, path)
-    written = external_data_locations(graph_structure(path))
+        written = external_data_locations(model)
     if probe:
         require_loadable([path])
     return written

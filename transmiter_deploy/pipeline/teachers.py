@@ -63,6 +63,12 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + ".json")
 
 
+def _check_recorded_sha256(recorded: Any, path: Path, subject: str, record: str) -> None:
+    """A teacher file against the sha256 its side file records, when it records one."""
+    if isinstance(recorded, str) and recorded != sha256_file(path):
+        raise IntegrityError(f"{subject} match the sha256 in {record} (replaced or modified since it was written)")
+
+
 def check_preprocess(preprocess: TeacherPreprocess) -> None:
     if preprocess.image_size < 1:
         raise InputError(f"image_size must be positive, got {preprocess.image_size}")
@@ -88,10 +94,8 @@ def resolve_preprocess(ref: OnnxTeacher) -> TeacherPreprocess:
         raise InputError(f"ONNX teacher {ref.onnx}: state its preprocessing in the recipe (finetuned.preprocess) "
                          f"or beside it in {path}")
     manifest = read_json(path, "ONNX teacher manifest")
-    recorded = manifest.get("onnx_sha256")
-    if isinstance(recorded, str) and recorded != sha256_file(ref.onnx):
-        raise IntegrityError(f"ONNX teacher {ref.onnx} does not match the sha256 in its manifest {path} "
-                             "(replaced or modified since the manifest was written)")
+    _check_recorded_sha256(manifest.get("onnx_sha256"), ref.onnx, f"ONNX teacher {ref.onnx} does not",
+                           f"its manifest {path}")
     raw = manifest.get("preprocess")
     if not isinstance(raw, dict):
         raise InputError(f"ONNX teacher manifest {path}: needs a 'preprocess' object")
@@ -222,10 +226,8 @@ def read_precomputed(ref: LogitsTeacher, class_names: list[str]) -> PrecomputedL
                          f"{_dims(logits.shape)}")
     listing = images_path(ref)
     manifest = read_json(listing, "precomputed logits image list")
-    recorded = manifest.get("logits_sha256")
-    if isinstance(recorded, str) and recorded != sha256_file(ref.logits):
-        raise IntegrityError(f"precomputed logits {where} do not match the sha256 in their image list {listing} "
-                             "(replaced or modified since the list was written)")
+    _check_recorded_sha256(manifest.get("logits_sha256"), ref.logits, f"precomputed logits {where} do not",
+                           f"their image list {listing}")
     images = manifest.get("images")
     if not isinstance(images, list):
         raise InputError(f"image list {listing}: needs an 'images' list (one {{split, path, sha256}} per row)")
