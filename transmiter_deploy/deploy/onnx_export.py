@@ -151,12 +151,32 @@ class ExportReport:
 
 def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
             opset: int, what: str, work_dir: Path | None = None) -> onnx.ModelProto:
-    """Trace to ONNX with a dynamic batch axis, simplify with onnxslim, check fully.
+    """Trace to ONNX with a dynamic batch axis, simplify with onnxslim, check fully; the graph in
+    memory, with its tensors (:func:`export_graph` writes a large one without holding them)."""
+    with _traced(module, example, input_name, output_name, opset, what, work_dir) as (model, data_dir):
+        onnx.external_data_helper.load_external_data_for_model(model, str(data_dir))
+    return model
+
+
+def export_graph(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
+                 opset: int, what: str, path: Path, external_data_threshold: int | None = None) -> list[str]:
+    """:func:`to_onnx` written to ``path`` as :func:`save_graph` writes it (external data past the
+    threshold, the load probe), the weights copied from the trace's data file one tensor at a time:
+    a large tower's graph never has its weights in memory beside the PyTorch tower's."""
+    with _traced(module, example, input_name, output_name, opset, what, Path(path).parent) as (model, data_dir):
+        return save_graph(model, path, external_data_threshold, data_dir=data_dir)
+
+
+@contextmanager
+def _traced(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str, opset: int,
+            what: str, work_dir: Path | None) -> Iterator[tuple[onnx.ModelProto, Path]]:
+    """The traced, simplified and checked graph's structure, and the directory of the data file its
+    tensors are in (a temporary directory, gone when the context exits).
 
     The exporter writes into a file in a temporary directory rather than a buffer: past 2 GiB it
-    can only write external data, and only beside a file; the graph is read back whole. An export
-    passes its staging directory as ``work_dir``, so the trace takes room on the artifact's own
-    disk (not /tmp, often smaller) and a full disk is reported against the artifact (exit 5)."""
+    can only write external data, and only beside a file. An export passes its staging directory
+    as ``work_dir``, so the trace takes room on the artifact's own disk (not /tmp, often smaller)
+    and a full disk is reported against the artifact (exit 5)."""
     import onnxslim
 
     with tempfile.TemporaryDirectory(prefix=".trace-", dir=work_dir) as work:
@@ -164,8 +184,7 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
         try:
             # Under no_grad, nn.MultiheadAttention takes a fused fast path
             # (aten::_native_multi_head_attention) that has no ONNX symbolic: the fast path is
-            # switched off instead of tracing with grad mode on, which kept every activation
-            # for a backward pass (ViT-B-16's trace took 2.3 GB over its 0.35 GB of weights).
+            # switched off rather than tracing with grad mode on, which records for a backward pass.
             with warnings.catch_warnings(), torch.no_grad(), _mha_fast_path(False):
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
                 torch.onnx.export(
@@ -181,6 +200,7 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
         except Exception as exc:  # the exporter raises many types; all mean "cannot trace this"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"cannot export {what} to ONNX: {first}") from exc
+        release_freed_memory()  # the exporter's own copies of the weights
         structure, data_dir = weights_apart(traced, Path(work))
         model = _slim_structure(structure, onnxslim.slim)
         del structure
@@ -192,9 +212,7 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
             check_full(checked, f"exported {what}")
         finally:
             checked.unlink(missing_ok=True)
-        # the weights back in memory, once: the caller saves the graph (save_graph decides where)
-        onnx.external_data_helper.load_external_data_for_model(model, str(data_dir))
-    return model
+        yield model, data_dir
 
 
 def weights_apart(path: Path, work: Path) -> tuple[onnx.ModelProto, Path]:
@@ -268,10 +286,12 @@ def check_full(model: onnx.ModelProto | Path, what: str) -> None:
 
 
 def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int | None = None,
-               probe: bool = True) -> list[str]:
+               probe: bool = True, data_dir: Path | None = None) -> list[str]:
     """Write ``model`` to ``path``, its tensors in ``<name>.data`` beside it when they pass the
     threshold (:func:`resolve_external_data_threshold`); returns the data files written (names beside
     the graph; empty when the graph holds its tensors). The caller's ``model`` keeps its tensors.
+    ``data_dir``: ``model`` is a structure whose tensors are external data relative to it; they are
+    copied into the graph's data file one at a time (or read in, below the threshold).
 
     Then (``probe``) the graph must load and run in ONNX Runtime at every optimisation level, in
     a child process (a graph that would crash a user's session fails here, in one line, before
@@ -283,7 +303,16 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
     # onnx appends tensors to an existing data file (offsets past the stale bytes), and a file
     # linked in from the previous artifact (link_or_copy) must never be written through: start afresh
     data.unlink(missing_ok=True)
-    if tensor_bytes(model) > resolve_external_data_threshold(external_data_threshold):
+    if data_dir is not None:
+        if stored_bytes(model) > resolve_external_data_threshold(external_data_threshold):
+            _copy_external_data(model, Path(data_dir), data)
+            onnx.save_model(model, path)
+            written = external_data_locations(model)
+        else:
+            onnx.external_data_helper.load_external_data_for_model(model, str(data_dir))
+            onnx.save_model(model, path)
+            written = external_data_locations(model)
+    elif tensor_bytes(model) > resolve_external_data_threshold(external_data_threshold):
         # onnx moves the tensors' bytes into the file and clears them in ``model``; reading them
         # back leaves the caller's model as it was (verification and the MAC count use it next)
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -299,6 +328,40 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
     if probe:
         require_loadable([path])
     return written
+
+
+def stored_bytes(model: onnx.ModelProto) -> int:
+    """:func:`tensor_bytes` of a graph whose tensors may be external data (counted by their length)."""
+    total = 0
+    for tensor in graph_tensors(model.graph):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        total += tensor.ByteSize() + (int(info.get("length", 0)) if tensor.data_location == onnx.TensorProto.EXTERNAL else 0)
+    return total
+
+
+def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, chunk: int = 64 << 20) -> None:
+    """Every external tensor of ``model`` copied from where it lies (relative to ``source_dir``) into
+    the one file ``data``, its location and offset rewritten to point there; a tensor at a time, in
+    chunks, so the memory this takes does not grow with the graph."""
+    with open(data, "wb") as out:
+        for tensor in graph_tensors(model.graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            length, offset = int(info["length"]), out.tell()
+            with open(source_dir / info["location"], "rb") as source:
+                source.seek(int(info.get("offset", 0)))
+                left = length
+                while left:
+                    block = source.read(min(chunk, left))
+                    if not block:
+                        raise VerificationError(f"{source_dir / info['location']} ends before tensor {tensor.name}")
+                    out.write(block)
+                    left -= len(block)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
 
 
 def io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
@@ -534,10 +597,9 @@ def export_deployment(
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
-        model_onnx = to_onnx(parts.fused, pixels[:2], "pixel_values", output, settings.opset,
-                             f"image tower {model.identity.name}", staging)
-        save_graph(model_onnx, staging / "model.onnx", settings.external_data_threshold)
-        del model_onnx  # counted from the file (_macs): a large graph is not held twice
+        # written as traced, its weights never in memory beside the tower's; counted from the file (_macs)
+        export_graph(parts.fused, pixels[:2], "pixel_values", output, settings.opset,
+                     f"image tower {model.identity.name}", staging / "model.onnx", settings.external_data_threshold)
         release_freed_memory()
         head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head",
                             staging)
