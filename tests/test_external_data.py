@@ -281,3 +281,33 @@ def test_a_recipe_asks_for_external_data_and_only_the_graph_steps_run_again(demo
         if name.startswith("model"):
             with OnnxRuntimeRunner(outcome.export_dir / name) as a, OnnxRuntimeRunner(inline.export_dir / name) as b:
                 assert compare_outputs(b.infer(pixels), a.infer(pixels))["max_abs"] <= 1e-5, name
+
+
+def test_weights_apart_moves_inline_and_external_tensors_into_one_file_unchanged(tmp_path):
+    # the TorchScript exporter, past 2 GiB, writes some tensors apart and keeps others in the graph
+    from onnx import TensorProto, helper, numpy_helper
+
+    from transmiter_deploy.deploy.onnx_export import weights_apart
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((32, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(a, "a"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.external_data_helper.convert_model_to_external_data(model, location="a.bin", size_threshold=0)
+    for tensor in model.graph.initializer:  # only "a" goes apart; "b" stays in the graph
+        if tensor.name == "b":
+            tensor.ClearField("data_location")
+            del tensor.external_data[:]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "work").mkdir()
+    onnx.save_model(model, str(tmp_path / "src" / "g.onnx"))
+    structure, data_dir = weights_apart(tmp_path / "src" / "g.onnx", tmp_path / "work")
+    assert data_dir == tmp_path / "work"
+    assert all(t.data_location == TensorProto.EXTERNAL for t in structure.graph.initializer)
+    onnx.external_data_helper.load_external_data_for_model(structure, str(data_dir))
+    values = {t.name: numpy_helper.to_array(t) for t in structure.graph.initializer}
+    assert np.array_equal(values["a"], a) and np.array_equal(values["b"], b)

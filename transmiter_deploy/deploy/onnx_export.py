@@ -216,18 +216,25 @@ def _traced(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
 
 
 def weights_apart(path: Path, work: Path) -> tuple[onnx.ModelProto, Path]:
-    """The graph at ``path`` with every tensor of ``EXTERNAL_TENSOR_MIN_BYTES`` or more in a data
+    """The graph at ``path`` with every initialiser of ``EXTERNAL_TENSOR_MIN_BYTES`` or more in a data
     file, read as its structure alone, and the directory its locations are relative to: the graph's
-    own when it has external data already, else ``work``, where onnx writes the tensors one at a
-    time. Graph rewrites then run at the memory of the structure, and read weights one by one."""
+    own when all its large tensors are external data already, else ``work``, where they are written
+    one at a time (those in the graph, and those of the data files it points at: the TorchScript
+    exporter, past 2 GiB, writes some tensors apart and keeps others in the graph). Graph rewrites
+    then run at the memory of the structure, and read weights one by one."""
     path, work = Path(path), Path(work)
     structure = graph_structure(path)
-    if external_data_locations(structure):
+    if not any(_inline_large(tensor) for tensor in structure.graph.initializer):
         return structure, path.parent
-    onnx.save_model(structure, str(work / "weights.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.onnx.data", size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=False)
+    _copy_external_data(structure, path.parent, work / "weights.onnx.data", move_inline=True)
+    onnx.save_model(structure, str(work / "weights.onnx"))
     del structure  # read back rather than kept: protobuf's arena would hold the moved bytes until then
     return graph_structure(work / "weights.onnx"), work
+
+
+def _inline_large(tensor: onnx.TensorProto) -> bool:
+    return (tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.data_type != onnx.TensorProto.STRING
+            and tensor.ByteSize() >= EXTERNAL_TENSOR_MIN_BYTES)
 
 
 def _slim_structure(structure: onnx.ModelProto, slim: Callable) -> onnx.ModelProto:
@@ -339,10 +346,12 @@ def stored_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, chunk: int = 64 << 20) -> None:
+def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, chunk: int = 64 << 20,
+                        move_inline: bool = False) -> None:
     """Every external tensor of ``model`` copied from where it lies (relative to ``source_dir``) into
     the one file ``data``, its location and offset rewritten to point there; a tensor at a time, in
-    chunks, so the memory this takes does not grow with the graph."""
+    chunks, so the memory this takes does not grow with the graph. ``move_inline``: initialisers
+    of ``EXTERNAL_TENSOR_MIN_BYTES`` or more held in the graph are moved there too."""
     with open(data, "wb") as out:
         for tensor in graph_tensors(model.graph):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -358,10 +367,24 @@ def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, ch
                         raise VerificationError(f"{source_dir / info['location']} ends before tensor {tensor.name}")
                     out.write(block)
                     left -= len(block)
-            del tensor.external_data[:]
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            _point_at(tensor, data.name, offset, length)
+        for tensor in model.graph.initializer if move_inline else ():
+            if not _inline_large(tensor):
+                continue
+            offset = out.tell()
+            out.write(tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes())
+            length = out.tell() - offset
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(field)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            _point_at(tensor, data.name, offset, length)
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
