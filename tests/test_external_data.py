@@ -311,3 +311,31 @@ def test_weights_apart_moves_inline_and_external_tensors_into_one_file_unchanged
     onnx.external_data_helper.load_external_data_for_model(structure, str(data_dir))
     values = {t.name: numpy_helper.to_array(t) for t in structure.graph.initializer}
     assert np.array_equal(values["a"], a) and np.array_equal(values["b"], b)
+
+
+def test_weights_apart_reads_an_external_tensor_without_a_length_entry(tmp_path):
+    # the format leaves "length" optional, and the TorchScript exporter writes none
+    from onnx import TensorProto, helper, numpy_helper
+
+    from transmiter_deploy.deploy.onnx_export import weights_apart
+
+    a = np.arange(32 * 32, dtype=np.float32).reshape(32, 32)
+    b = np.ones((32, 32), np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(b, "b")])
+    external = graph.initializer.add()
+    external.name, external.data_type = "a", TensorProto.FLOAT
+    external.dims.extend(a.shape)
+    external.data_location = TensorProto.EXTERNAL
+    entry = external.external_data.add()
+    entry.key, entry.value = "location", "a.bin"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "src" / "a.bin").write_bytes(a.tobytes())
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "src" / "g.onnx"))
+    structure, data_dir = weights_apart(tmp_path / "src" / "g.onnx", tmp_path / "work")
+    onnx.external_data_helper.load_external_data_for_model(structure, str(data_dir))
+    values = {t.name: numpy_helper.to_array(t) for t in structure.graph.initializer}
+    assert np.array_equal(values["a"], a) and np.array_equal(values["b"], b)

@@ -342,8 +342,17 @@ def stored_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for tensor in graph_tensors(model.graph):
         info = {entry.key: entry.value for entry in tensor.external_data}
-        total += tensor.ByteSize() + (int(info.get("length", 0)) if tensor.data_location == onnx.TensorProto.EXTERNAL else 0)
+        total += tensor.ByteSize() + (_external_length(tensor, info) if tensor.data_location == onnx.TensorProto.EXTERNAL else 0)
     return total
+
+
+def _external_length(tensor: onnx.TensorProto, info: dict[str, str]) -> int:
+    """An external tensor's byte count: its ``length`` entry, which the format leaves optional (the
+    TorchScript exporter writes none), else its shape times its element size."""
+    if "length" in info:
+        return int(info["length"])
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, chunk: int = 64 << 20,
@@ -357,7 +366,7 @@ def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, ch
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = {entry.key: entry.value for entry in tensor.external_data}
-            length, offset = int(info["length"]), out.tell()
+            length, offset = _external_length(tensor, info), out.tell()
             with open(source_dir / info["location"], "rb") as source:
                 source.seek(int(info.get("offset", 0)))
                 left = length
