@@ -117,7 +117,9 @@ def child_export(name: str, out: Path, samples: int, precisions: tuple[str, ...]
     parameters = sum(p.numel() for p in model.model.visual.parameters())
     from transmiter_deploy.deploy.export_memory import estimate
 
-    predicted = estimate(parameters * 4, precisions)
+    from transmiter_deploy.deploy.onnx_export import resolve_external_data_threshold
+
+    predicted = estimate(parameters * 4, precisions, external_data=parameters * 4 > resolve_external_data_threshold())
     head, artifact = synthetic_head_and_adapter(model, 1024, 100)
     pixels = parity_pixels(model, None, samples)
 

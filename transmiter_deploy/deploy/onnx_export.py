@@ -622,7 +622,8 @@ def export_deployment(
         raise InputError(f"{settings.calibrated()[0].name} needs calibration images (--calibration-data)")
     tower = model.model.visual
     weight_bytes = sum(t.numel() * 4 for t in (*tower.parameters(), *tower.buffers()) if t.is_floating_point())
-    check_export_memory(weight_bytes, settings.precisions, f"the image tower of {model.identity.describe()}")
+    check_export_memory(weight_bytes, settings.precisions, f"the image tower of {model.identity.describe()}",
+                        external_data=weight_bytes > resolve_external_data_threshold(settings.external_data_threshold))
     timings: dict[str, float] = {}
     parts = _modules(model, head, artifact, pixels, settings)
     output = "probabilities" if settings.softmax else "logits"
