@@ -259,6 +259,7 @@ def load_image_tower(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
         whole.model = ImageTower(whole.model.visual, whole.model.logit_scale)
         whole.tokenizer = _no_tokenizer
         return whole
+    # open_clip has no public builder of one tower: CLIP.__init__ calls this one for its image tower
     from open_clip.model import _build_vision_tower
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -269,7 +270,7 @@ def load_image_tower(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
                                          quick_gelu=config.get("quick_gelu", False), cast_dtype=None)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"cannot build the image tower of {identity.describe()}: {exc}") from exc
-    logit_scale = torch.tensor(float(np.log(1 / 0.07)))  # CLIP's initial value
+    logit_scale = torch.tensor(float(config.get("init_logit_scale", np.log(1 / 0.07))))  # CLIP's initial value
     if spec.checkpoint is not None:
         visual_state, logit_scale = _read_image_tower(Path(spec.checkpoint), logit_scale)
         try:
