@@ -10,7 +10,7 @@ converter itself against the fp32 graph's size (issue 17's target: <= 3x).
 
     python benchmarks/large_models.py --model ViT-B-16 --model ViT-L-14 --model ViT-H-14 --model ViT-bigG-14
 
-writes ``benchmarks/results/<host>/large_models.{json,md}``; runs that fail (out of memory, a
+writes ``benchmarks/results/cpu-2core/large_models.{json,md}`` (``--results DIR`` elsewhere); runs that fail (out of memory, a
 failed check) are recorded with the reason, and the others still run.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -183,6 +182,20 @@ def _run_child(args: list[str], timeout: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _estimates(results: dict, precisions: str) -> None:
+    """Every run's estimate as the export's memory check makes it now (runs kept from earlier
+    invocations were estimated by the factors of their day)."""
+    from transmiter_deploy.deploy.export_memory import estimate
+    from transmiter_deploy.deploy.onnx_export import resolve_external_data_threshold
+
+    for name, result in results.items():
+        export = result.get("export", {}) if not name.startswith("_") else {}
+        if "image_tower_parameters" in export:
+            weight_bytes = export["image_tower_parameters"] * 4
+            export["estimated_peak_bytes"] = estimate(weight_bytes, precisions.split(","), external_data=(
+                weight_bytes > resolve_external_data_threshold())).peak_bytes
+
+
 def _gb(value: float | None) -> str:
     return "-" if value is None else f"{value / 1e9:.2f}"
 
@@ -269,10 +282,13 @@ def main() -> int:
             result["fp16_alone"] = _run_child(["fp16", str(out), str(args.samples)], args.timeout)
         results[name] = result
         shutil.rmtree(out, ignore_errors=True)
-        facts = {"host": platform.node() and "cpu-2core", "cpus": os.cpu_count(),
+        from transmiter_deploy.host import cpu_model
+
+        facts = {"host": cpu_model(), "cpus": os.cpu_count(),
                  "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
                  "samples": args.samples, "versions": library_versions(),
                  "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+        _estimates(results, precisions)
         args.results.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps({**results, "_facts": facts}, indent=2))
         (args.results / "large_models.md").write_text(
