@@ -114,6 +114,8 @@ def child_export(name: str, out: Path, samples: int, precisions: tuple[str, ...]
     model = load_image_tower(ModelSpec(name, init_seed=0))
     load_s = time.perf_counter() - start
     parameters = sum(p.numel() for p in model.model.visual.parameters())
+    if PHASE_FILE in os.environ:  # recorded for a run that is killed before it reports
+        Path(os.environ[PHASE_FILE] + ".parameters").write_text(str(parameters))
     from transmiter_deploy.deploy.export_memory import estimate
 
     from transmiter_deploy.deploy.onnx_export import resolve_external_data_threshold
@@ -176,9 +178,12 @@ def _run_child(args: list[str], timeout: float) -> dict:
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s"}
         last = Path(phase.name).read_text() or "start"
+        counted = Path(phase.name + ".parameters")
+        parameters = int(counted.read_text()) if counted.exists() else None
+        counted.unlink(missing_ok=True)
     if done.returncode != 0:
         reason = ("killed by SIGKILL (out of memory)" if done.returncode == -9 else f"exit status {done.returncode}")
-        return {"error": f"{reason} during {last}"}
+        return {"error": f"{reason} during {last}", **({"image_tower_parameters": parameters} if parameters else {})}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -214,7 +219,9 @@ def markdown(results: dict, facts: dict) -> str:
     for name, result in results.items():
         export, alone = result.get("export", {}), result.get("fp16_alone", {})
         if "error" in export:
-            lines.append(f"| {name} | {export.get('image_tower_parameters', '-')} | - | - | - | - | - | - | - | - | - | "
+            parameters = export.get("image_tower_parameters")
+            lines.append(f"| {name} | {f'{parameters / 1e6:.0f} M' if parameters else '-'} | - | - | - | "
+                         f"- (estimated {_gb(export.get('estimated_peak_bytes'))}) | - | - | - | - | - | "
                          f"export failed: {export['error']} |")
             continue
         graphs, macs, checks = export["graph_bytes"], export["macs"], export["checks"]
