@@ -8,8 +8,8 @@ How, and why not ModelOpt AutoCast (the converter before): AutoCast holds severa
 the graph at once and runs its reference pass with every intermediate tensor as an output.
 Measured on this project's 2-core machine (ViT-B-16, a 0.38 GB fp32 graph, one calibration
 image; RSS above the interpreter's 0.8-0.9 GB): 3.1 GB with its reference run, 1.7 GB without
-it (4.6x the graph, and the run is what finds the out-of-range attention nodes); ViT-L-14's
-fp16 export peaked at 22.4 GB. Here the same decisions are made in three passes that each hold
+it (4.6x the graph, and without the run there is no range rule); ViT-L-14's fp16 export
+peaked at 22.4 GB. Here the same decisions are made in three passes that each hold
 at most one copy of the weights:
 
 1. the graph's structure is read without its tensors (a graph that holds them inline has them
@@ -48,8 +48,9 @@ from ..fusion import FP32_NODES
 DATA_MAX = 512.0
 FP16_MAX = float(np.finfo(np.float16).max)  # an initialiser beyond it cannot be stored in fp16
 # Intermediate tensors fetched per ONNX Runtime session in the range pass: bounds the pass's
-# activations (one calibration image of ViT-bigG-14 produces ~6 GB of them) for a session
-# load per group (the weights are read again each time, from the page cache).
+# activations (one calibration image through ViT-bigG-14's 48 blocks makes several GB of them,
+# by their shapes) for a session load per group (the weights read again each time, from the
+# page cache).
 PROBE_BUDGET_BYTES = 128 << 20
 
 
