@@ -239,7 +239,8 @@ def markdown(results: dict, facts: dict) -> str:
             f"{_gb(graphs.get('model_fp16'))} | {export['export_s']:.0f} | {_gb(export['peak_rss_bytes'])} "
             f"(estimated {_gb(export.get('estimated_peak_bytes'))}) | {conversion} | "
             f"{fp32.get('max_abs', float('nan')):.2e}, {fp32.get('top1_agreement', float('nan')):.0%} | "
-            f"{fp16.get('top1_agreement', float('nan')):.0%} | {macs['model'].get('backbone', 0) / 1e9:.1f} | "
+            f"{format(fp16['top1_agreement'], '.0%') if 'top1_agreement' in fp16 else '-'} | "
+            f"{macs['model'].get('backbone', 0) / 1e9:.1f} | "
             f"{macs['model'].get('head+adapter', 0) / 1e6:.2f} | {macs['overhead_percent']:.4f} |")
     lines += ["", "Peak RSS by phase of the export (GB):", ""]
     for name, result in results.items():
@@ -287,7 +288,8 @@ def main() -> int:
         if "error" not in export and "fp16" in precisions:
             print(f"== {name}: fp16 conversion alone", file=sys.stderr, flush=True)
             result["fp16_alone"] = _run_child(["fp16", str(out), str(args.samples)], args.timeout)
-        results[name] = result
+        # a run of other precisions than fp32 + fp16 is kept beside that one, not in its place
+        results[name if precisions == "fp32,fp16" else f"{name} [{precisions}]"] = result
         shutil.rmtree(out, ignore_errors=True)
         from transmiter_deploy.host import cpu_model
 

@@ -13,7 +13,7 @@ def test_estimate_is_the_interpreter_plus_the_largest_phase_of_the_precisions():
     factors = export_memory.FACTORS
     assert result.limiting == max(("fp32", "fp16"), key=factors.get)
     assert estimate(10**9, ("fp32",), available=10**12, external_data=True).peak_bytes == (
-        export_memory.INTERPRETER_BYTES + int(export_memory.FACTORS_EXTERNAL["fp32"] * 1e9))
+        export_memory.EXTERNAL_BASE_BYTES + int(export_memory.FACTORS_EXTERNAL["fp32"] * 1e9))
     assert result.peak_bytes == export_memory.INTERPRETER_BYTES + int(factors[result.limiting] * 1e9)
     assert result.fits and not estimate(10**12, ("fp32",), available=10**12).fits
 

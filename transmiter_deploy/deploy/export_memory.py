@@ -2,8 +2,8 @@
 traced, so that a machine that cannot hold it fails in one line with the estimate and the way
 out, not minutes later in an out-of-memory kill.
 
-The estimate is linear in the tower's fp32 weight bytes G: the interpreter with torch, onnx and
-ONNX Runtime loaded, plus a factor of G for the largest phase of the precisions exported (the
+The estimate is linear in the tower's fp32 weight bytes G: a fixed cost (the interpreter with
+torch, onnx and ONNX Runtime loaded, and more for a graph with external data), plus a factor of G for the largest phase of the precisions exported (the
 PyTorch tower stays loaded throughout; the exporter's trace, ONNX Runtime's parity session and
 the fp16 converter's range pass each hold about one more copy of the weights). A graph under
 the external-data threshold is also read whole in places (protobuf parses a file that holds its
@@ -24,9 +24,12 @@ from ..errors import DependencyError, InputError
 
 INTERPRETER_BYTES = 900 << 20  # measured: python with torch, open_clip, onnx, onnxruntime imported
 # peak RSS over the tower's fp32 weight bytes, per precision exported (the export's largest phase),
-# for a graph that holds its tensors and for one with external data
+# for a graph that holds its tensors (ViT-B-16, ViT-L-14: 0.9 GB + 9.5 G covers both) and for one
+# with external data, whose fixed cost is larger and whose factor is smaller (ViT-H-14 8.8 GB with
+# fp16; ViT-bigG-14 16.2 GB in fp32, and killed past 18.9 GB saving its fp16 graph on 24 GB)
 FACTORS = {"fp32": 9.5, "fp16": 9.5, "int8": 11.5}
-FACTORS_EXTERNAL = {"fp32": 3.6, "fp16": 3.6, "int8": 11.5}
+EXTERNAL_BASE_BYTES = 5_000_000_000
+FACTORS_EXTERNAL = {"fp32": 1.6, "fp16": 2.5, "int8": 11.5}
 MEMORY_CHECK_ENV = "TRANSMITER_MEMORY_CHECK"  # "off": export whatever the estimate says
 
 
@@ -61,7 +64,7 @@ def estimate(weight_bytes: int, precisions: Iterable[str], available: int | None
     table = FACTORS_EXTERNAL if external_data else FACTORS
     factors = {name: table.get(name, max(table.values())) for name in precisions}
     limiting = max(factors, key=factors.get)
-    peak = INTERPRETER_BYTES + int(factors[limiting] * weight_bytes)
+    peak = (EXTERNAL_BASE_BYTES if external_data else INTERPRETER_BYTES) + int(factors[limiting] * weight_bytes)
     return MemoryEstimate(weight_bytes, peak, available_bytes() if available is None else available, limiting)
 
 
@@ -78,8 +81,9 @@ def check_export_memory(weight_bytes: int, precisions: tuple[str, ...], what: st
     gb = 1e9
     fp32_only = estimate(weight_bytes, ("fp32",), result.available_bytes, external_data)
     if result.limiting != "fp32" and fp32_only.fits:
-        way_out = (f"export fp32 alone here (--precision fp32 --no-fp16, or export.precisions: [fp32]; "
-                   f"about {fp32_only.peak_bytes / gb:.1f} GB) and convert on a larger machine")
+        way_out = (f"export fp32 alone here (--no-fp16, or export.precisions: [fp32]; about "
+                   f"{fp32_only.peak_bytes / gb:.1f} GB), or the whole export on a machine with at least "
+                   f"{result.peak_bytes / gb:.0f} GB free")
     else:
         way_out = f"use a machine with at least {result.peak_bytes / gb:.0f} GB of free memory"
     raise DependencyError(
