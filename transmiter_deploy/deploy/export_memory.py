@@ -3,15 +3,15 @@ traced, so that a machine that cannot hold it fails in one line with the estimat
 out, not minutes later in an out-of-memory kill.
 
 The estimate is linear in the tower's fp32 weight bytes G: a fixed cost (the interpreter with
-torch, onnx and ONNX Runtime loaded, and more for a graph with external data), plus a factor of G for the largest phase of the precisions exported (the
-PyTorch tower stays loaded throughout; the exporter's trace, ONNX Runtime's parity session and
-the fp16 converter's range pass each hold about one more copy of the weights). A graph under
-the external-data threshold is also read whole in places (protobuf parses a file that holds its
-tensors in one piece), so its factor is larger. The factors are the largest measured by
-``benchmarks/large_models.py`` on this project's machines, rounded up
-(``benchmarks/results/cpu-2core/large_models.md``: ViT-B-16 and ViT-L-14 hold their tensors,
-ViT-H-14 has external data), and for int8 by ``benchmarks/int8_memory.py`` (ModelOpt's
-calibration, ViT-L-14: 14.1 GB for a 1.2 GB graph).
+torch, onnx and ONNX Runtime loaded; more for a graph with external data), plus a factor of G
+for the largest phase of the precisions exported (the PyTorch tower stays loaded throughout;
+the exporter's trace, ONNX Runtime's parity session and the fp16 converter each hold about one
+more copy of the weights). A graph under the external-data threshold is also read whole in
+places (protobuf parses a file that holds its tensors in one piece), so its factor is larger.
+The figures cover the peaks measured by ``benchmarks/large_models.py`` on this project's
+machines (``benchmarks/results/cpu-2core/large_models.md``: ViT-B-16 and ViT-L-14 hold their
+tensors, ViT-H-14 and ViT-bigG-14 have external data), and for int8 ``benchmarks/int8_memory.py``
+(ModelOpt's calibration, ViT-L-14: 14.1 GB for a 1.2 GB graph).
 """
 
 from __future__ import annotations
