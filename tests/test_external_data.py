@@ -276,15 +276,20 @@ def test_a_recipe_asks_for_external_data_and_only_the_graph_steps_run_again(demo
     assert graphs and all(manifest["files"][name]["external_data"] == [f"{name}.data"] for name in graphs)
     # the validation step ran every graph of the new export against PyTorch, and passed
     assert outcome.validation and all(row["passed"] for row in outcome.validation)
-    # only the storage changed: the same nodes and the same tensors, byte for byte ...
+    # only the storage changed: the same nodes and the same tensors ...
     for name in graphs:
         external, held = onnx.load(str(outcome.export_dir / name)), onnx.load(str(inline.export_dir / name))
         assert [(n.op_type, list(n.input), list(n.output)) for n in external.graph.node] == [
             (n.op_type, list(n.input), list(n.output)) for n in held.graph.node], name
-        assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in external.graph.initializer} == {
-            t.name: onnx.numpy_helper.to_array(t).tobytes() for t in held.graph.initializer}, name
-    # ... and the same outputs, to a few float32 ulps of the largest logit: the fp16 graphs of the two
-    # exports differed by 1.1e-5 once on CI's machine (the graphs themselves are checked equal above)
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in held.graph.initializer}
+        for tensor in external.graph.initializer:
+            # to float32 rounding: the folded head is computed again, and torch's GEMMs round by
+            # their thread count (a benchmark test once left it changed: CI saw last-bit differences)
+            value = onnx.numpy_helper.to_array(tensor)
+            assert value.dtype == weights[tensor.name].dtype and np.allclose(value, weights[tensor.name],
+                                                                             rtol=1e-5, atol=1e-7), (name, tensor.name)
+        assert len(external.graph.initializer) == len(weights), name
+    # ... and the same outputs, to a few float32 ulps of the largest logit (CI saw 1.1e-5 on fp16)
     pixels = np.random.default_rng(0).standard_normal((4, 3, *manifest["preprocess"]["image_size"])).astype(np.float32)
     for name in graphs:
         if name.startswith("model"):

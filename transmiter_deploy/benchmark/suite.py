@@ -207,7 +207,16 @@ def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int
         if rounds < 1:
             raise InputError(f"rounds must be at least 1, got {rounds}")
         profile = replace(profile, plan=replace(profile.plan, min_rounds=rounds, max_rounds=rounds))
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _measure_parts(profile, out_dir, work_dir, threads, parts, runtimes, command, log, progress)
+    finally:
+        torch.set_num_threads(previous)  # a library call leaves the caller's thread count as it was
+
+
+def _measure_parts(profile: Profile, out_dir: Path, work_dir: Path, threads: int, parts: tuple[str, ...],
+                   runtimes: tuple[str, ...], command: str, log, progress: bool) -> dict[str, Path]:
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -230,3 +239,4 @@ def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int
         write_json(written["accuracy"], {"environment": environment(threads, profile, command),
                                          "seconds": time.perf_counter() - start, **accuracy})
     return written
+
