@@ -313,12 +313,10 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
     if data_dir is not None:
         if stored_bytes(model) > resolve_external_data_threshold(external_data_threshold):
             _copy_external_data(model, Path(data_dir), data)
-            onnx.save_model(model, path)
-            written = external_data_locations(model)
         else:
             onnx.external_data_helper.load_external_data_for_model(model, str(data_dir))
-            onnx.save_model(model, path)
-            written = external_data_locations(model)
+        onnx.save_model(model, path)
+        written = external_data_locations(model)
     elif tensor_bytes(model) > resolve_external_data_threshold(external_data_threshold):
         # onnx moves the tensors' bytes into the file and clears them in ``model``; reading them
         # back leaves the caller's model as it was (verification and the MAC count use it next)
