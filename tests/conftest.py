@@ -196,11 +196,19 @@ SMALL_DEMO_EXTERNAL = SMALL_DEMO.replace("export: {", "export: {external_data_th
 @pytest.fixture(scope="session")
 def demo_external_export(demo_export, tmp_path_factory):
     """``(recipe, outcome)`` of the small demo export re-run with ``external_data_threshold: 0``:
-    the session's finished export copied, so only the steps that write graphs run again."""
+    the session's finished export copied, so only the steps that write graphs run again.
+
+    The copied inline graphs are kept in ``<out>/../inline-onnx`` first: they were made from the
+    very adapter and head files the re-run reads. (``demo_export`` itself may have been exported
+    again by then, by tests that retrain into it, and retraining is reproducible only to float32
+    rounding.)"""
+    import shutil
+
     from transmiter_deploy.pipeline.export import run_export
     from transmiter_deploy.pipeline.recipe import load_recipe
 
     path, out = copy_export(demo_export, tmp_path_factory.mktemp("external"), SMALL_DEMO_EXTERNAL)
+    shutil.copytree(out / "onnx", out.parent / "inline-onnx")
     recipe = load_recipe(path)
     return recipe, run_export(recipe, out, progress=False, log=lambda _: None)
 
