@@ -93,7 +93,7 @@ def _mark_phases(memory: PeakMemory) -> None:
     marked(onnx_export, "save_graph", "save_graph")
     marked(onnx_export, "ort_session", "ONNX Runtime parity")
     marked(fp16, "out_of_range_nodes", "fp16 range pass")
-    marked(fp16, "_read_tensors", "fp16 rewrite + weights")
+    marked(fp16, "_write_tensors", "fp16 weights to file")
 
 
 def _graph_bytes(directory: Path, stem: str) -> int:

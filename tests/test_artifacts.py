@@ -120,6 +120,27 @@ def test_failed_write_keeps_previous_artifact_and_leaves_no_partial(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+def test_a_killed_writers_staging_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    save_adapter(make_artifact(seed=1), tmp_path / "a")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)  # a process that has exited: its staging can never be finished
+    host = os.uname().nodename
+    dead = tmp_path / f".a.{host}-{dead_pid}-k1ll3d00.partial"
+    live = tmp_path / f".a.{host}-{os.getpid()}-w0rk1ng0.partial"  # this process: alive
+    elsewhere = tmp_path / f".a.other-host-{dead_pid}-r3m0t300.partial"  # another machine's writer
+    unrelated = tmp_path / f".ab.{host}-{dead_pid}-n0tm1ne0.partial"  # another artifact's
+    for staging in (dead, live, elsewhere, unrelated):
+        staging.mkdir()
+        (staging / "adapter.safetensors").write_bytes(b"half")
+    save_adapter(make_artifact(seed=2), tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a", live.name, elsewhere.name, unrelated.name])
+    load_adapter(tmp_path / "a")
+
+
 def test_refuses_to_replace_a_foreign_directory(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")

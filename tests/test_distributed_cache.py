@@ -160,6 +160,11 @@ def test_killed_driver_leaves_the_previous_cache(ray_local_cluster, images_and_l
     assert process.returncode == -signal.SIGKILL
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(load_cache(out)) == len(dataset)
+    # its staging directory outlives it (nothing ran to remove it) until the next write of the cache
+    assert [p for p in tmp_path.glob(".cache.*.partial") if f"-{process.pid}-" in p.name]
+    few = make_image_folder(tmp_path / "few", per_class=1)
+    assert main(["cache", "--model", "TM-Tiny-ViT", "--data", str(few), "--out", str(out)]) == 0
+    assert not list(tmp_path.glob(".cache.*.partial"))
 
 
 def test_unreachable_address_is_one_line_exit_3_in_bounded_time(ray_local_cluster, tmp_path, capsys):

@@ -46,3 +46,26 @@ def test_fp32_alone_is_offered_when_only_the_reduced_precision_does_not_fit(monk
     weights = int((available - export_memory.INTERPRETER_BYTES) / (export_memory.FACTORS["fp32"] * 2))
     with pytest.raises(DependencyError, match="export fp32 alone here"):
         check_export_memory(weights, ("fp32", "fp16"), "x")
+
+
+@pytest.mark.parametrize("exporter", ["deployment", "bank backbone"])
+def test_both_tower_exports_are_refused_before_tracing_on_a_machine_too_small(monkeypatch, tmp_path, exporter):
+    import torch
+
+    from transmiter_deploy.deploy.bank import export_backbone
+    from transmiter_deploy.deploy.onnx_export import ExportSettings, export_deployment
+    from transmiter_deploy.features.models import ModelSpec, load_model
+
+    model = load_model(ModelSpec("TM-Tiny-ViT", init_seed=0))
+    pixels = torch.zeros(2, 3, *model.preprocess_config["image_size"])
+    monkeypatch.delenv(MEMORY_CHECK_ENV, raising=False)
+    monkeypatch.setattr(export_memory, "available_bytes", lambda: 1 << 20)  # a 1 MiB machine
+    with pytest.raises(DependencyError, match="the image tower of .*needs about") as refused:
+        if exporter == "bank backbone":
+            export_backbone(model, tmp_path / "out", pixels, ExportSettings(), log=lambda _: None)
+        else:
+            from transmiter_deploy.benchmark.variants import synthetic_head_and_adapter
+
+            head, artifact = synthetic_head_and_adapter(model, 16, 4)
+            export_deployment(model, head, artifact, tmp_path / "out", pixels, ExportSettings(), log=lambda _: None)
+    assert refused.value.exit_code == 3 and not (tmp_path / "out").exists()

@@ -108,6 +108,28 @@ def test_external_data_input_gives_the_same_graph_and_leaves_no_scratch_files(tm
             ["g.onnx"] + (["g.onnx.data"] if directory == "external" else []))
 
 
+@pytest.mark.parametrize("threshold", [0, None])
+def test_convert_to_file_writes_the_graph_convert_makes(tmp_path, threshold):
+    # what exports use: the converted tensors go to the file one at a time; the graph is the same,
+    # with its tensors apart past the threshold and inline below it
+    for name in ("in-memory", "to-file"):
+        (tmp_path / name).mkdir()
+        save_graph(_graph(scale=1000.0, shared=True), tmp_path / name / "g.onnx", external_data_threshold=0, probe=False)
+    held = fp16.convert(tmp_path / "in-memory" / "g.onnx", _inputs(), fp32_nodes=(r"/stats/.*",))
+    out = tmp_path / "to-file" / "g_fp16.onnx"
+    written = fp16.convert_to_file(tmp_path / "to-file" / "g.onnx", out, _inputs(), fp32_nodes=(r"/stats/.*",),
+                                   external_data_threshold=threshold)
+    assert written == (["g_fp16.onnx.data"] if threshold == 0 else [])
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["g.onnx", "g.onnx.data", "g_fp16.onnx", *written])
+    stored = onnx.load(str(out))  # external data read back from beside the graph
+    assert [(n.op_type, list(n.input), list(n.output)) for n in stored.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in held.graph.node]
+    assert {t.name: (t.data_type, numpy_helper.to_array(t).tobytes()) for t in stored.graph.initializer} == {
+        t.name: (t.data_type, numpy_helper.to_array(t).tobytes()) for t in held.graph.initializer}
+    assert _initializer_types(stored)["w1__fp32"] == TensorProto.FLOAT  # the twin, as in memory
+    np.testing.assert_array_equal(run_session(ort_session(out), _inputs()["x"]), _run(held, tmp_path, "held.onnx"))
+
+
 def test_an_fp16_graph_is_refused(tmp_path):
     from transmiter_deploy.errors import InputError
 

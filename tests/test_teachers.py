@@ -485,3 +485,35 @@ def test_a_bad_teacher_file_is_found_before_any_image_is_encoded(tmp_path, capsy
     code, _, err = run_cli(["export", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "not a readable .npy file" in err
     assert not list((tmp_path / "out" / "caches").glob("*"))  # neither the source's nor the target's cache
+
+
+def test_an_onnx_teachers_external_data_is_part_of_its_key(tmp_path):
+    # a graph past 2 GiB keeps its weights in a data file beside it: changing them must redo the
+    # teacher's steps as changing the graph does, and a missing one is named
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from transmiter_deploy.pipeline.teachers import teacher_key
+
+    weight = np.random.default_rng(0).standard_normal((3 * 8 * 8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["pixels"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "teacher", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    preprocess = TeacherPreprocess(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    onnx.save_model(model, tmp_path / "inline.onnx")
+    assert "external_data_sha256" not in teacher_key(OnnxTeacher(tmp_path / "inline.onnx", preprocess))
+    path = tmp_path / "t.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="t.onnx.data", size_threshold=0)
+    ref = OnnxTeacher(path, preprocess)
+    key = teacher_key(ref)
+    assert key["external_data_sha256"] == {"t.onnx.data": sha256_file(tmp_path / "t.onnx.data")}
+    data = bytearray((tmp_path / "t.onnx.data").read_bytes())
+    data[0] ^= 0x01
+    (tmp_path / "t.onnx.data").write_bytes(bytes(data))
+    changed = teacher_key(ref)
+    assert changed["onnx_sha256"] == key["onnx_sha256"] and changed != key
+    (tmp_path / "t.onnx.data").unlink()
+    with pytest.raises(InputError, match="external data file t.onnx.data is missing"):
+        teacher_key(ref)

@@ -64,6 +64,41 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+STAGING_SUFFIX = ".partial"
+
+
+def _writer_tag() -> str:
+    """Host and process of a staging directory's writer, in its name: ``<host>-<pid>``."""
+    return f"{os.uname().nodename}-{os.getpid()}"
+
+
+def _remove_dead_writers_staging(final: Path) -> None:
+    """Staging directories of ``final`` left by a writer that was killed (SIGKILL, out of memory,
+    power loss: nothing ran to remove them) are removed: those written on this host by a process
+    that no longer exists. A live writer's (another process on this host, or any process on
+    another host sharing the directory) is left alone."""
+    prefix = f".{final.name}."
+    host = os.uname().nodename
+    for sibling in final.parent.glob(f".*{STAGING_SUFFIX}"):
+        name = sibling.name
+        if not name.startswith(prefix) or not sibling.is_dir():
+            continue
+        tag = name[len(prefix):-len(STAGING_SUFFIX)].rsplit("-", 2)  # host, pid, mkdtemp's random part
+        if len(tag) != 3 or tag[0] != host or not tag[1].isdigit() or _process_alive(int(tag[1])):
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
 @contextmanager
 def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``final`` on success.
@@ -89,7 +124,8 @@ def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+        _remove_dead_writers_staging(final)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_writer_tag()}-", suffix=STAGING_SUFFIX, dir=parent))
     except OSError as exc:
         if exc.errno in WRITE_ERRNOS:
             raise write_failure(exc, str(final)) from exc

@@ -44,8 +44,9 @@ from .fusion import FoldedHead, Normalise
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, head_logits_numpy, write_head_safetensors
 from .onnx_export import (FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, FP32_LOGIT_ATOL, MANIFEST,
-                          Checks, ExportSettings, check_full, convert_graph, graph_entries, io_contract, is_external_data,
-                          link_or_copy, save_graph, to_onnx, tolerance_criterion)
+                          Checks, ExportSettings, check_full, check_tower_memory, convert_graph, export_graph,
+                          graph_entries, io_contract, is_external_data, link_or_copy, save_graph, to_onnx,
+                          tolerance_criterion)
 
 BACKBONE_FORMAT = "transmiter-deploy/backbone-export"
 HEAD_EXPORT_FORMAT = "transmiter-deploy/head-export"
@@ -131,16 +132,16 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
     """``backbone.onnx`` (and each reduced precision) of ``model``'s image tower, checked against
     PyTorch on ``pixels``; returns the manifest."""
     reduced = _reduced(settings)
+    check_tower_memory(model, settings)
     module = Backbone(model.model.visual)
     with torch.no_grad():
         features = module(pixels).numpy()
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
-        graph = to_onnx(module, pixels[:2], "pixel_values", FEATURES, settings.opset, f"image tower {model.identity.name}",
-                        staging)
-        save_graph(graph, staging / "backbone.onnx", settings.external_data_threshold)
-        del graph  # counted from the file below: a large graph is not held twice
+        # written as traced, its weights never in memory beside the tower's
+        export_graph(module, pixels[:2], "pixel_values", FEATURES, settings.opset, f"image tower {model.identity.name}",
+                     staging / "backbone.onnx", settings.external_data_threshold)
         checks, files = Checks(), {"backbone.onnx": REFERENCE_PRECISION}
         session = ort_session(staging / "backbone.onnx")
         for rows in (len(pixels), 3):  # two batch sizes: the batch axis is really dynamic

@@ -310,14 +310,15 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
     # onnx appends tensors to an existing data file (offsets past the stale bytes), and a file
     # linked in from the previous artifact (link_or_copy) must never be written through: start afresh
     data.unlink(missing_ok=True)
+    apart = stored_bytes(model) > resolve_external_data_threshold(external_data_threshold)
     if data_dir is not None:
-        if stored_bytes(model) > resolve_external_data_threshold(external_data_threshold):
+        if apart:
             _copy_external_data(model, Path(data_dir), data)
         else:
             onnx.external_data_helper.load_external_data_for_model(model, str(data_dir))
         onnx.save_model(model, path)
         written = external_data_locations(model)
-    elif tensor_bytes(model) > resolve_external_data_threshold(external_data_threshold):
+    elif apart:
         # onnx moves the tensors' bytes into the file and clears them in ``model``; reading them
         # back leaves the caller's model as it was (verification and the MAC count use it next)
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -336,12 +337,11 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
 
 
 def stored_bytes(model: onnx.ModelProto) -> int:
-    """:func:`tensor_bytes` of a graph whose tensors may be external data (counted by their length)."""
-    total = 0
-    for tensor in graph_tensors(model.graph):
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        total += tensor.ByteSize() + (_external_length(tensor, info) if tensor.data_location == onnx.TensorProto.EXTERNAL else 0)
-    return total
+    """:func:`tensor_bytes` plus the bytes of the tensors held as external data (by their length):
+    what the graph's tensors take on disk, wherever they are."""
+    external = sum(_external_length(tensor, {entry.key: entry.value for entry in tensor.external_data})
+                   for tensor in graph_tensors(model.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL)
+    return tensor_bytes(model) + external
 
 
 def _external_length(tensor: onnx.TensorProto, info: dict[str, str]) -> int:
@@ -374,7 +374,7 @@ def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, ch
                         raise VerificationError(f"{source_dir / info['location']} ends before tensor {tensor.name}")
                     out.write(block)
                     left -= len(block)
-            _point_at(tensor, data.name, offset, length)
+            point_at(tensor, data.name, offset, length)
         for tensor in model.graph.initializer if move_inline else ():
             if not _inline_large(tensor):
                 continue
@@ -384,10 +384,11 @@ def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, ch
             for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 tensor.ClearField(field)
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            _point_at(tensor, data.name, offset, length)
+            point_at(tensor, data.name, offset, length)
 
 
-def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` external data: ``length`` bytes at ``offset`` of the file ``location``."""
     del tensor.external_data[:]
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
@@ -530,6 +531,10 @@ def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[st
     """``directory/<stem>.onnx`` converted to ``target`` by its registry converter (the
     statistic nodes kept fp32), saved beside it (external data by ``external_data_threshold``,
     whatever the fp32 graph had); returns the new file's name."""
+    if target.file_converter is not None:
+        resolve(target.file_converter)(directory / f"{stem}.onnx", directory / target.graph_name(stem), inputs,
+                                       FP32_NODES, external_data_threshold)
+        return target.graph_name(stem)
     convert: Callable = resolve(target.converter)
     converted = convert(directory / f"{stem}.onnx", inputs, FP32_NODES)
     if target.qdq:
@@ -598,6 +603,15 @@ def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, he
     })
 
 
+def check_tower_memory(model: LoadedModel, settings: ExportSettings) -> None:
+    """Refuse (exit 3) exporting ``model``'s image tower in ``settings``' precisions on a machine that
+    cannot hold it (export_memory.py), before anything is traced."""
+    tower = model.model.visual
+    weight_bytes = sum(t.numel() * 4 for t in (*tower.parameters(), *tower.buffers()) if t.is_floating_point())
+    check_export_memory(weight_bytes, settings.precisions, f"the image tower of {model.identity.describe()}",
+                        external_data=weight_bytes > resolve_external_data_threshold(settings.external_data_threshold))
+
+
 def export_deployment(
     model: LoadedModel,
     head: ZeroShotHead,
@@ -618,10 +632,7 @@ def export_deployment(
         raise InputError("parity needs a batch of at least 2 preprocessed images")
     if settings.calibrated() and calibration is None:
         raise InputError(f"{settings.calibrated()[0].name} needs calibration images (--calibration-data)")
-    tower = model.model.visual
-    weight_bytes = sum(t.numel() * 4 for t in (*tower.parameters(), *tower.buffers()) if t.is_floating_point())
-    check_export_memory(weight_bytes, settings.precisions, f"the image tower of {model.identity.describe()}",
-                        external_data=weight_bytes > resolve_external_data_threshold(settings.external_data_threshold))
+    check_tower_memory(model, settings)
     timings: dict[str, float] = {}
     parts = _modules(model, head, artifact, pixels, settings)
     output = "probabilities" if settings.softmax else "logits"

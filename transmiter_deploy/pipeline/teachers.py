@@ -127,8 +127,25 @@ def teacher_key(ref: Any) -> dict[str, Any]:
     """What identifies an ONNX or precomputed teacher: its kind and its files' content (and the
     preprocessing an ONNX graph is fed)."""
     if isinstance(ref, OnnxTeacher):
-        return {"kind": "onnx", "onnx_sha256": sha256_file(ref.onnx), "preprocess": asdict(resolve_preprocess(ref))}
+        key = {"kind": "onnx", "onnx_sha256": sha256_file(ref.onnx), "preprocess": asdict(resolve_preprocess(ref))}
+        data = _external_data_sha256(ref.onnx)
+        if data:  # a graph past 2 GiB keeps its weights beside it: they are its content too
+            key["external_data_sha256"] = data
+        return key
     return {"kind": "logits", "logits_sha256": sha256_file(ref.logits), "images_sha256": sha256_file(images_path(ref))}
+
+
+def _external_data_sha256(graph: Path) -> dict[str, str]:
+    """The sha256 of each external data file ``graph`` points at (relative to it), by name."""
+    from ..runtimes.base import external_data_locations, graph_structure
+
+    digests = {}
+    for location in external_data_locations(graph_structure(graph)):
+        path = Path(graph).parent / location
+        if not path.is_file():
+            raise InputError(f"ONNX teacher {graph}: its external data file {location} is missing (expected at {path})")
+        digests[location] = sha256_file(path)
+    return digests
 
 
 # ----------------------------------------------------------------------------- ONNX teachers

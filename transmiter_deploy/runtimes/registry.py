@@ -40,7 +40,10 @@ class Precision:
     max_abs: float | None  # tolerance on logits against the fp32 reference (None: judged by top-1 alone)
     top1: float  # minimum top-1 agreement with the fp32 reference
     needs_calibration: bool  # the converter must be given real inputs (else they only help)
-    converter: str  # "module:function" that makes this precision's graph
+    converter: str  # "module:function" that makes this precision's graph (in memory)
+    # "module:function" that writes it instead, never holding its tensors: what exports use when set
+    # (fp32_path, out_path, inputs, fp32_nodes, external_data_threshold) -> data files written
+    file_converter: str | None = None
     requires: tuple[str, ...] = ()  # modules the converter imports
     install: str = ""  # what to install when they are missing
     gates_export: bool = True  # a failed parity check of the pixels graph fails the export
@@ -107,6 +110,7 @@ PRECISIONS: dict[str, Precision] = {precision.name: precision for precision in (
     # the pixels graph on ONNX Runtime CPU is reported, not gated (TensorRT is its runtime)
     Precision("fp16", "_fp16", "mixed-fp16", max_abs=None, top1=0.995, needs_calibration=False,
               converter="transmiter_deploy.deploy.precisions.fp16:convert", requires=("onnxconverter_common",),
+              file_converter="transmiter_deploy.deploy.precisions.fp16:convert_to_file",
               install="pip install 'transmiter-deploy[fp16]'", gates_export=False),
     # int8 Q/DQ (ModelOpt PTQ) for edge CPUs and TensorRT's explicit quantisation; calibrated on the
     # recipe's own images and gated on its labelled ones (pipeline/export.py), opt-in

@@ -21,7 +21,9 @@ at most one copy of the weights:
 3. onnxconverter-common (Microsoft's ONNX float16 converter) rewrites the structure, Cast
    nodes and value types, with the nodes of 2. and the named statistic nodes blocked; the
    weights are then read one at a time from the data file and converted with its own
-   ``convert_np_to_float16``.
+   ``convert_np_to_float16``: into the graph (:func:`convert`), or straight into the new graph's
+   data file (:func:`convert_to_file`, what exports use: the converted tensors are never all in
+   memory either).
 """
 
 from __future__ import annotations
@@ -58,50 +60,95 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
             fp32_nodes: tuple[str, ...] = FP32_NODES) -> onnx.ModelProto:
     """The mixed-precision graph of ``fp32_path`` with ``fp32_nodes`` (name regexes) and the
     out-of-range nodes kept fp32, and fp32 graph I/O; tensors held in memory (the caller saves
-    it, with external data past the threshold)."""
+    it, with external data past the threshold). :func:`convert_to_file` writes it instead, never
+    holding its tensors."""
+    from ..onnx_export import check_full  # the same layer; onnx_export loads converters by name
+
+    fp32_path = Path(fp32_path)
+    with tempfile.TemporaryDirectory(prefix=".fp16-", dir=fp32_path.parent) as work:
+        converted, data_dir = _rewrite(fp32_path, calibration, fp32_nodes, Path(work))
+        _read_tensors(converted, data_dir, _to_float16)
+    _finish(converted)
+    check_full(converted, f"fp16 conversion of {fp32_path.name}")
+    return converted
+
+
+def convert_to_file(fp32_path: Path, out_path: Path, calibration: dict[str, np.ndarray],
+                    fp32_nodes: tuple[str, ...] = FP32_NODES, external_data_threshold: int | None = None) -> list[str]:
+    """:func:`convert`, the graph written to ``out_path`` (``onnx_export.save_graph``: external data
+    past the threshold, probed in ONNX Runtime) with its fp16 tensors converted one at a time
+    straight into a data file: the converted graph's tensors are never all in memory (ViT-bigG-14's
+    fp16 save was killed at 18.9 GB on a 24 GB machine when they were). Returns the data files
+    written beside the graph."""
+    from ..onnx_export import check_full, save_graph
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    with tempfile.TemporaryDirectory(prefix=".fp16-", dir=out_path.parent) as work:
+        converted, data_dir = _rewrite(fp32_path, calibration, fp32_nodes, Path(work))
+        _write_tensors(converted, data_dir, Path(work) / "fp16.onnx.data", _to_float16)
+        _finish(converted)
+        written = save_graph(converted, out_path, external_data_threshold, data_dir=Path(work))
+    del converted
+    release_freed_memory()
+    check_full(out_path, f"fp16 conversion of {fp32_path.name}")
+    return written
+
+
+def _to_float16(array: np.ndarray) -> np.ndarray:
+    return _float16_module().convert_np_to_float16(array, max_finite_val=FP16_MAX).astype("<f2")
+
+
+def _float16_module():
     try:
         from onnxconverter_common import float16
     except ImportError as exc:
         raise DependencyError(
             "the fp16 export needs onnxconverter-common: pip install 'transmiter-deploy[fp16]' "
             "(or export without fp16)") from exc
-    from ..onnx_export import check_full, weights_apart  # the same layer; onnx_export loads converters by name
+    return float16
 
-    fp32_path = Path(fp32_path)
-    with tempfile.TemporaryDirectory(prefix=".fp16-", dir=fp32_path.parent) as work:
-        structure, data_dir = weights_apart(fp32_path, Path(work))
-        named = {node.name for node in structure.graph.node
-                 if any(re.match(pattern, node.name) for pattern in fp32_nodes)}
-        blocked = named | out_of_range_nodes(structure, data_dir, calibration)
-        blocked |= {node.name for node in structure.graph.node if node.op_type in float16.DEFAULT_OP_BLOCK_LIST}
-        _split_shared_initializers(structure, blocked)
-        # onnxslim can leave two value_info entries for one tensor, and the rewrite retypes only the
-        # first: shape inference (run by the rewrite) lists each tensor once
-        del structure.graph.value_info[:]
-        fp32_outputs = [output.name for output in structure.graph.output
-                        if output.type.tensor_type.elem_type == TensorProto.FLOAT]
-        # the library clamps to +-1e4 by default; fp16 holds up to 65504, and the readers of larger
-        # initialisers are blocked above, so nothing is clamped. Its warning for each value under
-        # 1e-7 ("will be truncated") is its documented rule, silenced.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*will be truncated to.*", category=UserWarning)
-            try:
-                converted = float16.convert_float_to_float16(
-                    structure, keep_io_types=True, node_block_list=sorted(blocked),
-                    op_block_list=float16.DEFAULT_OP_BLOCK_LIST, max_finite_val=FP16_MAX)
-            except ValueError as exc:  # "already converted to float16"
-                raise InputError(f"{fp32_path} cannot be converted to fp16: {str(exc).splitlines()[0]}") from exc
-            _restore_fp32_outputs(converted, fp32_outputs)
-            _read_tensors(converted, data_dir,
-                          lambda array: float16.convert_np_to_float16(array, max_finite_val=FP16_MAX))
+
+def _rewrite(fp32_path: Path, calibration: dict[str, np.ndarray], fp32_nodes: tuple[str, ...],
+             work: Path) -> tuple[onnx.ModelProto, Path]:
+    """Passes 1-3 on the structure: the converted graph, its tensors still external fp32 bytes
+    (relative to the directory returned, ``work`` or the fp32 graph's own)."""
+    float16 = _float16_module()
+    from ..onnx_export import weights_apart  # the same layer; onnx_export loads converters by name
+
+    structure, data_dir = weights_apart(fp32_path, work)
+    named = {node.name for node in structure.graph.node
+             if any(re.match(pattern, node.name) for pattern in fp32_nodes)}
+    blocked = named | out_of_range_nodes(structure, data_dir, calibration)
+    blocked |= {node.name for node in structure.graph.node if node.op_type in float16.DEFAULT_OP_BLOCK_LIST}
+    _split_shared_initializers(structure, blocked)
+    # onnxslim can leave two value_info entries for one tensor, and the rewrite retypes only the
+    # first: shape inference (run by the rewrite) lists each tensor once
+    del structure.graph.value_info[:]
+    fp32_outputs = [output.name for output in structure.graph.output
+                    if output.type.tensor_type.elem_type == TensorProto.FLOAT]
+    # the library clamps to +-1e4 by default; fp16 holds up to 65504, and the readers of larger
+    # initialisers are blocked above, so nothing is clamped. Its warning for each value under
+    # 1e-7 ("will be truncated") is its documented rule, silenced.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will be truncated to.*", category=UserWarning)
+        try:
+            converted = float16.convert_float_to_float16(
+                structure, keep_io_types=True, node_block_list=sorted(blocked),
+                op_block_list=float16.DEFAULT_OP_BLOCK_LIST, max_finite_val=FP16_MAX)
+        except ValueError as exc:  # "already converted to float16"
+            raise InputError(f"{fp32_path} cannot be converted to fp16: {str(exc).splitlines()[0]}") from exc
+    _restore_fp32_outputs(converted, fp32_outputs)
+    return converted, data_dir
+
+
+def _finish(converted: onnx.ModelProto) -> None:
+    """What every converted graph gets after the rewrite, on its structure."""
     # the rewrite leaves stale entries (a blocked node's output typed fp16 where a Cast now makes
     # it): value types are derived again by whoever needs them (checker, bank composition, runtimes)
     del converted.graph.value_info[:]
     # ONNX Runtime's default CPU optimiser segfaults on fp16 Transpose -> MatMul chains
     # (consumer_safety.py): the rewrite keeps every value and lets default sessions load the graph
     move_transposes_after_matmuls(converted)
-    check_full(converted, f"fp16 conversion of {fp32_path.name}")
-    return converted
 
 
 def _external(tensor: TensorProto) -> dict[str, str] | None:
@@ -250,22 +297,39 @@ def _restore_fp32_outputs(model: onnx.ModelProto, names: list[str]) -> None:
         output.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
-def _read_tensors(model: onnx.ModelProto, data_dir: Path, to_float16) -> None:
-    """Every external tensor read into the graph, one at a time: the ones the rewrite made fp16
+def _tensor_bytes(tensor: TensorProto, info: dict[str, str], data_dir: Path, to_float16) -> bytes:
+    """An external tensor's bytes as the converted graph stores them: the ones the rewrite made fp16
     (their bytes are still fp32) converted by onnxconverter-common's ``convert_np_to_float16``."""
+    location, offset = data_dir / info["location"], int(info.get("offset", 0))
+    if tensor.data_type == TensorProto.FLOAT16:
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        return to_float16(np.fromfile(location, dtype="<f4", count=count, offset=offset)).tobytes()
+    with open(location, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(int(info["length"]))
+
+
+def _read_tensors(model: onnx.ModelProto, data_dir: Path, to_float16) -> None:
+    """Every external tensor read into the graph, one at a time."""
     for tensor in graph_tensors(model.graph):
         info = _external(tensor)
         if info is None:
             continue
-        location = data_dir / info["location"]
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        offset = int(info.get("offset", 0))
-        if tensor.data_type == TensorProto.FLOAT16:
-            raw = to_float16(np.fromfile(location, dtype="<f4", count=count, offset=offset)).astype("<f2").tobytes()
-        else:
-            with open(location, "rb") as handle:
-                handle.seek(offset)
-                raw = handle.read(int(info["length"]))
+        raw = _tensor_bytes(tensor, info, data_dir, to_float16)
         del tensor.external_data[:]
         tensor.ClearField("data_location")
         tensor.raw_data = raw
+
+
+def _write_tensors(model: onnx.ModelProto, data_dir: Path, data: Path, to_float16) -> None:
+    """Every external tensor written to the one file ``data`` as the converted graph stores it, one
+    at a time, and pointed at there (``data``'s directory is the one locations are relative to)."""
+    from ..onnx_export import point_at
+    with open(data, "wb") as out:
+        for tensor in graph_tensors(model.graph):
+            info = _external(tensor)
+            if info is None:
+                continue
+            offset = out.tell()
+            out.write(_tensor_bytes(tensor, info, data_dir, to_float16))
+            point_at(tensor, data.name, offset, out.tell() - offset)
