@@ -95,7 +95,10 @@ def convert_to_file(fp32_path: Path, out_path: Path, calibration: dict[str, np.n
 
 
 def _to_float16(array: np.ndarray) -> np.ndarray:
-    return _float16_module().convert_np_to_float16(array, max_finite_val=FP16_MAX).astype("<f2")
+    # the library's warning for each value under 1e-7 ("will be truncated") is its documented rule
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will be truncated to.*", category=UserWarning)
+        return _float16_module().convert_np_to_float16(array, max_finite_val=FP16_MAX).astype("<f2")
 
 
 def _float16_module():
@@ -297,7 +300,7 @@ def _restore_fp32_outputs(model: onnx.ModelProto, names: list[str]) -> None:
         output.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
-def _tensor_bytes(tensor: TensorProto, info: dict[str, str], data_dir: Path, to_float16) -> bytes:
+def _converted_bytes(tensor: TensorProto, info: dict[str, str], data_dir: Path, to_float16) -> bytes:
     """An external tensor's bytes as the converted graph stores them: the ones the rewrite made fp16
     (their bytes are still fp32) converted by onnxconverter-common's ``convert_np_to_float16``."""
     location, offset = data_dir / info["location"], int(info.get("offset", 0))
@@ -315,7 +318,7 @@ def _read_tensors(model: onnx.ModelProto, data_dir: Path, to_float16) -> None:
         info = _external(tensor)
         if info is None:
             continue
-        raw = _tensor_bytes(tensor, info, data_dir, to_float16)
+        raw = _converted_bytes(tensor, info, data_dir, to_float16)
         del tensor.external_data[:]
         tensor.ClearField("data_location")
         tensor.raw_data = raw
@@ -331,5 +334,5 @@ def _write_tensors(model: onnx.ModelProto, data_dir: Path, data: Path, to_float1
             if info is None:
                 continue
             offset = out.tell()
-            out.write(_tensor_bytes(tensor, info, data_dir, to_float16))
+            out.write(_converted_bytes(tensor, info, data_dir, to_float16))
             point_at(tensor, data.name, offset, out.tell() - offset)
