@@ -211,7 +211,9 @@ def markdown(results: dict, facts: dict) -> str:
              f"Machine: {facts['cpus']} CPUs, {facts['memory_gb']:.1f} GB RAM; torch {facts['versions'].get('torch')}, "
              f"onnx {facts['versions'].get('onnx')}, onnxruntime {facts['versions'].get('onnxruntime-gpu')}, "
              f"onnxconverter-common {facts['versions'].get('onnxconverter-common')}.", "",
-             f"Command: `{facts['command']}`", "",
+             "Commands (each row is from the last run of its model):", "",
+             *[f"- `{command}`" for command in dict.fromkeys(
+                 result.get("command", facts["command"]) for result in results.values())], "",
              "| model | image tower params | fp32 graph GB | fp16 graph GB | export s (fp32 + fp16 + checks) | "
              "export peak RSS GB (estimate before it) | fp16 conversion alone: peak RSS GB (x fp32 graph), s | fp32 parity max abs, top-1 | "
              "fp16 top-1 vs fp32 | backbone GMACs | head+adapter MMACs | overhead % |",
@@ -288,6 +290,8 @@ def main() -> int:
         if "error" not in export and "fp16" in precisions:
             print(f"== {name}: fp16 conversion alone", file=sys.stderr, flush=True)
             result["fp16_alone"] = _run_child(["fp16", str(out), str(args.samples)], args.timeout)
+        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+        result["command"] = command
         # a run of other precisions than fp32 + fp16 is kept beside that one, not in its place
         results[name if precisions == "fp32,fp16" else f"{name} [{precisions}]"] = result
         shutil.rmtree(out, ignore_errors=True)
@@ -295,8 +299,7 @@ def main() -> int:
 
         facts = {"host": cpu_model(), "cpus": os.cpu_count(),
                  "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
-                 "samples": args.samples, "versions": library_versions(),
-                 "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+                 "samples": args.samples, "versions": library_versions(), "command": command}
         _estimates(results, precisions)
         args.results.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps({**results, "_facts": facts}, indent=2))

@@ -530,7 +530,8 @@ def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[st
                   external_data_threshold: int | None = None) -> str:
     """``directory/<stem>.onnx`` converted to ``target`` by its registry converter (the
     statistic nodes kept fp32), saved beside it (external data by ``external_data_threshold``,
-    whatever the fp32 graph had); returns the new file's name."""
+    whatever the fp32 graph had): by its ``file_converter`` where it has one (the converted graph
+    never in memory whole), else saved from the converter's graph; returns the new file's name."""
     if target.file_converter is not None:
         resolve(target.file_converter)(directory / f"{stem}.onnx", directory / target.graph_name(stem), inputs,
                                        FP32_NODES, external_data_threshold)
