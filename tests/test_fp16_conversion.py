@@ -130,6 +130,28 @@ def test_convert_to_file_writes_the_graph_convert_makes(tmp_path, threshold):
     np.testing.assert_array_equal(run_session(ort_session(out), _inputs()["x"]), _run(held, tmp_path, "held.onnx"))
 
 
+def test_external_data_without_length_entries_converts(tmp_path):
+    # the format leaves "length" optional: the TorchScript exporter, past 2 GiB, writes a file per
+    # tensor and no lengths. The fp32 twin of a shared weight is copied by its shape, the fp16
+    # weights converted by theirs
+    onnx.save_model(_graph(scale=1000.0, shared=True), str(tmp_path / "g.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    structure = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False)
+    for tensor in structure.graph.initializer:
+        kept = [(entry.key, entry.value) for entry in tensor.external_data if entry.key != "length"]
+        del tensor.external_data[:]
+        for key, value in kept:
+            tensor.external_data.add(key=key, value=value)
+    onnx.save_model(structure, str(tmp_path / "g.onnx"))
+    out = tmp_path / "g_fp16.onnx"
+    fp16.convert_to_file(tmp_path / "g.onnx", out, _inputs(), fp32_nodes=(r"/stats/.*",), external_data_threshold=0)
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "g.onnx")).graph.initializer}
+    assert stored["w1"].dtype == np.float16 and stored["w2"].dtype == stored["w1__fp32"].dtype == np.float32
+    for name, value in stored.items():  # each tensor whole, in the type the graph stores it in
+        np.testing.assert_array_equal(value, original[name.removesuffix("__fp32")].astype(value.dtype))
+
+
 def test_an_fp16_graph_is_refused(tmp_path):
     from transmiter_deploy.errors import InputError
 

@@ -339,12 +339,12 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
 def stored_bytes(model: onnx.ModelProto) -> int:
     """:func:`tensor_bytes` plus the bytes of the tensors held as external data (by their length):
     what the graph's tensors take on disk, wherever they are."""
-    external = sum(_external_length(tensor, {entry.key: entry.value for entry in tensor.external_data})
+    external = sum(external_length(tensor, {entry.key: entry.value for entry in tensor.external_data})
                    for tensor in graph_tensors(model.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL)
     return tensor_bytes(model) + external
 
 
-def _external_length(tensor: onnx.TensorProto, info: dict[str, str]) -> int:
+def external_length(tensor: onnx.TensorProto, info: dict[str, str]) -> int:
     """An external tensor's byte count: its ``length`` entry, which the format leaves optional (the
     TorchScript exporter writes none), else its shape times its element size."""
     if "length" in info:
@@ -364,7 +364,7 @@ def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, ch
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = {entry.key: entry.value for entry in tensor.external_data}
-            length, offset = _external_length(tensor, info), out.tell()
+            length, offset = external_length(tensor, info), out.tell()
             with open(source_dir / info["location"], "rb") as source:
                 source.seek(int(info.get("offset", 0)))
                 left = length

@@ -303,13 +303,15 @@ def _restore_fp32_outputs(model: onnx.ModelProto, names: list[str]) -> None:
 def _converted_bytes(tensor: TensorProto, info: dict[str, str], data_dir: Path, to_float16) -> bytes:
     """An external tensor's bytes as the converted graph stores them: the ones the rewrite made fp16
     (their bytes are still fp32) converted by onnxconverter-common's ``convert_np_to_float16``."""
+    from ..onnx_export import external_length
+
     location, offset = data_dir / info["location"], int(info.get("offset", 0))
     if tensor.data_type == TensorProto.FLOAT16:
         count = int(np.prod(tensor.dims, dtype=np.int64))
         return to_float16(np.fromfile(location, dtype="<f4", count=count, offset=offset)).tobytes()
     with open(location, "rb") as handle:
         handle.seek(offset)
-        return handle.read(int(info["length"]))
+        return handle.read(external_length(tensor, info))
 
 
 def _read_tensors(model: onnx.ModelProto, data_dir: Path, to_float16) -> None:
@@ -328,6 +330,7 @@ def _write_tensors(model: onnx.ModelProto, data_dir: Path, data: Path, to_float1
     """Every external tensor written to the one file ``data`` as the converted graph stores it, one
     at a time, and pointed at there (``data``'s directory is the one locations are relative to)."""
     from ..onnx_export import point_at
+
     with open(data, "wb") as out:
         for tensor in graph_tensors(model.graph):
             info = _external(tensor)
