@@ -76,7 +76,8 @@ def _remove_dead_writers_staging(final: Path) -> None:
     """Staging directories of ``final`` left by a writer that was killed (SIGKILL, out of memory,
     power loss: nothing ran to remove them) are removed: those written on this host by a process
     that no longer exists. A live writer's (another process on this host, or any process on
-    another host sharing the directory) is left alone."""
+    another host sharing the directory) is left alone. Hosts are told apart by name: containers
+    that share a directory need distinct host names (their process ids are not comparable)."""
     prefix = f".{final.name}."
     host = os.uname().nodename
     for sibling in final.parent.glob(f".*{STAGING_SUFFIX}"):
