@@ -152,3 +152,24 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
 def test_missing_adapter_directory_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_adapter(tmp_path / "nope")
+
+
+def test_an_output_is_checked_before_the_work_and_nothing_stays():
+    import tempfile
+    from pathlib import Path
+
+    from transmiter_deploy.artifacts import MANIFESTS, check_output_directory
+
+    with tempfile.TemporaryDirectory() as work:
+        root = Path(work)
+        check_output_directory(root / "a" / "b" / "out", MANIFESTS["adapter"])  # parents made by the write
+        assert list(root.iterdir()) == []
+        save_adapter(make_artifact(), root / "done")
+        check_output_directory(root / "done", MANIFESTS["adapter"])  # an artifact of its kind: replaced
+        (root / "notes").mkdir()
+        (root / "notes" / "todo.txt").write_text("precious")
+        with pytest.raises(InputError, match="refusing to replace .*notes.*holds no adapter.json"):
+            check_output_directory(root / "notes", MANIFESTS["adapter"])
+        with pytest.raises(InputError, match="todo.txt: Not a directory"):
+            check_output_directory(root / "notes" / "todo.txt" / "out", MANIFESTS["adapter"])
+        assert sorted(p.name for p in root.iterdir()) == ["done", "notes"]

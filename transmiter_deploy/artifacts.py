@@ -24,14 +24,19 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from .errors import WRITE_ERRNOS, InputError, IntegrityError, write_failure
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where tensors are read or written: the output checks below
+# run first in every writing command, and a bad --out is refused before seconds of imports
+
+# The manifest that marks each kind of artifact directory (atomic_directory's ``marker``): its
+# module names it, and the CLI checks an --out against it before any work
+MANIFESTS = {"cache": "cache.json", "head": "head.json", "adapter": "adapter.json", "export": "manifest.json"}
 
 T = TypeVar("T")
 
@@ -100,6 +105,47 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _check_replaceable(final: Path, marker: str) -> None:
+    """``final`` is absent, or a directory that is empty or holds ``marker``; else InputError."""
+    try:
+        status = os.stat(final)
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # a symlink loop, an over-long name, a file on the way: in the system's words
+        raise InputError(f"cannot write to output directory {final.parent}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(status.st_mode):
+        raise InputError(f"output path {final} exists and is not a directory")
+    if any(final.iterdir()) and not (final / marker).is_file():
+        raise InputError(f"refusing to replace {final}: it is not empty and holds no {marker}")
+
+
+def _output_error(exc: OSError, final: Path) -> Exception:
+    """An OSError making ``final``'s staging directory as the toolkit reports it: a full disk, quota
+    or read-only file system is a write failure (exit 5), anything else bad input (exit 2)."""
+    if exc.errno in WRITE_ERRNOS:
+        return write_failure(exc, str(final))
+    return InputError(f"cannot write to output directory {final.parent}: {exc.strerror}")
+
+
+def check_output_directory(final: Path, marker: str) -> None:
+    """Refuse, before any work, an output :func:`atomic_directory` would refuse at the end: a file,
+    a non-empty directory without ``marker``, a path through a file or a symlink loop, a name too
+    long, a directory the user may not write or a read-only file system (the same one-line errors
+    and exit statuses). Writes nothing that stays: a directory is made and removed in the nearest
+    existing ancestor of ``final`` (the directories on the way are made by the write itself)."""
+    final = Path(final)
+    _check_replaceable(final, marker)
+    ancestor = final.parent
+    while not ancestor.exists():
+        if ancestor == ancestor.parent:
+            break
+        ancestor = ancestor.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{final.name}.probe-", dir=ancestor))
+    except OSError as exc:
+        raise _output_error(exc, final) from exc
+
+
 @contextmanager
 def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``final`` on success.
@@ -109,28 +155,14 @@ def atomic_directory(final: Path, marker: str) -> Iterator[Path]:
     replaced, so a mistyped ``--out .`` cannot wipe a user's directory.
     """
     final = Path(final)
-    try:
-        status = os.stat(final)
-    except FileNotFoundError:
-        status = None
-    except OSError as exc:  # a symlink loop or an over-long name on the way, in the system's words
-        raise InputError(f"cannot write to output directory {final.parent}: {exc.strerror}") from exc
-    if status is not None:
-        if not stat.S_ISDIR(status.st_mode):
-            raise InputError(f"output path {final} exists and is not a directory")
-        if any(final.iterdir()) and not (final / marker).is_file():
-            raise InputError(
-                f"refusing to replace {final}: it is not empty and holds no {marker}"
-            )
+    _check_replaceable(final, marker)
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_writers_staging(final)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_writer_tag()}-", suffix=STAGING_SUFFIX, dir=parent))
     except OSError as exc:
-        if exc.errno in WRITE_ERRNOS:
-            raise write_failure(exc, str(final)) from exc
-        raise InputError(f"cannot write to output directory {parent}: {exc.strerror}") from exc
+        raise _output_error(exc, final) from exc
     try:
         yield staging
         _commit(staging, final)
@@ -281,6 +313,8 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write a safetensors file; return its sha256 (hashed from the bytes written)."""
+    from safetensors.torch import save as safetensors_save
+
     data = safetensors_save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
     Path(path).write_bytes(data)
     return sha256_bytes(data)
@@ -288,6 +322,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
 
 def load_tensors(path: Path, expected_sha256: str | None, what: str) -> dict[str, torch.Tensor]:
     """Read a safetensors file, checking its hash first; never unpickles anything."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as safetensors_load
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")

@@ -77,6 +77,14 @@ def _load_model(model_name, pretrained, checkpoint, init_seed, device, image_tow
     return load(ModelSpec(model_name, pretrained, checkpoint, init_seed), device=device)
 
 
+def _check_out(out: Path, kind: str) -> None:
+    """A bad --out is refused before the work (and before the heavy imports), not after it
+    (artifacts.check_output_directory; ``kind``: a key of artifacts.MANIFESTS)."""
+    from .artifacts import MANIFESTS, check_output_directory
+
+    check_output_directory(out, MANIFESTS[kind])
+
+
 def _read_class_file(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"class list not found: {path}")
@@ -118,13 +126,14 @@ def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_f
       transmiter cache --model ViT-B-16 --pretrained openai --data /shared/train --out caches/b16-train \\
           --engine ray --address 10.0.0.1:6379 --gpus-per-worker 1
     """
-    from .features.datasets import open_dataset
-
-    class_names = _read_class_file(classes_file) if classes_file else None
     if engine == "local" and (address is not None or gpus_per_worker):
         raise InputError("--address and --gpus-per-worker need --engine ray")
     if engine == "ray" and device != "cpu":
         raise InputError("--engine ray places the models itself (--gpus-per-worker); drop --device")
+    _check_out(out, "cache")
+    from .features.datasets import open_dataset
+
+    class_names = _read_class_file(classes_file) if classes_file else None
     dataset = open_dataset(data, class_names)
     if engine == "ray":
         from . import demo  # noqa: F401  (registers the demo world's architectures)
@@ -174,6 +183,7 @@ def head(model_name, pretrained, checkpoint, init_seed, device, classes_file, cl
     Example:
       transmiter head --model ViT-L-14 --pretrained openai --classes-from heads/b16 --out heads/l14
     """
+    _check_out(out, "head")
     from .features.heads import build_head, save_head
     from .features.templates import resolve_templates
     from .features.vocabulary import select_auxiliary
@@ -242,6 +252,7 @@ def extract(source_cache, source_head, teacher_cache, teacher_head, out, latent_
       transmiter extract --source-cache c/b16 --source-head h/b16 \\
           --teacher-cache c/b16-ft --teacher-head h/b16-ft --out adapters/b16
     """
+    _check_out(out, "adapter")
     from .features.adapter_artifact import save_adapter
     from .features.cache import load_cache
     from .method.extraction import ExtractionSettings
@@ -281,6 +292,7 @@ def transfer(adapter_dir, source_cache, source_head, target_cache, target_head, 
       transmiter transfer --adapter adapters/b16 --source-cache c/b16 --source-head h/b16 \\
           --target-cache c/l14 --target-head h/l14 --out adapters/l14
     """
+    _check_out(out, "adapter")
     from .features.adapter_artifact import load_adapter, save_adapter
     from .features.cache import load_cache
     from .features.heads import load_head
@@ -314,6 +326,7 @@ def plus(adapter_dir, cache_dir, head_dir, out, shots, epochs, batch_size, lr, w
     Example:
       transmiter plus --adapter adapters/l14 --cache c/l14-fewshot --head h/l14 --shots 4 --out adapters/l14-plus
     """
+    _check_out(out, "adapter")
     from .features.adapter_artifact import load_adapter, save_adapter
     from .features.cache import load_cache
     from .features.heads import load_head
@@ -418,11 +431,12 @@ def export_onnx(model_name, pretrained, checkpoint, init_seed, device, adapter_d
     """
     from .features.adapter_artifact import load_adapter
     from .features.heads import load_head
+    if device != "cpu":
+        raise InputError("export-onnx traces on the CPU; drop --device")
+    _check_out(out, "export")
     from .deploy.onnx_export import ExportSettings, export_deployment, format_report, parity_pixels
 
     artifact, target_head = load_adapter(adapter_dir), load_head(head_dir)
-    if device != "cpu":
-        raise InputError("export-onnx traces on the CPU; drop --device")
     # the head is computed already: the text tower is never built
     model = _load_model(model_name, pretrained, checkpoint, init_seed, device, image_tower_only=True)
     if artifact.model != model.identity:

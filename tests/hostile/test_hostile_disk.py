@@ -52,9 +52,12 @@ def test_a_full_disk_leaves_the_previous_artifact_and_no_partial_one(flow, finis
     assert str(previous) in line or str(tmp_path) in line, line
     assert snapshot(previous) == before  # the earlier artifact is byte-identical
     assert leftovers(tmp_path) == []
-    again = run_cli(*_commands(flow, previous)[command])
-    assert again.returncode == 0, again.stderr
-    assert leftovers(tmp_path) == []
+    if fraction == FRACTIONS[1]:
+        # the failed run left exactly what was there before (above), whatever the cut: one run
+        # without a limit per command shows that state completes
+        again = run_cli(*_commands(flow, previous)[command])
+        assert again.returncode == 0, again.stderr
+        assert leftovers(tmp_path) == []
 
 
 def test_a_full_disk_without_an_earlier_artifact_leaves_nothing(flow, finished, tmp_path):

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..artifacts import atomic_directory, read_json, read_manifest, sha256_file, write_json, write_manifest
+from ..artifacts import MANIFESTS, atomic_directory, read_json, read_manifest, sha256_file, write_json, write_manifest
 from ..errors import WRITE_ERRNOS, InputError, VerificationError, write_failure
 from ..host import release_freed_memory
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
@@ -60,7 +60,7 @@ from .head_weights import HEAD_FILE, HEAD_FORMAT, HEAD_FORMAT_VERSION, head_logi
 
 FORMAT = "transmiter-deploy/onnx-export"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = MANIFESTS["export"]
 DEFAULT_OPSET = 17
 FP32_LOGIT_ATOL = PRECISIONS[REFERENCE_PRECISION].max_abs
 GRAPHS = ("model", "head")  # pixels -> logits, features -> logits: one file each per precision

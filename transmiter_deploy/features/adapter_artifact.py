@@ -16,6 +16,7 @@ from typing import Any
 
 from ..method.adapter import AdapterConfig, TransMiterAdapter, clone_adapter, release_orthogonal
 from ..artifacts import (
+    MANIFESTS,
     atomic_directory,
     load_tensors,
     read_consistently,
@@ -31,7 +32,7 @@ from .models import ModelIdentity
 
 FORMAT = "transmiter-deploy/adapter"
 FORMAT_VERSION = 1
-MANIFEST = "adapter.json"
+MANIFEST = MANIFESTS["adapter"]
 WEIGHTS = "adapter.safetensors"
 STAGES = ("extracted", "transferred", "plus")
 

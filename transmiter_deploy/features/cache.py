@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import (
+    MANIFESTS,
     atomic_directory,
     load_tensors,
     read_consistently,
@@ -38,7 +39,7 @@ from .models import LoadedModel, ModelIdentity
 
 FORMAT = "transmiter-deploy/feature-cache"
 FORMAT_VERSION = 1
-MANIFEST = "cache.json"
+MANIFEST = MANIFESTS["cache"]
 
 
 @dataclass

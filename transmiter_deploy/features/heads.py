@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..artifacts import (
+    MANIFESTS,
     atomic_directory,
     load_tensors,
     read_consistently,
@@ -33,7 +34,7 @@ from .templates import validate_templates
 
 FORMAT = "transmiter-deploy/head"
 FORMAT_VERSION = 1
-MANIFEST = "head.json"
+MANIFEST = MANIFESTS["head"]
 WEIGHTS = "head.safetensors"
 
 
