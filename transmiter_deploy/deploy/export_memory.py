@@ -27,7 +27,7 @@ INTERPRETER_BYTES = 900 << 20  # measured: python with torch, open_clip, onnx, o
 # for a graph that holds its tensors (ViT-B-16, ViT-L-14: 0.9 GB + 9.5 G covers both) and for one
 # with external data, whose fixed cost is larger and whose factor is smaller (ViT-H-14 8.8 GB with
 # fp16; ViT-bigG-14, G = 7.4 GB: 16.2 GB in fp32, 17.9 GB with fp16, its largest phase ONNX
-# Runtime's session on the fp16 graph beside the PyTorch tower)
+# Runtime's parity sessions beside the PyTorch tower)
 FACTORS = {"fp32": 9.5, "fp16": 9.5, "int8": 11.5}
 EXTERNAL_BASE_BYTES = 5_000_000_000
 FACTORS_EXTERNAL = {"fp32": 1.6, "fp16": 1.9, "int8": 11.5}
