@@ -239,4 +239,3 @@ def _measure_parts(profile: Profile, out_dir: Path, work_dir: Path, threads: int
         write_json(written["accuracy"], {"environment": environment(threads, profile, command),
                                          "seconds": time.perf_counter() - start, **accuracy})
     return written
-

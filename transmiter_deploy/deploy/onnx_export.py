@@ -339,9 +339,17 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
 def stored_bytes(model: onnx.ModelProto) -> int:
     """:func:`tensor_bytes` plus the bytes of the tensors held as external data (by their length):
     what the graph's tensors take on disk, wherever they are."""
-    external = sum(external_length(tensor, {entry.key: entry.value for entry in tensor.external_data})
-                   for tensor in graph_tensors(model.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL)
+    external = sum(external_length(tensor, info) for tensor in graph_tensors(model.graph)
+                   if (info := external_info(tensor)) is not None)
     return tensor_bytes(model) + external
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str] | None:
+    """An external tensor's ``external_data`` entries (location, offset, length) as a dict; None for
+    a tensor held in the graph."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {entry.key: entry.value for entry in tensor.external_data}
 
 
 def external_length(tensor: onnx.TensorProto, info: dict[str, str]) -> int:
@@ -361,9 +369,9 @@ def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, ch
     of ``EXTERNAL_TENSOR_MIN_BYTES`` or more held in the graph are moved there too."""
     with open(data, "wb") as out:
         for tensor in graph_tensors(model.graph):
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            info = external_info(tensor)
+            if info is None:
                 continue
-            info = {entry.key: entry.value for entry in tensor.external_data}
             length, offset = external_length(tensor, info), out.tell()
             with open(source_dir / info["location"], "rb") as source:
                 source.seek(int(info.get("offset", 0)))

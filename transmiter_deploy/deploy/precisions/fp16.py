@@ -33,7 +33,9 @@ import tempfile
 import uuid
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -44,6 +46,7 @@ from ...host import release_freed_memory
 from ...runtimes.base import graph_tensors
 from ..consumer_safety import move_transposes_after_matmuls
 from ..fusion import FP32_NODES
+from ..onnx_export import check_full, external_info, external_length, point_at, save_graph, weights_apart
 
 # A node is kept fp32 when an input or output passes this on the calibration images: AutoCast's
 # default (data_max), leaving fp16's 65504 room for the larger inputs of deployment.
@@ -62,12 +65,10 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
     out-of-range nodes kept fp32, and fp32 graph I/O; tensors held in memory (the caller saves
     it, with external data past the threshold). :func:`convert_to_file` writes it instead, never
     holding its tensors."""
-    from ..onnx_export import check_full  # the same layer; onnx_export loads converters by name
-
     fp32_path = Path(fp32_path)
     with tempfile.TemporaryDirectory(prefix=".fp16-", dir=fp32_path.parent) as work:
         converted, data_dir = _rewrite(fp32_path, calibration, fp32_nodes, Path(work))
-        _read_tensors(converted, data_dir, _to_float16)
+        _read_tensors(converted, data_dir)
     _finish(converted)
     check_full(converted, f"fp16 conversion of {fp32_path.name}")
     return converted
@@ -80,12 +81,10 @@ def convert_to_file(fp32_path: Path, out_path: Path, calibration: dict[str, np.n
     straight into a data file: the converted graph's tensors are never all in memory (ViT-bigG-14's
     fp16 save was killed at 18.9 GB on a 24 GB machine when they were). Returns the data files
     written beside the graph."""
-    from ..onnx_export import check_full, save_graph
-
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     with tempfile.TemporaryDirectory(prefix=".fp16-", dir=out_path.parent) as work:
         converted, data_dir = _rewrite(fp32_path, calibration, fp32_nodes, Path(work))
-        _write_tensors(converted, data_dir, Path(work) / "fp16.onnx.data", _to_float16)
+        _write_tensors(converted, data_dir, Path(work) / "fp16.onnx.data")
         _finish(converted)
         written = save_graph(converted, out_path, external_data_threshold, data_dir=Path(work))
     del converted
@@ -94,10 +93,16 @@ def convert_to_file(fp32_path: Path, out_path: Path, calibration: dict[str, np.n
     return written
 
 
-def _to_float16(array: np.ndarray) -> np.ndarray:
-    # the library's warning for each value under 1e-7 ("will be truncated") is its documented rule
+@contextmanager
+def _truncation_warnings_silenced() -> Iterator[None]:
+    """The library warns for each value under 1e-7 ("will be truncated"): its documented rule."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will be truncated to.*", category=UserWarning)
+        yield
+
+
+def _to_float16(array: np.ndarray) -> np.ndarray:
+    with _truncation_warnings_silenced():
         return _float16_module().convert_np_to_float16(array, max_finite_val=FP16_MAX).astype("<f2")
 
 
@@ -116,7 +121,6 @@ def _rewrite(fp32_path: Path, calibration: dict[str, np.ndarray], fp32_nodes: tu
     """Passes 1-3 on the structure: the converted graph, its tensors still external fp32 bytes
     (relative to the directory returned, ``work`` or the fp32 graph's own)."""
     float16 = _float16_module()
-    from ..onnx_export import weights_apart  # the same layer; onnx_export loads converters by name
 
     structure, data_dir = weights_apart(fp32_path, work)
     named = {node.name for node in structure.graph.node
@@ -130,10 +134,9 @@ def _rewrite(fp32_path: Path, calibration: dict[str, np.ndarray], fp32_nodes: tu
     fp32_outputs = [output.name for output in structure.graph.output
                     if output.type.tensor_type.elem_type == TensorProto.FLOAT]
     # the library clamps to +-1e4 by default; fp16 holds up to 65504, and the readers of larger
-    # initialisers are blocked above, so nothing is clamped. Its warning for each value under
-    # 1e-7 ("will be truncated") is its documented rule, silenced.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will be truncated to.*", category=UserWarning)
+    # initialisers are blocked above, so nothing is clamped (small initialisers held in the graph
+    # are converted here)
+    with _truncation_warnings_silenced():
         try:
             converted = float16.convert_float_to_float16(
                 structure, keep_io_types=True, node_block_list=sorted(blocked),
@@ -154,15 +157,9 @@ def _finish(converted: onnx.ModelProto) -> None:
     move_transposes_after_matmuls(converted)
 
 
-def _external(tensor: TensorProto) -> dict[str, str] | None:
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return None
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
 def _read_array(tensor: TensorProto, data_dir: Path) -> np.ndarray:
     """An external fp32 tensor's values, read alone from its data file."""
-    info = _external(tensor)
+    info = external_info(tensor)
     count = int(np.prod(tensor.dims, dtype=np.int64))
     return np.fromfile(data_dir / info["location"], dtype="<f4", count=count, offset=int(info.get("offset", 0)))
 
@@ -251,7 +248,7 @@ def out_of_range_nodes(structure: onnx.ModelProto, data_dir: Path, calibration: 
 
 
 def _initializer_abs_max(tensor: TensorProto, data_dir: Path) -> float:
-    if _external(tensor) is not None:
+    if external_info(tensor) is not None:
         return _abs_max(_read_array(tensor, data_dir))
     return _abs_max(onnx.numpy_helper.to_array(tensor))
 
@@ -300,42 +297,36 @@ def _restore_fp32_outputs(model: onnx.ModelProto, names: list[str]) -> None:
         output.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
-def _converted_bytes(tensor: TensorProto, info: dict[str, str], data_dir: Path, to_float16) -> bytes:
+def _converted_bytes(tensor: TensorProto, info: dict[str, str], data_dir: Path) -> bytes:
     """An external tensor's bytes as the converted graph stores them: the ones the rewrite made fp16
     (their bytes are still fp32) converted by onnxconverter-common's ``convert_np_to_float16``."""
-    from ..onnx_export import external_length
-
-    location, offset = data_dir / info["location"], int(info.get("offset", 0))
     if tensor.data_type == TensorProto.FLOAT16:
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        return to_float16(np.fromfile(location, dtype="<f4", count=count, offset=offset)).tobytes()
-    with open(location, "rb") as handle:
-        handle.seek(offset)
+        return _to_float16(_read_array(tensor, data_dir)).tobytes()
+    with open(data_dir / info["location"], "rb") as handle:
+        handle.seek(int(info.get("offset", 0)))
         return handle.read(external_length(tensor, info))
 
 
-def _read_tensors(model: onnx.ModelProto, data_dir: Path, to_float16) -> None:
+def _read_tensors(model: onnx.ModelProto, data_dir: Path) -> None:
     """Every external tensor read into the graph, one at a time."""
     for tensor in graph_tensors(model.graph):
-        info = _external(tensor)
+        info = external_info(tensor)
         if info is None:
             continue
-        raw = _converted_bytes(tensor, info, data_dir, to_float16)
+        raw = _converted_bytes(tensor, info, data_dir)
         del tensor.external_data[:]
         tensor.ClearField("data_location")
         tensor.raw_data = raw
 
 
-def _write_tensors(model: onnx.ModelProto, data_dir: Path, data: Path, to_float16) -> None:
+def _write_tensors(model: onnx.ModelProto, data_dir: Path, data: Path) -> None:
     """Every external tensor written to the one file ``data`` as the converted graph stores it, one
     at a time, and pointed at there (``data``'s directory is the one locations are relative to)."""
-    from ..onnx_export import point_at
-
     with open(data, "wb") as out:
         for tensor in graph_tensors(model.graph):
-            info = _external(tensor)
+            info = external_info(tensor)
             if info is None:
                 continue
             offset = out.tell()
-            out.write(_converted_bytes(tensor, info, data_dir, to_float16))
+            out.write(_converted_bytes(tensor, info, data_dir))
             point_at(tensor, data.name, offset, out.tell() - offset)
