@@ -6,11 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: help install test export bench bench-core demo-weights demo-accuracy demo-teachers clean
 
-.PHONY: cpp cpp-asan cpp-deps cpp-test cpp-aarch64 cpp-aarch64-deps
+.PHONY: test-fast cpp cpp-asan cpp-asan-build cpp-asan-ctest cpp-deps cpp-test cpp-aarch64 cpp-aarch64-build \
+        cpp-aarch64-ctest cpp-aarch64-deps
 
 help:
 	@echo "make export   run the default export recipe (installs dependencies first)"
 	@echo "make test     run the test suite (installs dependencies first; builds and checks the C++ runtime)"
+	@echo "make test-fast      the development loop: Python tests without C++ builds, clusters or slow cases"
 	@echo "make cpp      build the C++ runtime (cpp/) into build/cpp; make cpp-deps installs its Debian packages (root)"
 	@echo "make cpp-aarch64    cross-build it for aarch64 into build/cpp-aarch64 and run its ctest under qemu (make cpp-aarch64-deps: root)"
 	@echo "make bench    latency/FLOPs/accuracy benchmark -> benchmarks/results/<host>/ (BENCH=full for the long sweep)"
@@ -58,8 +60,22 @@ CPP_TEST_ENV = TRANSMITER_CPP_BUILD=$(abspath $(CPP_BUILD)) TRANSMITER_CPP_ASAN_
                    TRANSMITER_CPP_AARCH64_ASAN_BUILD=$(abspath $(CPP_AARCH64_ASAN_BUILD)))
 CPP_TARGETS = cpp cpp-asan $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64)
 
-test: $(STAMP) $(CPP_TARGETS)
-	$(CPP_TEST_ENV) $(PY) -m pytest -q
+# make test: the whole suite in timed phases (scripts/phase.sh prints each phase's seconds, and CI's
+# summary reads them from PHASE_LOG); pytest prints its 25 slowest tests.
+PHASE := bash scripts/phase.sh
+CPP_BUILD_TARGETS = cpp cpp-asan-build $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-build)
+CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-ctest)
+
+test:
+	@$(PHASE) venv $(MAKE) --no-print-directory install
+	@$(PHASE) "c++ builds" $(MAKE) --no-print-directory $(CPP_BUILD_TARGETS)
+	@$(PHASE) ctest $(MAKE) --no-print-directory $(CPP_CTEST_TARGETS)
+	@$(PHASE) pytest env $(CPP_TEST_ENV) $(PY) -m pytest -q --durations=25
+
+# The development loop: no C++ builds, no live servers or clusters, no slow cases (tests marked
+# slow, cluster or cpp); make test stays the full suite.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not cluster" --ignore=tests/cpp --durations=10
 
 cpp-deps:
 	bash cpp/scripts/install_deps.sh
@@ -78,9 +94,16 @@ cpp: $(STAMP) $(ORT_SDK)/usr/include/onnxruntime/onnxruntime_cxx_api.h
 # so this build leaves that backend out. -O1 -g1: AddressSanitizer's recommended level, and line
 # tables for its reports, at half RelWithDebInfo's build time.
 cpp-asan:
+	@$(MAKE) --no-print-directory cpp-asan-build
+	@$(MAKE) --no-print-directory cpp-asan-ctest
+
+cpp-asan-build:
 	cmake -S cpp -B $(CPP_ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" -DTRANSMITER_SANITIZE=ON \
 	    -DTRANSMITER_WITH_ONNXRUNTIME=OFF -DTRANSMITER_WITH_TENSORRT=OFF >/dev/null
 	cmake --build $(CPP_ASAN_BUILD) -j$(CPP_JOBS)
+
+# the ctest targets run what the build targets built (make test times the two apart)
+cpp-asan-ctest:
 	cd $(CPP_ASAN_BUILD) && ctest --output-on-failure
 
 cpp-test: $(STAMP) $(CPP_TARGETS)
@@ -96,7 +119,11 @@ cpp-aarch64-deps:
 # (line tables for reports) builds in 45 s and runs its ctest in 22 s, against 97 s and 51 s for
 # RelWithDebInfo (measured on the 2-core machine).
 AARCH64_TEST_PROGRAMS := transmiter_infer fuzz_formats bank_manifest
-cpp-aarch64: $(STAMP) $(ORT_SDK)/usr/include/onnxruntime/onnxruntime_cxx_api.h
+cpp-aarch64:
+	@$(MAKE) --no-print-directory cpp-aarch64-build
+	@$(MAKE) --no-print-directory cpp-aarch64-ctest
+
+cpp-aarch64-build: $(STAMP) $(ORT_SDK)/usr/include/onnxruntime/onnxruntime_cxx_api.h
 	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
 	    { echo "no aarch64 cross compiler or qemu-user: run make cpp-aarch64-deps (as root)" >&2; exit 3; }
 	$(if $(filter OFF,$(CPP_ORT)),,PYTHON=$(abspath $(PY)) bash cpp/scripts/fetch_onnxruntime_aarch64.sh $(ORT_AARCH64))
@@ -104,11 +131,13 @@ cpp-aarch64: $(STAMP) $(ORT_SDK)/usr/include/onnxruntime/onnxruntime_cxx_api.h
 	    -DTRANSMITER_WITH_ONNXRUNTIME=$(CPP_ORT) -DONNXRUNTIME_ROOT=$(abspath $(ORT_SDK)) \
 	    -DONNXRUNTIME_LIBRARY="$$(ls $(abspath $(ORT_AARCH64))/libonnxruntime.so.* 2>/dev/null | tail -n 1)" >/dev/null
 	cmake --build $(CPP_AARCH64_BUILD) -j$(CPP_JOBS) --target $(AARCH64_TEST_PROGRAMS) transmiter
-	cd $(CPP_AARCH64_BUILD) && ctest --output-on-failure
 	cmake -S cpp -B $(CPP_AARCH64_ASAN_BUILD) -DCMAKE_TOOLCHAIN_FILE=$(AARCH64_TOOLCHAIN) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" -DTRANSMITER_SANITIZE=ON -DTRANSMITER_WITH_ONNXRUNTIME=OFF \
 	    -DTRANSMITER_WITH_TENSORRT=OFF >/dev/null
 	cmake --build $(CPP_AARCH64_ASAN_BUILD) -j$(CPP_JOBS) --target $(AARCH64_TEST_PROGRAMS)
+
+cpp-aarch64-ctest:
+	cd $(CPP_AARCH64_BUILD) && ctest --output-on-failure
 	cd $(CPP_AARCH64_ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure
 
 RECIPE ?= export/recipes/demo.yaml

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,35 @@ def make_image_folder(root: Path, per_class: int = 3, classes: dict = COLOURS) -
         for i in range(per_class):
             draw_image(colour, seed=100 * index + i).save(root / name / f"{i:03d}.png")
     return root
+
+
+# Fixtures that start a live cluster or server: a test that uses one is marked ``cluster``
+# (left out of ``make test-fast``, run by ``make test``).
+CLUSTER_FIXTURES = {"ray_local_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file and link under ``root`` by relative path, with its sha256 (links by target)."""
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            digest[str(path.relative_to(root))] = "-> " + str(path.readlink())
+        elif path.is_file():
+            digest[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
+
+
+def assert_unchanged(root: Path, before: dict[str, str], fixture: str) -> None:
+    """The rule for session fixtures: tests read them and write elsewhere (a copy: copy_tree)."""
+    after = tree_digest(root)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"a test changed the session fixture {fixture}: {changed[:10]}"
 
 
 @pytest.fixture
@@ -95,7 +125,10 @@ def demo_export(tmp_path_factory):
     path = tmp_path / "recipe.yaml"
     path.write_text(SMALL_DEMO)
     recipe = load_recipe(path)
-    return recipe, run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
+    outcome = run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
+    before = tree_digest(outcome.out_dir)
+    yield recipe, outcome
+    assert_unchanged(outcome.out_dir, before, "demo_export")
 
 
 # A bank of two demo tasks at the small demo's size; its colours_tinted task has exactly the
@@ -141,7 +174,9 @@ def demo_bank_export(tmp_path_factory) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(SMALL_BANK)
     run_bank_export(load_recipe(path), tmp_path / "out", progress=False, log=lambda _: None)
-    return tmp_path / "out"
+    before = tree_digest(tmp_path / "out")
+    yield tmp_path / "out"
+    assert_unchanged(tmp_path / "out", before, "demo_bank_export")
 
 
 def copy_tree(source: Path, target: Path) -> Path:
@@ -185,7 +220,10 @@ def flow(tmp_path_factory) -> Path:
     from hostile.hostile_support import make_flow
 
     root = tmp_path_factory.mktemp("hostile-flow")
-    return make_flow(root, make_image_folder(root / "images", per_class=4))
+    make_flow(root, make_image_folder(root / "images", per_class=4))
+    before = tree_digest(root)
+    yield root
+    assert_unchanged(root, before, "flow")
 
 
 # The small demo recipe with ONNX external data forced on (tests/test_external_data.py, and the
@@ -245,3 +283,21 @@ def damage_external_data(directory: Path, case: str, graph: str = "model.onnx", 
         onnx.save(model, directory / graph)
     else:
         raise AssertionError(case)
+
+
+def polygraphy_validate(graph: Path) -> None:
+    """What ``polygraphy run GRAPH --onnxrt --validate --input-shapes ...`` checks, through
+    Polygraphy's own Python API in this process (the command line's import alone costs seconds per
+    graph): the graph runs in ONNX Runtime on Polygraphy's generated data, symbolic axes 2, and
+    every output is free of NaN and inf."""
+    import onnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.common import TensorMetadata
+    from polygraphy.comparator import Comparator, DataLoader
+
+    metadata = TensorMetadata()
+    for value in onnx.load(graph, load_external_data=False).graph.input:
+        metadata.add(value.name, dtype=None,
+                     shape=[d.dim_value if d.HasField("dim_value") else 2 for d in value.type.tensor_type.shape.dim])
+    results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(graph)))], data_loader=DataLoader(input_metadata=metadata))
+    assert Comparator.validate(results, check_inf=True, check_nan=True), f"{graph}: Polygraphy's validation failed"

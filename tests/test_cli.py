@@ -21,39 +21,26 @@ def run(capsys, *args):
     return code, captured.out, captured.err
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """Caches and heads for a source (tiny ViT), a 'fine-tuned' teacher and a target (tiny ResNet)."""
-    root = tmp_path_factory.mktemp("cli")
-    images = make_image_folder(root / "images", per_class=4)
-    steps = [
-        ["cache", "--model", "TM-Tiny-ViT", "--data", images, "--out", root / "c_src"],
-        ["cache", "--model", "TM-Tiny-ViT", "--init-seed", 1, "--data", images, "--out", root / "c_ft"],
-        ["cache", "--model", "TM-Tiny-RN", "--data", images, "--out", root / "c_tgt"],
-        ["head", "--model", "TM-Tiny-ViT", "--classes-from", root / "c_src", "--width", 32,
-         "--templates", "photo", "--out", root / "h_src"],
-        ["head", "--model", "TM-Tiny-ViT", "--init-seed", 1, "--classes-from", root / "c_src", "--no-auxiliary",
-         "--templates", "photo", "--out", root / "h_ft"],
-        ["head", "--model", "TM-Tiny-RN", "--classes-from", root / "h_src", "--templates", "photo",
-         "--out", root / "h_tgt"],
-    ]
-    for step in steps:
-        assert main([str(a) for a in step]) == 0, step
-    return root
+@pytest.fixture
+def workspace(flow):
+    """The session's tiny workspace (``flow`` in tests/conftest.py): caches and heads of a source
+    (tiny ViT), a 'fine-tuned' teacher and a target (tiny ResNet), and the flow's adapters. Tests
+    read it and write their own artifacts under their ``tmp_path``."""
+    return flow
 
 
-def test_full_flow_extract_transfer_plus_evaluate(workspace, capsys):
-    w = workspace
+def test_full_flow_extract_transfer_plus_evaluate(workspace, capsys, tmp_path):
+    w, mine = workspace, tmp_path  # the workspace's caches and heads; this test's adapters
     code, out, err = run(capsys, "extract", "--source-cache", w / "c_src", "--source-head", w / "h_src",
                          "--teacher-cache", w / "c_ft", "--teacher-head", w / "h_ft", "--epochs", 3,
-                         "--batch-size", 8, "--out", w / "a_src")
+                         "--batch-size", 8, "--out", mine / "a_src")
     assert code == 0, err
     assert "extracted adapter" in out
-    code, out, err = run(capsys, "transfer", "--adapter", w / "a_src", "--source-cache", w / "c_src",
+    code, out, err = run(capsys, "transfer", "--adapter", mine / "a_src", "--source-cache", w / "c_src",
                          "--source-head", w / "h_src", "--target-cache", w / "c_tgt", "--target-head", w / "h_tgt",
-                         "--out", w / "a_tgt")
+                         "--out", mine / "a_tgt")
     assert code == 0, err
-    manifest = json.loads((w / "a_tgt" / "adapter.json").read_text())
+    manifest = json.loads((mine / "a_tgt" / "adapter.json").read_text())
     assert manifest["stage"] == "transferred"
     assert manifest["target_model"]["name"] == "TM-Tiny-RN"
     assert manifest["provenance"]["transfer"]["lambda"] == 500.0
@@ -62,15 +49,15 @@ def test_full_flow_extract_transfer_plus_evaluate(workspace, capsys):
     assert manifest["provenance"]["extraction"]["settings"]["epochs"] == 3
     assert manifest["config"]["logit_width"] == 32 and manifest["config"]["num_task_classes"] == 4
     assert len(manifest["auxiliary_names"]) == 28
-    code, out, err = run(capsys, "plus", "--adapter", w / "a_tgt", "--cache", w / "c_tgt", "--head", w / "h_tgt",
-                         "--shots", 2, "--epochs", 2, "--out", w / "a_plus")
+    code, out, err = run(capsys, "plus", "--adapter", mine / "a_tgt", "--cache", w / "c_tgt", "--head", w / "h_tgt",
+                         "--shots", 2, "--epochs", 2, "--out", mine / "a_plus")
     assert code == 0, err
-    assert json.loads((w / "a_plus" / "adapter.json").read_text())["provenance"]["plus"]["num_samples"] == 8
+    assert json.loads((mine / "a_plus" / "adapter.json").read_text())["provenance"]["plus"]["num_samples"] == 8
     code, out, err = run(capsys, "evaluate", "--cache", w / "c_tgt", "--head", w / "h_tgt", "--adapter",
-                         w / "a_tgt", "--adapter", w / "a_plus", "--json", w / "results.json")
+                         mine / "a_tgt", "--adapter", mine / "a_plus", "--json", mine / "results.json")
     assert code == 0, err
     assert "base" in out and "HM" in out
-    rows = json.loads((w / "results.json").read_text())["rows"]
+    rows = json.loads((mine / "results.json").read_text())["rows"]
     assert [r["name"].split()[0] for r in rows] == ["zero-shot", "+", "+"]
     assert all(0 <= r["base"] <= 100 and r["num_base_classes"] == 2 for r in rows)
 
@@ -94,10 +81,6 @@ def test_mismatched_class_list_between_adapter_and_target_head(workspace, capsys
     assert main(["head", "--model", "TM-Tiny-RN", "--classes-from", str(w / "c_src"), "--width", "32", "--seed", "9",
                  "--templates", "photo", "--out", str(tmp_path / "h_other")]) == 0
     capsys.readouterr()
-    if not (w / "a_src").exists():
-        assert main(["extract", "--source-cache", str(w / "c_src"), "--source-head", str(w / "h_src"),
-                     "--teacher-cache", str(w / "c_ft"), "--teacher-head", str(w / "h_ft"), "--epochs", "1",
-                     "--out", str(w / "a_src")]) == 0
     expect_error(capsys, ["transfer", "--adapter", w / "a_src", "--source-cache", w / "c_src", "--source-head",
                           w / "h_src", "--target-cache", w / "c_tgt", "--target-head", tmp_path / "h_other",
                           "--out", tmp_path / "a"], "class list")
@@ -167,8 +150,6 @@ def test_console_script_help_and_exit_status(tmp_path):
 
 def test_export_onnx_command_and_its_refusals(workspace, capsys, tmp_path):
     w = workspace
-    if not (w / "a_tgt").exists():
-        test_full_flow_extract_transfer_plus_evaluate(w, capsys)
     code, out, err = run(capsys, "export-onnx", "--model", "TM-Tiny-RN", "--adapter", w / "a_tgt", "--head",
                          w / "h_tgt", "--images", w / "images", "--samples", 6, "--out", tmp_path / "export")
     assert code == 0, err

@@ -3,8 +3,6 @@ settings: ONNX Runtime at each optimisation level (in a child process, so a cras
 instead of killing the suite), Polygraphy's ``run --onnxrt --validate``; the C++ backend is in
 tests/cpp/. Also the rewrite that makes AutoCast's fp16 graphs loadable (deploy/consumer_safety.py)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,8 @@ from transmiter_deploy.deploy.consumer_safety import move_transposes_after_matmu
 from transmiter_deploy.errors import VerificationError
 from transmiter_deploy.runtimes.load_probe import LEVELS, probe
 from transmiter_deploy.runtimes.onnxruntime import require_loadable
+
+from conftest import polygraphy_validate
 
 # ONNX Runtime versions measured to segfault on Transpose -> MatMul in fp16 (onnxruntime #28392)
 CRASHING_ORT = ("1.24.4",)
@@ -50,23 +50,10 @@ def test_every_exported_graph_loads_and_runs_at_every_optimisation_level(every_g
     assert probe(graphs, LEVELS) is None
 
 
-def _polygraphy_shapes(path: Path) -> list[str]:
-    graph = onnx.load(path, load_external_data=False).graph
-    shapes = []
-    for value in graph.input:
-        dims = [d.dim_value if d.HasField("dim_value") else 2 for d in value.type.tensor_type.shape.dim]
-        shapes.append(f"{value.name}:[{','.join(map(str, dims))}]")
-    return shapes
-
-
 @pytest.mark.parametrize("kind", ["single", "bank"])
 def test_polygraphy_validates_every_exported_graph_with_onnxruntime(every_graph, kind):
-    polygraphy = Path(sys.executable).with_name("polygraphy")
     for graph in every_graph[kind]:
-        done = subprocess.run([str(polygraphy), "run", str(graph), "--onnxrt", "--validate",
-                               "--input-shapes", *_polygraphy_shapes(graph)], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"{graph.name}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
-        assert "PASSED" in done.stdout + done.stderr
+        polygraphy_validate(graph)
 
 
 def test_default_options_give_the_same_fp16_outputs_as_no_optimisation(demo_export):

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,14 +29,15 @@ from transmiter_deploy.features.distributed_cache import (
 )
 from transmiter_deploy.features.models import load_model
 
+from cli_process import CliProcess
 from conftest import make_image_folder
 
 BATCH, SHARD = 8, 24  # several batches per actor and shards that end mid-batch
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local_cluster(tmp_path_factory):
-    """One local cluster for the whole session (starting one takes seconds). The fault-injection
+    """One local cluster for this module (starting one takes seconds), shut down when it ends. The fault-injection
     variable is set before it starts, so its workers inherit it; it names a file no test has
     written yet, so no actor dies until a test writes it. Without Ray (the [distributed] extra)
     the tests that need a cluster are skipped; those of a missing Ray still run."""
@@ -141,22 +141,20 @@ def test_killed_driver_leaves_the_previous_cache(ray_local_cluster, images_and_l
     import ray
 
     images = make_image_folder(tmp_path / "images", per_class=60)
-    command = [sys.executable, "-m", "transmiter_deploy.cli", "cache", "--model", "TM-Tiny-ViT",
-               "--data", str(images), "--out", str(out), "--engine", "ray", "--batch-size", "4",
-               "--address", ray.get_runtime_context().gcs_address]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a child process (tests/cli_process.py): the driver's death is the point
+    process = CliProcess(["cache", "--model", "TM-Tiny-ViT", "--data", images, "--out", out, "--engine", "ray",
+                          "--batch-size", 4, "--address", ray.get_runtime_context().gcs_address])
     deadline = time.monotonic() + 60
     try:
         while not list(tmp_path.glob(".cache.*.partial")):
-            assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+            assert process.poll() is None, process.result().stderr[-2000:]
             assert time.monotonic() < deadline, "the driver never started writing"
             time.sleep(0.05)
         time.sleep(0.5)  # well inside the run: the cluster is encoding
         assert process.poll() is None, "the run finished before it could be killed"
     finally:
         process.send_signal(signal.SIGKILL)
-        process.communicate()
+        process.result()
     assert process.returncode == -signal.SIGKILL
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(load_cache(out)) == len(dataset)

@@ -12,7 +12,7 @@ from transmiter_deploy.errors import InputError
 from transmiter_deploy.pipeline.export import _exclusive, run_export
 from transmiter_deploy.pipeline.recipe import load_recipe
 
-from conftest import SMALL_DEMO
+from conftest import SMALL_DEMO, copy_tree
 
 
 TENSORRT_HERE = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -31,6 +31,14 @@ def statuses(outcome) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(demo_export):
     return demo_export
+
+
+@pytest.fixture
+def copied_run(first_run, tmp_path):
+    """``(recipe, out)``: the session's demo export copied for a test that runs the export again
+    (the session fixture stays as it was made: other modules read it)."""
+    recipe, outcome = first_run
+    return recipe, copy_tree(outcome.out_dir, tmp_path / "out")
 
 
 def test_the_demo_recipe_runs_to_the_end_on_cpu(first_run):
@@ -62,22 +70,24 @@ def test_the_demo_recipe_runs_to_the_end_on_cpu(first_run):
         assert "--stronglyTyped" in plan["trtexec"] and "--maxShapes=pixel_values:8x3x48x48" in plan["trtexec"]
 
 
-def test_a_rerun_skips_every_step_and_a_changed_setting_redoes_only_what_depends_on_it(first_run, tmp_path):
-    recipe, outcome = first_run
-    again = run_export(recipe, outcome.out_dir, progress=False, log=lambda _: None)
+def test_a_rerun_skips_every_step_and_a_changed_setting_redoes_only_what_depends_on_it(first_run, copied_run,
+                                                                                        tmp_path):
+    _, outcome = first_run
+    recipe, out = copied_run
+    again = run_export(recipe, out, progress=False, log=lambda _: None)
     assert {status for name, status in statuses(again).items() if not name.startswith("tensorrt")} == {"skipped"}
     assert again.accuracy == outcome.accuracy
 
     changed = small_recipe(tmp_path, SMALL_DEMO.replace("regularisation: 500", "regularisation: 50"))
-    redo = statuses(run_export(changed, outcome.out_dir, progress=False, log=lambda _: None))
+    redo = statuses(run_export(changed, out, progress=False, log=lambda _: None))
     assert {name for name, status in redo.items() if status == "ran"} == {"transfer", "plus", "teacher-check",
                                                                           "evaluate", "onnx", "validate"}
     assert redo["extract"] == redo["cache-source-train"] == redo["head-target"] == "skipped"
 
 
-def test_force_redoes_a_step_whose_inputs_are_unchanged(first_run):
-    recipe, outcome = first_run
-    forced = run_export(recipe, outcome.out_dir, force=True, progress=False, log=lambda _: None)
+def test_force_redoes_a_step_whose_inputs_are_unchanged(copied_run):
+    recipe, out = copied_run
+    forced = run_export(recipe, out, force=True, progress=False, log=lambda _: None)
     assert statuses(forced)["extract"] == "ran"
 
 

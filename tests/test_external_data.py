@@ -27,8 +27,8 @@ from transmiter_deploy.features.models import ModelSpec, load_model
 from transmiter_deploy.runtimes.base import external_data_locations, graph_structure, verify_graph_data
 from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, require_loadable
 
-from conftest import damage_external_data, make_head_and_adapter
-from hostile.hostile_support import one_line, run_cli, snapshot
+from conftest import damage_external_data, make_head_and_adapter, polygraphy_validate
+from hostile.hostile_support import one_line, run_cli_here, snapshot
 
 K = 6
 GRAPHS = ("model.onnx", "head.onnx", "model_fp16.onnx", "head_fp16.onnx")
@@ -110,20 +110,11 @@ def test_every_graph_runs_as_the_inline_export_does_and_after_the_directory_move
 
 
 def test_polygraphy_validates_every_external_data_graph_with_onnxruntime(exports):
-    import subprocess
-    import sys
-
     root, _, _ = exports
-    polygraphy = Path(sys.executable).with_name("polygraphy")
     for directory in (root / "external", root / "bank"):
         for graph in sorted(directory.rglob("*.onnx")):
-            model = graph_structure(graph)
-            assert external_data_locations(model), graph
-            shapes = [f"{v.name}:[{','.join(str(d.dim_value or 2) for d in v.type.tensor_type.shape.dim)}]"
-                      for v in model.graph.input]
-            done = subprocess.run([str(polygraphy), "run", str(graph), "--onnxrt", "--validate", "--input-shapes",
-                                   *shapes], capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0 and "PASSED" in done.stdout + done.stderr, f"{graph}: {done.stdout[-1500:]}"
+            assert external_data_locations(graph_structure(graph)), graph
+            polygraphy_validate(graph)
 
 
 def test_parity_checks_and_macs_of_the_external_export_equal_the_inline_ones(exports):
@@ -202,39 +193,40 @@ BAD_CASES = list(EXPECTED)
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_a_bad_data_file_is_refused_in_one_line_by_the_runner_and_build_engine(exports, tmp_path, case):
+def test_a_bad_data_file_is_refused_in_one_line_by_the_runner_and_build_engine(exports, tmp_path, case, capfd):
     root, pixels, _ = exports
     bad = shutil.copytree(root / "external", tmp_path / "bad")
     damage_external_data(bad, case)
     expected = EXPECTED[case]
     with pytest.raises(IntegrityError, match=re.escape(expected)):
         OnnxRuntimeRunner(bad / "model.onnx").activate()
-    result = run_cli("build-engine", bad / "model.onnx", "--out", tmp_path / "engines" / "model.engine")
+    result = run_cli_here(capfd, "build-engine", bad / "model.onnx", "--out", tmp_path / "engines" / "model.engine")
     assert result.returncode == 2, result.stderr
     assert expected in one_line(result.stderr)
     assert not (tmp_path / "engines").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "swapped"])
-def test_bank_add_refuses_a_head_whose_data_file_is_bad_and_leaves_the_bank_as_it_was(exports, tmp_path, case):
+def test_bank_add_refuses_a_head_whose_data_file_is_bad_and_leaves_the_bank_as_it_was(exports, tmp_path, case,
+                                                                                       capfd):
     root, _, _ = exports
     bank = shutil.copytree(root / "bank", tmp_path / "bank")
     before = snapshot(bank)
     head = shutil.copytree(root / "external", tmp_path / "head")
     damage_external_data(head, case, graph="head.onnx", other="head_fp16.onnx")
-    result = run_cli("bank", "add", bank, "other", head)
+    result = run_cli_here(capfd, "bank", "add", bank, "other", head)
     assert result.returncode == 2, result.stderr
     assert "head.onnx.data" in one_line(result.stderr)
     assert snapshot(bank) == before
     # the same head, intact, is added: the bank then lists its data files under heads/other/
     good = shutil.copytree(root / "external", tmp_path / "good")
-    assert run_cli("bank", "add", bank, "other", good).returncode == 0
+    assert run_cli_here(capfd, "bank", "add", bank, "other", good).returncode == 0
     manifest = json.loads((bank / "manifest.json").read_text())
     assert manifest["files"]["heads/other/head.onnx.data"]["sha256"] == sha256_file(good / "head.onnx.data")
 
 
 @pytest.mark.parametrize("case", ["missing", "tampered"])
-def test_bank_list_refuses_a_bank_whose_data_file_is_bad(exports, tmp_path, case):
+def test_bank_list_refuses_a_bank_whose_data_file_is_bad(exports, tmp_path, case, capfd):
     root, _, _ = exports
     bank = shutil.copytree(root / "bank", tmp_path / "bank")
     target = bank / "heads" / "tiny" / "head.onnx.data"
@@ -244,21 +236,21 @@ def test_bank_list_refuses_a_bank_whose_data_file_is_bad(exports, tmp_path, case
         raw = bytearray(target.read_bytes())
         raw[-1] ^= 0x01
         target.write_bytes(bytes(raw))
-    result = run_cli("bank", "list", bank)
+    result = run_cli_here(capfd, "bank", "list", bank)
     assert result.returncode == 2, result.stderr
     assert "head.onnx.data" in one_line(result.stderr)
 
 
-def test_export_onnx_cli_flag_writes_external_data(flow, tmp_path):
+def test_export_onnx_cli_flag_writes_external_data(flow, tmp_path, capfd):
     out = tmp_path / "export"
-    result = run_cli("export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt", "--head", flow / "h_tgt",
+    result = run_cli_here(capfd, "export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt", "--head", flow / "h_tgt",
                      "--images", flow / "images", "--samples", 4, "--no-fp16", "--external-data-threshold", 0,
                      "--out", out)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"]["model.onnx"]["external_data"] == ["model.onnx.data"]
     assert manifest["files"]["head.onnx"]["external_data"] == ["head.onnx.data"]
-    bad = run_cli("export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt", "--head", flow / "h_tgt",
+    bad = run_cli_here(capfd, "export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt", "--head", flow / "h_tgt",
                   "--external-data-threshold", -1, "--out", tmp_path / "never")
     assert bad.returncode == 2 and not (tmp_path / "never").exists()
 

@@ -1,20 +1,15 @@
 """Shared by the hostile cases: a tiny end-to-end workspace made through the CLI (the ``flow``
 fixture in tests/conftest.py), the CLI run in a child process (under a file-size limit, without
-root's permission override), and snapshots of artifact trees."""
+root's permission override) or in this one, and snapshots of artifact trees."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import resource
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+from cli_process import run_cli_child
+from conftest import tree_digest as snapshot  # noqa: F401  (the hostile cases' name for it)
 from transmiter_deploy.cli import main
-
-CLI = [sys.executable, "-m", "transmiter_deploy.cli"]
 
 
 def make_flow(root: Path, images: Path) -> Path:
@@ -48,32 +43,22 @@ def extract_args(root: Path, out: Path) -> list:
 
 def run_cli(*args, limit: int | None = None, obey_permissions: bool = False, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
-    """``transmiter ARGS`` in a child process: under RLIMIT_FSIZE ``limit`` bytes (Python ignores
-    SIGXFSZ, so a write past it fails with EFBIG); ``obey_permissions``: as root, without the
-    capabilities that let root ignore file permissions (util-linux setpriv)."""
-    def prepare() -> None:
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    prefix = []
-    if obey_permissions and os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            raise RuntimeError("running as root needs util-linux's setpriv to drop CAP_DAC_OVERRIDE")
-        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
-    return subprocess.run([*prefix, *CLI, "--quiet", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=prepare, env={**os.environ, **(env or {})})
+    """``transmiter --quiet ARGS`` in a child process (forked from a warm parent:
+    tests/cli_process.py): under RLIMIT_FSIZE ``limit`` bytes (Python ignores SIGXFSZ, so a write
+    past it fails with EFBIG); ``obey_permissions``: as root, without the capabilities that let
+    root ignore file permissions. For the cases whose point is the process boundary; the others
+    run the CLI in this process (:func:`run_cli_here`)."""
+    return run_cli_child(*args, limit=limit, obey_permissions=obey_permissions, timeout=timeout, env=env)
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` by relative path, with its sha256 (symlinks by target)."""
-    files = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            files[str(path.relative_to(root))] = "-> " + os.readlink(path)
-        elif path.is_file():
-            files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return files
+def run_cli_here(capfd, *args) -> subprocess.CompletedProcess:
+    """``transmiter --quiet ARGS`` through the CLI's ``main`` in this process, its output read at
+    the file-descriptor level (``capfd``: what a library writes to fd 2 counts, as it would from
+    a child process)."""
+    capfd.readouterr()
+    status = main(["--quiet", *map(str, args)])
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(list(args), status, captured.out, captured.err)
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -4,13 +4,13 @@ refusal, never a mix of the two runs' files; readers during a replacement read t
 or the new one whole."""
 
 import json
-import subprocess
 import threading
 import time
 
 import pytest
 
-from hostile_support import CLI, extract_args, leftovers
+from cli_process import CliProcess
+from hostile_support import extract_args, leftovers
 from transmiter_deploy.artifacts import atomic_directory, read_json, write_json
 from transmiter_deploy.features.cache import load_cache
 
@@ -43,9 +43,8 @@ def _consistent(out, command) -> str:
 def test_two_writers_of_one_output_each_end_whole(flow, tmp_path, command):
     out = tmp_path / "artifact"
     for _ in range(ROUNDS):
-        runs = [subprocess.Popen([*CLI, "--quiet", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for args in _writers(flow, out)[command]]
-        results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+        runs = [CliProcess(["--quiet", *args]) for args in _writers(flow, out)[command]]
+        results = [(done.returncode, done.stderr) for done in (run.result(timeout=600) for run in runs)]
         for status, err in results:
             assert status == 0 or (status in (2, 5) and len(err.strip().splitlines()) == 1), err
             assert "Traceback" not in err

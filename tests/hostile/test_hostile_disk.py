@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile_support import extract_args, leftovers, one_line, run_cli, snapshot
+from hostile_support import extract_args, leftovers, one_line, run_cli, run_cli_here, snapshot
 
 FRACTIONS = (0.0, 0.4, 0.9)  # of the command's largest file: cut at the first byte, part-way, near the end
 
@@ -27,19 +27,21 @@ def _commands(flow: Path, out: Path) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def finished(flow, tmp_path_factory):
     """Each command's artifact, written once without a limit: its largest file sets the limits."""
+    from transmiter_deploy.cli import main
+
     root = tmp_path_factory.mktemp("disk-reference")
     done = {}
     for name in _commands(flow, root):
         out = root / name
-        result = run_cli(*_commands(flow, out)[name])
-        assert result.returncode == 0, result.stderr
+        assert main(["--quiet", *map(str, _commands(flow, out)[name])]) == 0, name
         done[name] = out
     return done
 
 
 @pytest.mark.parametrize("fraction", FRACTIONS)
 @pytest.mark.parametrize("command", ["cache", "head", "extract", "export-onnx"])
-def test_a_full_disk_leaves_the_previous_artifact_and_no_partial_one(flow, finished, tmp_path, command, fraction):
+def test_a_full_disk_leaves_the_previous_artifact_and_no_partial_one(flow, finished, tmp_path, command, fraction,
+                                                                     capfd):
     previous = tmp_path / "artifact"
     shutil.copytree(finished[command], previous)
     before = snapshot(previous)
@@ -55,7 +57,7 @@ def test_a_full_disk_leaves_the_previous_artifact_and_no_partial_one(flow, finis
     if fraction == FRACTIONS[1]:
         # the failed run left exactly what was there before (above), whatever the cut: one run
         # without a limit per command shows that state completes
-        again = run_cli(*_commands(flow, previous)[command])
+        again = run_cli_here(capfd, *_commands(flow, previous)[command])
         assert again.returncode == 0, again.stderr
         assert leftovers(tmp_path) == []
 
@@ -67,7 +69,7 @@ def test_a_full_disk_without_an_earlier_artifact_leaves_nothing(flow, finished, 
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_build_engine_record_under_a_full_disk(finished, tmp_path):
+def test_build_engine_record_under_a_full_disk(finished, tmp_path, capfd):
     """Without TensorRT the command writes the trtexec record (exit 3); a limit that cuts that
     record fails with 5 instead, and leaves no half-written record."""
     graph = finished["export-onnx"] / "model.onnx"
@@ -76,13 +78,13 @@ def test_build_engine_record_under_a_full_disk(finished, tmp_path):
     assert result.returncode == 5, result.stderr
     assert "cannot write" in one_line(result.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    result = run_cli("build-engine", graph, "--out", engine)
+    result = run_cli_here(capfd, "build-engine", graph, "--out", engine)
     assert result.returncode == 3, result.stderr  # no TensorRT here: the record is written
     assert json.loads((tmp_path / "model.engine.json").read_text())["trtexec"]
 
 
 @pytest.mark.slow
-def test_a_full_disk_mid_pipeline_export_resumes_on_the_next_run(demo_export, tmp_path):
+def test_a_full_disk_mid_pipeline_export_resumes_on_the_next_run(demo_export, tmp_path, capfd):
     """``transmiter export`` cut by the limit part-way through the ONNX step: one line, exit 5,
     the finished earlier steps kept, and the next run completes from them."""
     recipe, outcome = demo_export
@@ -99,6 +101,6 @@ def test_a_full_disk_mid_pipeline_export_resumes_on_the_next_run(demo_export, tm
     assert lines[-1].startswith("transmiter: error: cannot write ") and "File too large" in lines[-1]
     assert snapshot(out / "adapters") == kept
     assert not (out / "onnx").exists() and leftovers(out) == []
-    again = run_cli("export", recipe.path, "--out", out)
+    again = run_cli_here(capfd, "export", recipe.path, "--out", out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "onnx" / "manifest.json").is_file()

@@ -3,11 +3,10 @@ next run clears its leftovers and completes."""
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from cli_process import CliProcess
 from transmiter_deploy.artifacts import sha256_file
 from transmiter_deploy.pipeline.export import run_export
 from transmiter_deploy.pipeline.recipe import load_recipe
@@ -39,12 +38,8 @@ def test_sigkill_mid_write_leaves_the_previous_export_intact(tmp_path):
 
     bigger = tmp_path / "bigger.yaml"  # more images: the data step re-renders for several seconds
     bigger.write_text(RECIPE.replace("TRAIN", "400"))
-    process = subprocess.Popen([sys.executable, "-m", "transmiter_deploy.cli", "--quiet", "export", str(bigger),
-                                "--out", str(out)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    for line in process.stderr:
-        if "[run ] data" in line or time.monotonic() > deadline:
-            break
+    process = CliProcess(["--quiet", "export", bigger, "--out", out])  # a child: the kill is the point
+    process.wait_for_stderr("[run ] data", timeout=120)
     time.sleep(1.0)  # inside the render: its staging directory exists and is half full
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)

@@ -1,13 +1,14 @@
 """Output paths a user can get wrong, for each writing command: an existing file, a path under a
 file, a directory the user may not write, a symlink loop, a read-only file system, a name too
-long. One line each, the documented exit status, nothing created."""
+long. One line each, the documented exit status, nothing created. The CLI runs in this process
+(what it says and writes is the point), except where the process's own capabilities are."""
 
 import os
 import subprocess
 
 import pytest
 
-from hostile_support import extract_args, leftovers, one_line, run_cli
+from hostile_support import extract_args, leftovers, one_line, run_cli, run_cli_here
 
 COMMANDS = ("cache", "head", "extract")
 
@@ -21,11 +22,11 @@ def _args(flow, command, out):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_out_that_is_a_file_or_under_a_file(flow, tmp_path, command):
+def test_out_that_is_a_file_or_under_a_file(flow, tmp_path, command, capfd):
     target = tmp_path / "file"
     target.write_text("keep me")
     for out in (target, target / "sub"):
-        result = run_cli(*_args(flow, command, out))
+        result = run_cli_here(capfd, *_args(flow, command, out))
         assert result.returncode == 2, result.stderr
         assert str(target) in one_line(result.stderr)
     assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -47,9 +48,9 @@ def test_out_in_a_directory_the_user_may_not_write(flow, tmp_path, command):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_out_through_a_symlink_loop(flow, tmp_path, command):
+def test_out_through_a_symlink_loop(flow, tmp_path, command, capfd):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    result = run_cli(*_args(flow, command, tmp_path / "loop" / "out"))
+    result = run_cli_here(capfd, *_args(flow, command, tmp_path / "loop" / "out"))
     assert result.returncode == 2, result.stderr
     line = one_line(result.stderr)
     assert "loop" in line and "symbolic links" in line, line
@@ -57,8 +58,8 @@ def test_out_through_a_symlink_loop(flow, tmp_path, command):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_out_with_a_name_too_long(flow, tmp_path, command):
-    result = run_cli(*_args(flow, command, tmp_path / ("x" * 300)))
+def test_out_with_a_name_too_long(flow, tmp_path, command, capfd):
+    result = run_cli_here(capfd, *_args(flow, command, tmp_path / ("x" * 300)))
     assert result.returncode == 2, result.stderr
     assert "too long" in one_line(result.stderr)
     assert list(tmp_path.iterdir()) == []
@@ -90,12 +91,12 @@ def _writable(directory) -> bool:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_out_on_a_read_only_file_system(flow, tmp_path, command):
+def test_out_on_a_read_only_file_system(flow, tmp_path, command, capfd):
     mount = _read_only_mount(tmp_path)
     if mount is None:
         pytest.skip("this machine allows no read-only bind mount here")
     try:
-        result = run_cli(*_args(flow, command, mount / "out"))
+        result = run_cli_here(capfd, *_args(flow, command, mount / "out"))
         assert result.returncode == 5, result.stderr
         assert "Read-only file system" in one_line(result.stderr)
         assert list(mount.iterdir()) == []

@@ -45,8 +45,8 @@ from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, head_logits_numpy, write_head_safetensors
 from .onnx_export import (FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, FP32_LOGIT_ATOL, MANIFEST,
                           Checks, ExportSettings, check_full, check_tower_memory, convert_graph, export_graph,
-                          graph_entries, io_contract, is_external_data, link_or_copy, save_graph, to_onnx,
-                          tolerance_criterion)
+                          graph_entries, io_contract, is_external_data, link_or_copy, probes_batched, save_graph,
+                          to_onnx, tolerance_criterion)
 
 BACKBONE_FORMAT = "transmiter-deploy/backbone-export"
 HEAD_EXPORT_FORMAT = "transmiter-deploy/head-export"
@@ -472,13 +472,14 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
                                               "bytes": (staging / where / MANIFEST).stat().st_size}
             task_records.append(_task_record(task, str(where), softmax))
         graphs = {}
-        for kind, graph_file in backbone.graphs.items():
-            composed = compose_bank(onnx.load(backbone.path(graph_file)),
-                                    [(t.name, onnx.load(t.head.path(t.head.graphs[kind]))) for t in tasks], softmax)
-            name = PRECISIONS[kind].graph_name("model")
-            save_graph(composed, staging / name, external_data_threshold)
-            del composed
-            graphs[kind] = name
+        with probes_batched():
+            for kind, graph_file in backbone.graphs.items():
+                composed = compose_bank(onnx.load(backbone.path(graph_file)),
+                                        [(t.name, onnx.load(t.head.path(t.head.graphs[kind]))) for t in tasks], softmax)
+                name = PRECISIONS[kind].graph_name("model")
+                save_graph(composed, staging / name, external_data_threshold)
+                del composed
+                graphs[kind] = name
         checks = _verify_bank(staging, backbone, tasks, graphs, softmax)
         _raise_failed(checks, "bank", out_dir)
         entries.update(_graph_files(staging, {name: kind for kind, name in graphs.items()}))

@@ -54,6 +54,7 @@ from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, defa
 from .fusion import FP32_NODES, DeployedClassifier, FoldedHead, UnfoldedHead
 from .calibration import Calibration
 from .export_memory import check_export_memory
+from . import qdq_fallback
 from .gate import GateFailed, GateImages, accuracy_gate
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, HEAD_FORMAT, HEAD_FORMAT_VERSION, head_logits_numpy, write_head_safetensors
@@ -292,6 +293,26 @@ def check_full(model: onnx.ModelProto | Path, what: str) -> None:
         raise VerificationError(f"{what} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
 
 
+# The open batches of probes_batched, innermost last.
+_PROBE_BATCHES: list[list[Path]] = []
+
+
+@contextmanager
+def probes_batched() -> Iterator[None]:
+    """Graphs that :func:`save_graph` writes inside this block are probed together, in one child
+    process, when the block ends without an error (one interpreter start for an export's graphs
+    instead of one per graph). Nothing in the block may open a session on them: the probe must
+    come first."""
+    batch: list[Path] = []
+    _PROBE_BATCHES.append(batch)
+    try:
+        yield
+    finally:
+        _PROBE_BATCHES.remove(batch)
+    if batch:
+        require_loadable(batch)
+
+
 def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int | None = None,
                probe: bool = True, data_dir: Path | None = None) -> list[str]:
     """Write ``model`` to ``path``, its tensors in ``<name>.data`` beside it when they pass the
@@ -302,7 +323,7 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
 
     Then (``probe``) the graph must load and run in ONNX Runtime at every optimisation level, in
     a child process (a graph that would crash a user's session fails here, in one line, before
-    any session of ours loads it). Every graph the toolkit writes comes through here; exports
+    any session of ours loads it); inside :func:`probes_batched`, when that block ends. Every graph the toolkit writes comes through here; exports
     write into a staging directory that replaces the artifact whole (artifacts.atomic_directory),
     so a graph and its data file appear together or not at all."""
     path = Path(path)
@@ -331,7 +352,9 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
     else:
         onnx.save_model(model, path)
         written = external_data_locations(model)
-    if probe:
+    if probe and _PROBE_BATCHES:
+        _PROBE_BATCHES[-1].append(path)
+    elif probe:
         require_loadable([path])
     return written
 
@@ -565,7 +588,8 @@ def _convert(staging: Path, target: Precision, calibration: dict[str, dict[str, 
              checks: Checks, head_reference_name: str = "torch", external_data_threshold: int | None = None) -> list[str]:
     """``target``'s model and head graphs from the fp32 ones in ``staging``, each checked against
     its fp32 reference outputs (``calibration``: per graph stem, the converter's input arrays)."""
-    files = [convert_graph(staging, stem, target, calibration[stem], external_data_threshold) for stem in GRAPHS]
+    with probes_batched():
+        files = [convert_graph(staging, stem, target, calibration[stem], external_data_threshold) for stem in GRAPHS]
     criterion = tolerance_criterion(target)
     result = compare_outputs(model_reference, run_session(ort_session(staging / target.graph_name("model")), pixels))
     checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
@@ -648,13 +672,14 @@ def export_deployment(
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
-        # written as traced, its weights never in memory beside the tower's; counted from the file (_macs)
-        export_graph(parts.fused, pixels[:2], "pixel_values", output, settings.opset,
-                     f"image tower {model.identity.name}", staging / "model.onnx", settings.external_data_threshold)
-        release_freed_memory()
-        head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset, "folded head",
-                            staging)
-        save_graph(head_onnx, staging / "head.onnx", settings.external_data_threshold)
+        with probes_batched():
+            # written as traced, its weights never in memory beside the tower's; counted from the file (_macs)
+            export_graph(parts.fused, pixels[:2], "pixel_values", output, settings.opset,
+                         f"image tower {model.identity.name}", staging / "model.onnx", settings.external_data_threshold)
+            release_freed_memory()
+            head_onnx = to_onnx(parts.folded, parts.features[:2], "image_features", "logits", settings.opset,
+                                "folded head", staging)
+            save_graph(head_onnx, staging / "head.onnx", settings.external_data_threshold)
         unfolded_onnx = to_onnx(parts.unfolded, parts.features[:2], "image_features", "logits", settings.opset,
                                 "unfolded head", staging)
         timings["export_fp32_s"] = time.perf_counter() - start
@@ -768,14 +793,58 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
             reference = run_session(ort_session(staging / "model.onnx"), gate.pixels)
             candidate = run_session(ort_session(staging / target.graph_name("model")), gate.pixels)
             record = accuracy_gate(reference, candidate, target, gate)
+            if not record["passed"] and target.qdq:
+                record = _keep_sensitive_nodes_fp32(staging, target, calibration["model"], gate, reference, record,
+                                                    references, checks, external_data_threshold, log)
         _raise_if_failed(target, checks, record, export_dir)
         rewrite.parity["checks"] = dict(checks)
         rewrite.parity.setdefault("gates", {})[target.name] = record
+        if record is not None and record.get("fallback", {}).get("passed"):
+            rewrite.body.setdefault("fp32_nodes_kept", {})[target.name] = record["fallback"]["kept"]
         for name in files:
             rewrite.body["files"].update(graph_entries(staging, name, target, io_contract(graph_structure(staging / name))))
         rewrite.body.setdefault("calibration", {})[target.name] = calibration_record
     log(f"added {', '.join(files)} to {export_dir} in {time.perf_counter() - start:.1f} s")
     return record
+
+
+def _keep_sensitive_nodes_fp32(staging: Path, target: Precision, calibration: dict[str, np.ndarray],
+                               gate: GateImages, gate_reference: np.ndarray, record: dict, references: References,
+                               checks: Checks, external_data_threshold: int | None, log) -> dict:
+    """``target``'s graph failed its gate: keep its most sensitive quantised nodes in fp32, most
+    sensitive first, until the gate holds (deploy/qdq_fallback.py: ranked on the calibration
+    images, bounded tries). Returns the gate's table with a ``fallback`` record (every try); on
+    success the graph in ``staging`` is replaced and its parity check redone."""
+    path = staging / target.graph_name("model")
+    if stored_bytes(graph_structure(path)) > PROTOBUF_LIMIT - (64 << 20):
+        record["fallback"] = {"passed": False, "kept": [], "tries": [],
+                              "reason": "not tried: the graph is too large to rewrite in memory"}
+        return record
+    pixels = next(iter(calibration.values()))
+    calibration_reference = run_session(ort_session(staging / "model.onnx"), pixels)
+    quantised = onnx.load(path)
+    ranking = qdq_fallback.rank_by_sensitivity(
+        quantised, lambda graph: run_session(ort_session(graph.SerializeToString()), pixels), calibration_reference)
+    fallback = {"criterion": "mean |logits - fp32 logits| on the calibration images, lowered by the node alone "
+                             "in fp32", "quantised_nodes": len(ranking), "passed": False, "kept": [], "tries": []}
+    for size in qdq_fallback.tries(len(ranking)):
+        kept = [name for name, _ in ranking[:size]]
+        graph = qdq_fallback.keep_fp32(quantised, kept)
+        check_qdq_scales(graph, f"{path.name} with {size} node(s) in fp32")
+        save_graph(graph, path, external_data_threshold)
+        attempt = accuracy_gate(gate_reference, run_session(ort_session(path), gate.pixels), target, gate)
+        fallback["tries"].append({"kept": size, "top1_agreement": attempt["top1_agreement"],
+                                  "passed": attempt["passed"]})
+        log(f"{target.name} gate with {size} of {len(ranking)} quantised node(s) in fp32: "
+            f"{'pass' if attempt['passed'] else 'fail'}")
+        if attempt["passed"]:
+            result = compare_outputs(references.outputs, run_session(ort_session(path), references.pixels))
+            checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
+                       target.gates_export, tolerance_criterion(target))
+            fallback.update(passed=True, kept=kept)
+            return {**attempt, "first_try": {key: record[key] for key in ("top1_agreement", "criteria", "passed")},
+                    "fallback": fallback}
+    return {**record, "fallback": fallback}
 
 
 def _raise_if_failed(target: Precision, checks: Checks, record: dict | None, export_dir: Path) -> None:

@@ -138,4 +138,14 @@ def _gate_lines(gate: dict) -> list[str]:
     lines += ["| criterion | value | result |", "| --- | ---: | --- |"]
     lines += [f"| {c['criterion']} | {c['value']:.4g} | {'pass' if c['passed'] else 'FAIL'} |" for c in gate["criteria"]]
     lines += ["", f"Max abs difference from the fp32 graph: {gate['max_abs']:.3g}.", ""]
+    fallback = gate.get("fallback")
+    if fallback:
+        tried = ", ".join(f"{t['kept']} ({'pass' if t['passed'] else 'fail'}, agreement {t['top1_agreement']:.2%})"
+                          for t in fallback["tries"]) or "none"
+        lines += [f"The first {name} graph failed its gate; the most sensitive quantised nodes were kept in fp32 "
+                  f"({fallback.get('reason') or fallback['criterion']}). Nodes kept in fp32 per try, of "
+                  f"{fallback.get('quantised_nodes', '?')}: {tried}."]
+        if fallback["passed"]:
+            lines += ["", "Kept in fp32: " + ", ".join(f"`{node}`" for node in fallback["kept"]) + "."]
+        lines.append("")
     return lines

@@ -1,0 +1,52 @@
+"""Rules for the test suite itself (README "Development"), read from the tests' source: no test
+calls another test, and the CLI starts as a fresh interpreter only in the console script's own
+test; every other child process of the CLI is forked from the warm parent of
+tests/cli_process.py."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+TESTS = Path(__file__).parent
+# the one test whose point is the installed console script in a new interpreter
+CONSOLE_SCRIPT_TEST = ("test_cli.py", "test_console_script_help_and_exit_status")
+
+
+def _modules() -> list[tuple[Path, ast.Module]]:
+    return [(path, ast.parse(path.read_text(), str(path))) for path in sorted(TESTS.rglob("*.py"))]
+
+
+def test_no_test_calls_another_test():
+    calls = []
+    for path, module in _modules():
+        tests = {node.name for node in module.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+        for node in ast.walk(module):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in tests:
+                calls.append(f"{path.relative_to(TESTS)}:{node.lineno} calls {node.func.id}")
+    assert calls == []
+
+
+def _enclosing_functions(module: ast.Module) -> dict[int, str]:
+    owner = {}
+    for node in ast.walk(module):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if hasattr(inner, "lineno"):
+                    owner.setdefault(inner.lineno, node.name)
+    return owner
+
+
+def test_the_cli_runs_as_a_new_interpreter_only_in_the_console_script_test():
+    """``python -m transmiter_deploy.cli`` names the module as a string; only the console script's
+    test (its fallback where the script is not installed), the fork server's preload and this
+    rule may."""
+    found = []
+    for path, module in _modules():
+        owner = _enclosing_functions(module)
+        for node in ast.walk(module):
+            if isinstance(node, ast.Constant) and node.value == "transmiter_deploy.cli":
+                where = (path.name, owner.get(node.lineno, "<module>"))
+                if where != CONSOLE_SCRIPT_TEST and path.name not in ("cli_process.py", Path(__file__).name):
+                    found.append(f"{path.relative_to(TESTS)}:{node.lineno} ({where[1]})")
+    assert found == [], "run the CLI through main() in the test, or in a child of tests/cli_process.py"
