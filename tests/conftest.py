@@ -42,6 +42,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """Every test leaves torch's thread count as it found it: float results depend on it (a
+    reduction split over another number of threads rounds differently), and a session fixture made
+    before a leak would no longer match what later tests compute bit for bit."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the test changed torch's thread count from {before} to {after}")
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file and link under ``root`` by relative path, with its sha256 (links by target)."""
     digest = {}

@@ -125,7 +125,11 @@ def test_a_model_a_worker_cannot_load_comes_back_as_its_one_line_error(ray_local
     from transmiter_deploy.features.models import ModelSpec, architecture_config
 
     missing = tmp_path / "not-on-this-node.safetensors"
-    encoder = _ImageEncoder(ModelSpec("TM-Tiny-ViT", checkpoint=missing), architecture_config("TM-Tiny-ViT"), 1)
+    threads = torch.get_num_threads()
+    try:  # the actor sets its process's torch threads: this process's are put back
+        encoder = _ImageEncoder(ModelSpec("TM-Tiny-ViT", checkpoint=missing), architecture_config("TM-Tiny-ViT"), 1)
+    finally:
+        torch.set_num_threads(threads)
     rows = encoder({"index": np.arange(3), "pixels": np.zeros((3, 3, 32, 32), np.float32),
                     "sha256": np.array(["a", "b", "c"]), "error": np.array(["", "", ""])})
     assert rows["index"].tolist() == [0, 1, 2]

@@ -238,11 +238,15 @@ def test_onnxruntime_backend_runs_the_int8_graph_as_python_does(pixels_build, de
     if infer.arch == "x86_64":
         assert diff <= HEAD_ATOL
     else:
-        # ONNX Runtime's int8 GEMM and requantisation kernels (MLAS) are written per architecture:
-        # judged as the int8 precision is judged (registry: top-1 against the reference), and no
-        # further from x86's int8 logits than those are from fp32's.
-        assert diff <= quantisation
-        assert (np.load(tmp_path / "logits.npy").argmax(1) == reference.argmax(1)).all()
+        # ONNX Runtime's int8 GEMM and requantisation kernels (MLAS) are written per architecture,
+        # and per x86 generation: judged as the int8 precision is judged (registry: top-1 against
+        # the reference), and as close to an fp32 result as x86's int8 is, measured either against
+        # x86's int8 logits (where the kernels round alike: AVX-512 VNNI) or against the fp32
+        # logits both approximate (where x86's AVX2 path, without VNNI, errs on its own side:
+        # aarch64 0.24 from fp32, x86 0.31, 0.37 apart, on the small demo's int8 graph)
+        emulated = np.load(tmp_path / "logits.npy")
+        assert diff <= quantisation or float(np.abs(emulated - fp32).max()) <= quantisation, diff
+        assert (emulated.argmax(1) == reference.argmax(1)).all()
     missing = run(infer, "--manifest", manifest_path, "--image", images[0], "--graph", "model_int4.onnx", check=False)
     assert missing.returncode == 2 and "lists no ONNX graph 'model_int4.onnx'" in missing.stderr
 

@@ -12,7 +12,8 @@ training images, 800 test images, TM-Demo-Target): entropy agreed with the fp32 
 only these two for int8. Weights are quantised per output channel by ModelOpt's int8 mode.
 ModelOpt selects none of the folded head's GEMMs for quantisation (measured on the demo and
 ViT-B-16 graphs), so ``head_int8.onnx`` computes as ``head.onnx`` does and the head inside
-``model_int8.onnx`` stays fp32: only the image tower is int8.
+``model_int8.onnx`` stays fp32: only the image tower is int8. A graph that fails its accuracy
+gate gets its most sensitive quantised nodes kept in fp32 afterwards (deploy/qdq_fallback.py).
 """
 
 from __future__ import annotations
