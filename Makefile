@@ -72,10 +72,10 @@ test:
 	@$(PHASE) ctest $(MAKE) --no-print-directory $(CPP_CTEST_TARGETS)
 	@$(PHASE) pytest env $(CPP_TEST_ENV) $(PY) -m pytest -q --durations=25
 
-# The development loop: no C++ builds, no live servers or clusters, no slow cases (tests marked
-# slow, cluster or cpp); make test stays the full suite.
+# The development loop: no C++ builds, no live servers or clusters, no demo exports, no slow cases
+# (markers in pyproject.toml, set in tests/conftest.py); make test stays the full suite.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not cluster" --ignore=tests/cpp --durations=10
+	$(PY) -m pytest -q -m "not slow and not cluster and not demo_exports" --ignore=tests/cpp --durations=10
 
 cpp-deps:
 	bash cpp/scripts/install_deps.sh

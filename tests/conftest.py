@@ -31,15 +31,19 @@ def make_image_folder(root: Path, per_class: int = 3, classes: dict = COLOURS) -
     return root
 
 
-# Fixtures that start a live cluster or server: a test that uses one is marked ``cluster``
-# (left out of ``make test-fast``, run by ``make test``).
-CLUSTER_FIXTURES = {"ray_local_cluster"}
+# Fixtures that start a live cluster or server, and the session's demo exports (minutes to make
+# on 2 cores): a test that uses one, directly or through another fixture, is marked ``cluster`` or
+# ``demo_exports`` (left out of ``make test-fast``, run by ``make test``).
+MARKED_FIXTURES = {"cluster": {"ray_local_cluster"},
+                   "demo_exports": {"demo_export", "demo_bank_export", "demo_int8_export", "demo_external_export"}}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.cluster)
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in MARKED_FIXTURES.items():
+            if fixtures & used:
+                item.add_marker(getattr(pytest.mark, marker))
 
 
 @pytest.fixture(autouse=True)

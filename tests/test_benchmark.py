@@ -156,6 +156,7 @@ def test_target_checks_judge_measured_rows():
     assert paired["q25"] <= paired["median"] <= paired["q75"] and paired["median"] == pytest.approx(1.005, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
     out, work = tmp_path / "results", tmp_path / "work"
     code = main(["--quiet", "bench", "--pair", "demo", "--part", "latency", "--part", "flops", "--batch", "1",
@@ -191,6 +192,7 @@ def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
     assert main(["bench", "--batch", "0", "--out", str(out)]) == 2
 
 
+@pytest.mark.slow
 def test_reduced_precision_variants_are_converted_graphs_timed_on_graph_runtimes_only(tmp_path):
     group = build_group("TM-Demo-Target", ["demo"], precisions=("int8",))
     for name in [n for n in group.variants if n not in ("backbone", "fused", "backbone@int8", "fused@int8")]:

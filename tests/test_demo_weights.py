@@ -34,6 +34,7 @@ def test_shipped_weights_reproduce_their_recorded_zero_shot_accuracy(manifest):
             assert recorded > 100.0 / len(task.classes)  # above chance: the towers learned the world
 
 
+@pytest.mark.slow
 def test_transmiter_lifts_the_target_on_the_shipped_weights(tmp_path):
     # A CI-sized run of the whole method (validation split, fewer images than the report).
     settings = ExperimentSettings(train_per_class=150, test_per_class=30, eval_split="val")

@@ -111,6 +111,7 @@ def test_cli_validates_recipes_and_reports_bad_ones_in_one_line(tmp_path, capsys
     assert not (Path("export") / "out" / "small-demo").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_step_leaves_the_completed_ones_usable(tmp_path):
     # 1,000 classes need more auxiliary names than the demo world has phrases: the head step fails
     too_wide = small_recipe(tmp_path, SMALL_DEMO.replace("head: {logit_width: 64}", "head: {logit_width: 1000}"))

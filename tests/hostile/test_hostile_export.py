@@ -6,6 +6,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from cli_process import CliProcess
 from transmiter_deploy.artifacts import sha256_file
 from transmiter_deploy.pipeline.export import run_export
@@ -29,6 +31,7 @@ def snapshot(out: Path) -> dict[str, str]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out).parts)}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_leaves_the_previous_export_intact(tmp_path):
     first = tmp_path / "first.yaml"
     first.write_text(RECIPE.replace("TRAIN", "10"))

@@ -820,13 +820,13 @@ def _keep_sensitive_nodes_fp32(staging: Path, target: Precision, calibration: di
         record["fallback"] = {"passed": False, "kept": [], "tries": [],
                               "reason": "not tried: the graph is too large to rewrite in memory"}
         return record
-    pixels = next(iter(calibration.values()))
+    pixels = next(iter(calibration.values()))[: qdq_fallback.RANKING_IMAGES]
     calibration_reference = run_session(ort_session(staging / "model.onnx"), pixels)
     quantised = onnx.load(path)
     ranking = qdq_fallback.rank_by_sensitivity(
         quantised, lambda graph: run_session(ort_session(graph.SerializeToString()), pixels), calibration_reference)
-    fallback = {"criterion": "mean |logits - fp32 logits| on the calibration images, lowered by the node alone "
-                             "in fp32", "quantised_nodes": len(ranking), "passed": False, "kept": [], "tries": []}
+    fallback = {"criterion": f"mean |logits - fp32 logits| on {len(pixels)} calibration images, lowered by the "
+                             "node alone in fp32", "quantised_nodes": len(ranking), "passed": False, "kept": [], "tries": []}
     for size in qdq_fallback.tries(len(ranking)):
         kept = [name for name, _ in ranking[:size]]
         graph = qdq_fallback.keep_fp32(quantised, kept)
