@@ -323,9 +323,10 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int 
 
     Then (``probe``) the graph must load and run in ONNX Runtime at every optimisation level, in
     a child process (a graph that would crash a user's session fails here, in one line, before
-    any session of ours loads it); inside :func:`probes_batched`, when that block ends. Every graph the toolkit writes comes through here; exports
-    write into a staging directory that replaces the artifact whole (artifacts.atomic_directory),
-    so a graph and its data file appear together or not at all."""
+    any session of ours loads it); inside :func:`probes_batched`, when that block ends. Every
+    graph the toolkit writes comes through here; exports write into a staging directory that
+    replaces the artifact whole (artifacts.atomic_directory), so a graph and its data file appear
+    together or not at all."""
     path = Path(path)
     data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     # onnx appends tensors to an existing data file (offsets past the stale bytes), and a file
@@ -826,7 +827,8 @@ def _keep_sensitive_nodes_fp32(staging: Path, target: Precision, calibration: di
     ranking = qdq_fallback.rank_by_sensitivity(
         quantised, lambda graph: run_session(ort_session(graph.SerializeToString()), pixels), calibration_reference)
     fallback = {"criterion": f"mean |logits - fp32 logits| on {len(pixels)} calibration images, lowered by the "
-                             "node alone in fp32", "quantised_nodes": len(ranking), "passed": False, "kept": [], "tries": []}
+                             "node alone in fp32",
+                "quantised_nodes": len(ranking), "passed": False, "kept": [], "tries": []}
     for size in qdq_fallback.tries(len(ranking)):
         kept = [name for name, _ in ranking[:size]]
         graph = qdq_fallback.keep_fp32(quantised, kept)
