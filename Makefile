@@ -61,7 +61,7 @@ CPP_TEST_ENV = TRANSMITER_CPP_BUILD=$(abspath $(CPP_BUILD)) TRANSMITER_CPP_ASAN_
 CPP_TARGETS = cpp cpp-asan $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64)
 
 # make test: the whole suite in timed phases (scripts/phase.sh prints each phase's seconds, and CI's
-# summary reads them from PHASE_LOG); pytest prints its 25 slowest tests.
+# summary reads them from PHASE_LOG); make test lists pytest's 25 slowest tests.
 PHASE := bash scripts/phase.sh
 CPP_BUILD_TARGETS = cpp cpp-asan-build $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-build)
 CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-ctest)

@@ -8,7 +8,8 @@ children here are forked from a multiprocessing ``forkserver`` that imported the
 test session and ran nothing else (no torch thread pool exists yet when it forks), so each child
 is a separate process, with its own limits, signals and capabilities, that starts in
 milliseconds. The child runs the CLI's ``main`` (the console script's entry point) and exits with
-its status; its stdout and stderr go to files the parent reads, as ``subprocess`` would give them.
+its status; its stdout and stderr come back over sockets the parent drains, as ``subprocess``'s
+pipes would give them.
 The console script itself keeps a test of its own (tests/test_cli.py).
 """
 

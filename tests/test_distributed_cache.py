@@ -37,9 +37,9 @@ BATCH, SHARD = 8, 24  # several batches per actor and shards that end mid-batch
 
 @pytest.fixture(scope="module")
 def ray_local_cluster(tmp_path_factory):
-    """One local cluster for this module (starting one takes seconds), shut down when it ends. The fault-injection
-    variable is set before it starts, so its workers inherit it; it names a file no test has
-    written yet, so no actor dies until a test writes it. Without Ray (the [distributed] extra)
+    """One local cluster for this module (starting one takes seconds), shut down when it ends. The
+    fault-injection variable is set before it starts, so its workers inherit it; it names a file
+    no test has written yet, so no actor dies until a test writes it. Without Ray (the [distributed] extra)
     the tests that need a cluster are skipped; those of a missing Ray still run."""
     ray = pytest.importorskip("ray", reason="the ray engine's tests need the [distributed] extra")
     trigger = tmp_path_factory.mktemp("ray-fault") / "exit-after-batches"

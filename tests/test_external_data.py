@@ -243,14 +243,16 @@ def test_bank_list_refuses_a_bank_whose_data_file_is_bad(exports, tmp_path, case
 
 def test_export_onnx_cli_flag_writes_external_data(flow, tmp_path, capfd):
     out = tmp_path / "export"
-    result = run_cli_here(capfd, "export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt", "--head", flow / "h_tgt",
+    result = run_cli_here(capfd, "export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt",
+                          "--head", flow / "h_tgt",
                      "--images", flow / "images", "--samples", 4, "--no-fp16", "--external-data-threshold", 0,
                      "--out", out)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"]["model.onnx"]["external_data"] == ["model.onnx.data"]
     assert manifest["files"]["head.onnx"]["external_data"] == ["head.onnx.data"]
-    bad = run_cli_here(capfd, "export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt", "--head", flow / "h_tgt",
+    bad = run_cli_here(capfd, "export-onnx", "--model", "TM-Tiny-RN", "--adapter", flow / "a_tgt",
+                       "--head", flow / "h_tgt",
                   "--external-data-threshold", -1, "--out", tmp_path / "never")
     assert bad.returncode == 2 and not (tmp_path / "never").exists()
 

@@ -834,13 +834,14 @@ def _keep_sensitive_nodes_fp32(staging: Path, target: Precision, calibration: di
         graph = qdq_fallback.keep_fp32(quantised, kept)
         check_qdq_scales(graph, f"{path.name} with {size} node(s) in fp32")
         save_graph(graph, path, external_data_threshold)
-        attempt = accuracy_gate(gate_reference, run_session(ort_session(path), gate.pixels), target, gate)
+        session = ort_session(path)
+        attempt = accuracy_gate(gate_reference, run_session(session, gate.pixels), target, gate)
         fallback["tries"].append({"kept": size, "top1_agreement": attempt["top1_agreement"],
                                   "passed": attempt["passed"]})
         log(f"{target.name} gate with {size} of {len(ranking)} quantised node(s) in fp32: "
             f"{'pass' if attempt['passed'] else 'fail'}")
         if attempt["passed"]:
-            result = compare_outputs(references.outputs, run_session(ort_session(path), references.pixels))
+            result = compare_outputs(references.outputs, run_session(session, references.pixels))
             checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
                        target.gates_export, tolerance_criterion(target))
             fallback.update(passed=True, kept=kept)

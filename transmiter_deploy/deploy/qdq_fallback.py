@@ -8,11 +8,11 @@ every other node's quantisation, calibrated scales included, unchanged. So one c
 every try, and no quantiser runs again.
 
 Sensitivity, measured on the first ``RANKING_IMAGES`` calibration images (never on the gate's
-images), in ONNX Runtime's default session (its integer kernels, as the gate runs): for each quantised
-node alone, how much keeping it in fp32 reduces the mean absolute difference between the graph's
-logits and the fp32 graph's. Most sensitive first, the tries keep 1, 2, 4, ... nodes in fp32 and
-last a quarter of the quantised nodes, at most ``MAX_TRIES`` tries and never more than that quarter (a graph that needs
-more is not an int8 graph: the gate fails, exit 4).
+images), in ONNX Runtime's default session (its integer kernels, as the gate runs): for each
+quantised node alone, how much keeping it in fp32 reduces the mean absolute difference between
+the graph's logits and the fp32 graph's. Most sensitive first, the tries keep 1, 2, 4, ... nodes
+in fp32 and last a quarter of the quantised nodes, at most ``MAX_TRIES`` tries and never more than
+that quarter (a graph that needs more is not an int8 graph: the gate fails, exit 4).
 
 Why measured this way: a gate on a few dozen labelled images fails on a single flipped
 prediction (1 of 32 base images is 3.1 points), and which near-tie flips depends on the CPU's
