@@ -1,6 +1,6 @@
 """Latency of the C++ head backend vs the Python ONNX Runtime head, batch 1, one thread.
 
-Reference sizes (DESIGN.md section 3): d = 768, C = D = 1024, K = 100, one adapter block.
+Reference sizes (docs/method.md, "Deployment algebra"): d = 768, C = D = 1024, K = 100, one adapter block.
 Weights are random (latency does not depend on their values): a CLIP-like zero-shot head and
 an adapter with a perturbed MLP, folded by FoldedHead and written with the export's own
 functions (write_head_safetensors, to_onnx, write_manifest). The C++ side is
@@ -34,8 +34,9 @@ from transmiter_deploy.deploy.fusion import FoldedHead  # noqa: E402
 from transmiter_deploy.deploy.head_weights import HEAD_FILE, write_head_safetensors  # noqa: E402
 from transmiter_deploy.host import cpu_model  # noqa: E402
 from transmiter_deploy.features.models import ModelIdentity  # noqa: E402
-from transmiter_deploy.benchmark.bank import synthetic_folded_head  # noqa: E402
-from transmiter_deploy.deploy.onnx_export import FORMAT, FORMAT_VERSION, to_onnx  # noqa: E402
+from transmiter_deploy.benchmark.bank_graphs import synthetic_folded_head  # noqa: E402
+from transmiter_deploy.deploy.export_format import FORMAT, FORMAT_VERSION  # noqa: E402
+from transmiter_deploy.deploy.trace import to_onnx  # noqa: E402
 
 
 def reference_head(d: int, width: int, latent: int, k: int, seed: int = 0) -> FoldedHead:

@@ -28,7 +28,8 @@ def main() -> None:
     from transmiter_deploy.errors import VerificationError
     from transmiter_deploy.features.datasets import decode_image, open_dataset
     from transmiter_deploy.features.models import load_model
-    from transmiter_deploy.pipeline.export import model_specs, run_export
+    from transmiter_deploy.pipeline.export import run_export
+    from transmiter_deploy.pipeline.export_run import model_specs
     from transmiter_deploy.pipeline.recipe import load_recipe
     from transmiter_deploy.runtimes.onnxruntime import ort_session, run_session
 

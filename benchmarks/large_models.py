@@ -74,8 +74,9 @@ def _mark_phases(memory: PeakMemory) -> None:
     import onnxslim
     import torch
 
-    from transmiter_deploy.deploy import onnx_export
+    from transmiter_deploy.deploy import onnx_export, precision_edits, trace
     from transmiter_deploy.deploy.precisions import fp16
+    from transmiter_deploy.runtimes import onnxruntime
 
     def marked(owner, attribute: str, phase: str) -> None:
         original = getattr(owner, attribute)
@@ -89,11 +90,12 @@ def _mark_phases(memory: PeakMemory) -> None:
     marked(torch.onnx, "export", "torch.onnx.export")
     marked(onnx, "load", "onnx.load")
     marked(onnxslim, "slim", "onnxslim.slim")
-    marked(onnx_export, "check_full", "onnx.checker")
-    marked(onnx_export, "save_graph", "save_graph")
-    marked(onnx_export, "ort_session", "ONNX Runtime parity")
+    marked(trace, "check_full", "onnx.checker")
+    for module in (trace, onnx_export, precision_edits):
+        marked(module, "save_graph", "save_graph")
+    marked(onnxruntime, "ort_session", "ONNX Runtime parity")
     marked(fp16, "out_of_range_nodes", "fp16 range pass")
-    marked(fp16, "_write_tensors", "fp16 weights to file")
+    marked(fp16, "write_external_tensors", "fp16 weights to file")
 
 
 def _graph_bytes(directory: Path, stem: str) -> int:
@@ -118,7 +120,7 @@ def child_export(name: str, out: Path, samples: int, precisions: tuple[str, ...]
         Path(os.environ[PHASE_FILE] + ".parameters").write_text(str(parameters))
     from transmiter_deploy.deploy.export_memory import estimate
 
-    from transmiter_deploy.deploy.onnx_export import resolve_external_data_threshold
+    from transmiter_deploy.runtimes.onnx_files import resolve_external_data_threshold
 
     predicted = estimate(parameters * 4, precisions, external_data=parameters * 4 > resolve_external_data_threshold())
     head, artifact = synthetic_head_and_adapter(model, 1024, 100)
@@ -145,7 +147,7 @@ def child_fp16(out: Path, samples: int) -> dict:
     memory = PeakMemory()
     import numpy as np
 
-    from transmiter_deploy.deploy.onnx_export import convert_graph
+    from transmiter_deploy.deploy.precision_edits import convert_graph
     from transmiter_deploy.runtimes.registry import PRECISIONS
 
     scratch = out.parent / f"{out.name}-fp16-alone"
@@ -191,7 +193,7 @@ def _estimates(results: dict, precisions: str) -> None:
     """Every run's estimate as the export's memory check makes it now (runs kept from earlier
     invocations were estimated by the factors of their day)."""
     from transmiter_deploy.deploy.export_memory import estimate
-    from transmiter_deploy.deploy.onnx_export import resolve_external_data_threshold
+    from transmiter_deploy.runtimes.onnx_files import resolve_external_data_threshold
 
     for name, result in results.items():
         export = result.get("export", {}) if not name.startswith("_") else {}

@@ -264,7 +264,7 @@ def test_runners_return_every_output_and_parity_is_judged_per_output(demo_bank_e
         def forward(self, x):
             return {"logits_a": x.mean(dim=(2, 3)), "logits_b": -x.mean(dim=(2, 3))}
 
-    with TorchRunner(TwoOutputs(), InputSpec("pixel_values", (None, 3, 48, 48))) as torch_runner:
+    with TorchRunner(TwoOutputs(), input_spec=InputSpec("pixel_values", (None, 3, 48, 48))) as torch_runner:
         named = torch_runner.infer_outputs(pixels)
         assert list(named) == ["logits_a", "logits_b"] and np.allclose(named["logits_b"], -named["logits_a"])
         rows = judge_outputs("pytorch-cpu", {**named, "logits_c": named["logits_a"]}, torch_runner,

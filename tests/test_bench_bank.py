@@ -4,18 +4,23 @@ composition against the parts, MACs that add up."""
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from transmiter_deploy.benchmark import bank
+from transmiter_deploy.benchmark import bank, bank_checks, bank_compact, bank_report
 from transmiter_deploy.benchmark.timing import TimingPlan
 from transmiter_deploy.cli import main
 from transmiter_deploy.deploy.bank import FEATURES, compose_bank
 from transmiter_deploy.deploy.graph_cost import count_macs
-from transmiter_deploy.errors import InputError
-from transmiter_deploy.runtimes.onnxruntime import ort_session
+from transmiter_deploy.errors import DependencyError, InputError
+from transmiter_deploy.runtimes import registry
+from transmiter_deploy.runtimes.onnx_files import graph_structure
+from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, ort_session
 
 SETTINGS = bank.BankSettings("TM-Demo-Target", tasks=(1, 2), batches=(1, 3), width=64, classes=8,
                              compact={"q8i": (2,)}, plan=TimingPlan(warmup=0, min_rounds=2, max_rounds=2, budget_s=0.01))
@@ -31,8 +36,8 @@ def sweep(tmp_path_factory):
 
 def test_sweep_writes_its_files_and_times_every_variant_in_one_loop(sweep):
     root, result = sweep
-    report = bank.write_bank_report(root / "out", plots=True)
-    for name in (bank.RESULTS_JSON, "RESULTS.md", bank.PLOT):
+    report = bank_report.write_bank_report(root / "out", plots=True)
+    for name in (bank_report.RESULTS_JSON, "RESULTS.md", bank_report.PLOT):
         assert (root / "out" / name).stat().st_size > 0
     text = report.read_text(encoding="utf-8")
     assert "Measured by `test`" in text and "| 2 | q8i |" in text
@@ -47,7 +52,7 @@ def test_sweep_writes_its_files_and_times_every_variant_in_one_loop(sweep):
     assert all(c["passed"] for c in required.values())
     compact = result["checks"]["onnxruntime-cpu_bank2@q8i_vs_bank2"]
     assert np.isfinite(compact["max_abs"]) and 0 <= compact["top1_agreement"] <= 1
-    targets = bank.target_checks(result)
+    targets = bank_report.target_checks(result)
     assert [t["met"] for t in targets[:2]] == [None, None]  # ViT-B-16's targets: not this model
     assert targets[2]["met"] is True  # the d = 768 head graph of C = D = 64 is far below 9.3 M MACs
 
@@ -98,12 +103,15 @@ def test_compact_heads_keep_statistics_fp32_and_quantise_only_the_mlp(sweep):
     root, _ = sweep
     graphs = bank.build_graphs(SETTINGS, root / "work", log=lambda _: None)
     head = graphs.heads[0][1]
-    rewritten = bank.mlp_gemms_to_matmuls(head)
+    rewritten = bank_compact.mlp_gemms_to_matmuls(head)
     features = np.random.default_rng(2).standard_normal((4, graphs.feature_dim)).astype(np.float32)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
-    exact = [bank._session_from_proto(m, 1).run(None, {FEATURES: features})[0] for m in (head, rewritten)]
+    exact = []
+    for model in (head, rewritten):
+        with bank_checks.head_runner(model, 1) as runner:
+            exact.append(runner.infer(features))
     np.testing.assert_allclose(exact[0], exact[1], rtol=0, atol=1e-5)
-    quantised = bank.compact_head(head, bank.COMPACT["q8"])
+    quantised = bank_compact.compact_head(head, bank_compact.COMPACT["q8"])
     kinds = {n.name: n.op_type for n in quantised.graph.node}
     assert sorted(name for name, op in kinds.items() if op == "MatMulNBits") == [
         "/blocks.0/fc1/MatMul_Q8", "/blocks.0/fc2/MatMul_Q8"]
@@ -125,3 +133,57 @@ def test_task_and_compact_options_are_checked(sweep, tmp_path):
     # the CLI's --report-only path rewrites RESULTS.md from bank.json without timing anything
     assert main(["bench", "--bank-sweep", "1,2", "--report-only", "--no-plots", "--out", str(root / "out")]) == 0
     assert main(["bench", "--bank-sweep", "1,2", "--report-only", "--out", str(tmp_path / "empty")]) != 0
+
+
+def test_the_sweep_times_the_registrys_graph_runtimes():
+    # every runtime that runs graphs (ONNX files or engines made from them), none of the modules'
+    for name, entry in registry.RUNTIMES.items():
+        assert (name in bank.default_runtimes()) == (entry.loads in ("onnx", "engine")), name
+    assert {"onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"} <= set(bank.default_runtimes())
+    available, skipped = bank.choose_runtimes(("pytorch-cpu", "onnxruntime-cpu"), log=lambda _: None)
+    assert available == ["onnxruntime-cpu"]
+    assert skipped == [{"runtime": "pytorch-cpu", "reason": "the bank sweep times graphs; pytorch-cpu runs torch modules"}]
+    with pytest.raises(DependencyError, match="no graph runtime"):
+        bank.choose_runtimes(("pytorch-cpu",), log=lambda _: None)
+    with pytest.raises(InputError, match="unknown runtime"):
+        bank.choose_runtimes(("no-such-runtime",), log=lambda _: None)
+
+
+class NoContribOps(OnnxRuntimeRunner):
+    """ONNX Runtime's CPU runner refusing graphs with MatMulNBits, as a graph runtime without
+    ONNX Runtime's contrib operators (TensorRT, OpenVINO) refuses a compact bank."""
+
+    def load_impl(self, graph):
+        if any(node.op_type == "MatMulNBits" for node in graph_structure(graph.path).graph.node):
+            raise InputError(f"{self.graph}: no kernel for com.microsoft MatMulNBits here")
+        return super().load_impl(graph)
+
+
+def test_a_runtime_that_cannot_load_compact_banks_times_the_fp32_ones_and_says_why(sweep, monkeypatch):
+    root, _ = sweep
+    monkeypatch.setitem(registry.RUNTIMES, "no-contrib-cpu", registry.Runtime(
+        "no-contrib-cpu", "onnxruntime", f"{__name__}:NoContribOps", "onnx", "cpu", (("provider", "cpu"),)))
+    out = root / "out-no-contrib"
+    path = bank.run_bank_sweep(replace(SETTINGS, batches=(1,)), out, root / "work", threads=1,
+                               runtimes=("onnxruntime-cpu", "no-contrib-cpu"), command="test", log=lambda _: None)
+    result = json.loads(path.read_text(encoding="utf-8"))
+    timed = {runtime: {r["variant"] for r in result["rows"] if r["runtime"] == runtime}
+             for runtime in ("onnxruntime-cpu", "no-contrib-cpu")}
+    assert timed == {"onnxruntime-cpu": {"backbone", "bank1", "bank2", "bank2@q8i"},
+                     "no-contrib-cpu": {"backbone", "bank1", "bank2"}}
+    [skipped] = result["skipped"]
+    assert skipped["runtime"] == "no-contrib-cpu" and skipped["variant"] == "bank2@q8i"
+    assert "no kernel for com.microsoft MatMulNBits" in skipped["reason"]
+    assert result["checks"]["no-contrib-cpu_bank2_vs_parts"]["passed"]
+    assert "no-contrib-cpu_bank2@q8i_vs_bank2" not in result["checks"]
+    assert not (root / "work" / bank.STAGING_DIR).exists()  # composed banks removed after the sweep
+    text = bank_report.write_bank_report(out, plots=False).read_text(encoding="utf-8")
+    assert "Not timed: no-contrib-cpu bank2@q8i (" in text
+
+
+def test_the_committed_bank_results_render_as_committed(tmp_path):
+    # --report-only on the project's own record gives the RESULTS.md committed beside it
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-2core-bank"
+    shutil.copy(committed / bank_report.RESULTS_JSON, tmp_path / bank_report.RESULTS_JSON)
+    report = bank_report.write_bank_report(tmp_path, plots=True)
+    assert report.read_text(encoding="utf-8") == (committed / "RESULTS.md").read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from transmiter_deploy.deploy.consumer_safety import move_transposes_after_matmuls
 from transmiter_deploy.errors import VerificationError
 from transmiter_deploy.runtimes.load_probe import LEVELS, probe
-from transmiter_deploy.runtimes.onnxruntime import require_loadable
+from transmiter_deploy.runtimes.onnx_files import require_loadable
 
 from conftest import polygraphy_validate
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,10 +23,12 @@ from transmiter_deploy.features.cache import build_cache, load_cache
 from transmiter_deploy.features.datasets import open_dataset
 from transmiter_deploy.features.distributed_cache import (
     CONNECT_TIMEOUT_S,
-    TEST_EXIT_ENV,
+    RAY_LOG_PREFIX,
+    ImageEncoder,
     RayCacheSettings,
     build_cache_ray,
     check_reachable,
+    ray_log_path,
 )
 from transmiter_deploy.features.models import load_model
 
@@ -36,18 +39,39 @@ BATCH, SHARD = 8, 24  # several batches per actor and shards that end mid-batch
 
 
 @pytest.fixture(scope="module")
-def ray_local_cluster(tmp_path_factory):
-    """One local cluster for this module (starting one takes seconds), shut down when it ends. The
-    fault-injection variable is set before it starts, so its workers inherit it; it names a file
-    no test has written yet, so no actor dies until a test writes it. Without Ray (the [distributed] extra)
-    the tests that need a cluster are skipped; those of a missing Ray still run."""
+def ray_local_cluster():
+    """One local cluster for this module (starting one takes seconds), shut down when it ends.
+    Without Ray (the [distributed] extra) the tests that need a cluster are skipped; those of a
+    missing Ray still run."""
     ray = pytest.importorskip("ray", reason="the ray engine's tests need the [distributed] extra")
-    trigger = tmp_path_factory.mktemp("ray-fault") / "exit-after-batches"
-    os.environ[TEST_EXIT_ENV] = str(trigger)
     ray.init(num_cpus=2, object_store_memory=96 * 1024**2, include_dashboard=False, log_to_driver=False)
-    yield trigger
+    yield ray
     ray.shutdown()
-    os.environ.pop(TEST_EXIT_ENV, None)
+    if ray_log_path() is not None:  # this process's log of Ray's output (in the system's temp dir)
+        ray_log_path().unlink(missing_ok=True)
+
+
+def dying_encoder(trigger: Path, after: int) -> type[ImageEncoder]:
+    """The engine's encoder, except that the first actor to finish ``after`` batches claims
+    ``trigger`` (an atomic rename to ``<trigger>.fired``, so it happens once, whichever actor and
+    however often actors restart) and exits at once on its next batch, as a lost process would.
+    Made in a function so that Ray ships the class itself (by value) to its workers, which cannot
+    import this test module."""
+
+    class DyingEncoder(ImageEncoder):
+        def __call__(self, batch):
+            done = getattr(self, "done", 0)
+            if done >= after and trigger.exists():
+                try:
+                    os.rename(trigger, f"{trigger}.fired")
+                except OSError:
+                    pass  # another actor claimed it
+                else:
+                    os._exit(1)
+            self.done = done + 1
+            return super().__call__(batch)
+
+    return DyingEncoder
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +117,13 @@ def test_ray_cache_equals_local_cache(ray_local_cluster, images_and_local_cache,
 def test_killed_actor_is_retried_and_no_image_is_lost_or_doubled(ray_local_cluster, images_and_local_cache,
                                                                  demo_source_spec, tmp_path):
     dataset, local = images_and_local_cache
-    ray_local_cluster.write_text("2")  # the first actor to finish 2 batches exits on its third
+    trigger = tmp_path / "exit-after-batches"
+    trigger.write_text("")
+    # the first actor to finish 2 batches exits on its third
     build_cache_ray(demo_source_spec, dataset, tmp_path / "ray", RayCacheSettings(workers=2),
-                    batch_size=BATCH, shard_size=SHARD, progress=False)
-    assert Path(f"{ray_local_cluster}.fired").is_file(), "no actor was killed"
-    assert not ray_local_cluster.exists()
+                    batch_size=BATCH, shard_size=SHARD, progress=False, encoder_class=dying_encoder(trigger, 2))
+    assert Path(f"{trigger}.fired").is_file(), "no actor was killed"
+    assert not trigger.exists()
     assert_same_cache(tmp_path / "ray", local)
 
 
@@ -121,19 +147,67 @@ def test_a_model_a_worker_cannot_load_comes_back_as_its_one_line_error(ray_local
     driver raises like a corrupt image's."""
     import numpy as np
 
-    from transmiter_deploy.features.distributed_cache import _ImageEncoder
     from transmiter_deploy.features.models import ModelSpec, architecture_config
 
     missing = tmp_path / "not-on-this-node.safetensors"
     threads = torch.get_num_threads()
     try:  # the actor sets its process's torch threads: this process's are put back
-        encoder = _ImageEncoder(ModelSpec("TM-Tiny-ViT", checkpoint=missing), architecture_config("TM-Tiny-ViT"), 1)
+        encoder = ImageEncoder(ModelSpec("TM-Tiny-ViT", checkpoint=missing), architecture_config("TM-Tiny-ViT"), 1)
     finally:
         torch.set_num_threads(threads)
     rows = encoder({"index": np.arange(3), "pixels": np.zeros((3, 3, 32, 32), np.float32),
                     "sha256": np.array(["a", "b", "c"]), "error": np.array(["", "", ""])})
     assert rows["index"].tolist() == [0, 1, 2]
     assert set(rows["error"].tolist()) == {f"checkpoint not found: {missing}"}
+
+
+def remove_ray_logs_of(pid: int) -> None:
+    """The log of Ray's output that a killed child left in the temporary directory (its headers
+    name the writer's pid, features/distributed_cache.py)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{RAY_LOG_PREFIX}*.log"):
+        try:
+            if f"(pid {pid})" in path.read_text(errors="replace"):
+                path.unlink()
+        except OSError:
+            pass
+
+
+# what Ray itself writes on stderr on every run (Ray 2.60): its Python logger's notice when a driver
+# joins a cluster with token authentication, and its C++ core worker's line about an actor pool
+# with restarts whose constructor arguments are in the object store
+RAY_LINES = ("Token authentication is enabled", "core_worker", "constructor arguments in the object store")
+
+
+def test_rays_own_log_lines_go_to_a_log_file_not_to_stderr(ray_local_cluster, tmp_path, capfd):
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    address = ray_local_cluster.get_runtime_context().gcs_address
+    args = ["cache", "--model", "TM-Tiny-ViT", "--data", images, "--engine", "ray", "--workers", 1, "--batch-size", 4,
+            "--address", address]
+    # a driver of its own joining this module's cluster (tests/cli_process.py), as `transmiter cache`
+    # runs: Ray logs its joining and its core worker starts in that process
+    result = CliProcess([*args, "--out", tmp_path / "c"]).result(timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    cached, named = result.stdout.splitlines()
+    assert cached.startswith("cached 8 images (4 classes)")
+    assert named.startswith("Ray's own log: ")
+    log = Path(named.removeprefix("Ray's own log: "))
+    try:
+        text = log.read_text()
+    finally:
+        log.unlink()
+    assert f"caching {images} into {tmp_path / 'c'}" in text and "core_worker" in text
+    assert "constructor arguments in the object store" in text
+    if "RAY_AUTH_MODE" not in os.environ:  # set, Ray says nothing of it
+        assert "Token authentication is enabled" in text
+    # --quiet, in this process: the result line alone (the log is not named), nothing on stderr
+    capfd.readouterr()
+    assert main(["--quiet", *map(str, args), "--out", str(tmp_path / "quiet")]) == 0
+    captured = capfd.readouterr()
+    assert not any(line in captured.err for line in RAY_LINES), captured.err
+    assert captured.err == "" and captured.out.splitlines() == [cached.replace(str(tmp_path / "c"), str(tmp_path / "quiet"))]
+    assert f"caching {images} into {tmp_path / 'quiet'}" in ray_log_path().read_text()
+    assert_same_cache(tmp_path / "quiet", tmp_path / "c")
 
 
 def test_killed_driver_leaves_the_previous_cache(ray_local_cluster, images_and_local_cache, tmp_path):
@@ -159,6 +233,7 @@ def test_killed_driver_leaves_the_previous_cache(ray_local_cluster, images_and_l
     finally:
         process.send_signal(signal.SIGKILL)
         process.result()
+        remove_ray_logs_of(process.pid)
     assert process.returncode == -signal.SIGKILL
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(load_cache(out)) == len(dataset)
@@ -219,8 +294,15 @@ def test_bad_engine_settings_are_one_line_errors(tmp_path, capsys):
     assert "need --engine ray" in capsys.readouterr().err
     assert main([*base, "--engine", "ray", "--device", "cuda"]) == 2
     assert "drop --device" in capsys.readouterr().err
+    # zero encoding actors would encode nothing: refused before Ray is imported or a cluster joined
+    assert main([*base, "--engine", "ray", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("transmiter: error: --workers 0: --engine ray needs at least 1 encoding actor "
+                   "(leave --workers out for one per CPU of the cluster)\n")
     with pytest.raises(InputError, match="workers"):
         RayCacheSettings(workers=0).validate()
+    with pytest.raises(InputError, match="encoder must be ImageEncoder or a subclass"):
+        build_cache_ray(None, None, tmp_path / "c", encoder_class=object)
     assert not (tmp_path / "c").exists()
 
 

@@ -9,7 +9,8 @@ import torch
 
 from transmiter_deploy.cli import main
 from transmiter_deploy.errors import InputError
-from transmiter_deploy.pipeline.export import _exclusive, run_export
+from transmiter_deploy.pipeline.export import run_export
+from transmiter_deploy.pipeline.steps import exclusive
 from transmiter_deploy.pipeline.recipe import load_recipe
 
 from conftest import SMALL_DEMO, copy_tree
@@ -93,7 +94,7 @@ def test_force_redoes_a_step_whose_inputs_are_unchanged(copied_run):
 
 def test_a_second_concurrent_export_to_the_same_directory_is_refused(tmp_path):
     recipe = small_recipe(tmp_path)
-    with _exclusive(tmp_path / "out"):
+    with exclusive(tmp_path / "out"):
         with pytest.raises(InputError, match="another transmiter export is writing to"):
             run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
 

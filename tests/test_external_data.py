@@ -19,13 +19,13 @@ import torch
 
 from transmiter_deploy.artifacts import sha256_file
 from transmiter_deploy.deploy.graph_cost import count_macs_file
-from transmiter_deploy.deploy.onnx_export import (DEFAULT_EXTERNAL_DATA_THRESHOLD, EXTERNAL_DATA_ENV, ExportSettings,
-                                                  export_deployment, parity_pixels, resolve_external_data_threshold,
-                                                  save_graph)
+from transmiter_deploy.deploy.onnx_export import ExportSettings, export_deployment, parity_pixels
 from transmiter_deploy.errors import InputError, IntegrityError
 from transmiter_deploy.features.models import ModelSpec, load_model
-from transmiter_deploy.runtimes.base import external_data_locations, graph_structure, verify_graph_data
-from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, require_loadable
+from transmiter_deploy.runtimes.onnx_files import (DEFAULT_EXTERNAL_DATA_THRESHOLD, EXTERNAL_DATA_ENV,
+                                                   external_data_locations, graph_structure, require_loadable,
+                                                   resolve_external_data_threshold, save_graph, verify_graph_data)
+from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
 from conftest import damage_external_data, make_head_and_adapter, polygraphy_validate
 from hostile.hostile_support import one_line, run_cli_here, snapshot
@@ -293,7 +293,7 @@ def test_weights_apart_moves_inline_and_external_tensors_into_one_file_unchanged
     # the TorchScript exporter, past 2 GiB, writes some tensors apart and keeps others in the graph
     from onnx import TensorProto, helper, numpy_helper
 
-    from transmiter_deploy.deploy.onnx_export import weights_apart
+    from transmiter_deploy.runtimes.onnx_files import weights_apart
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((32, 32)).astype(np.float32)
@@ -323,7 +323,7 @@ def test_weights_apart_reads_an_external_tensor_without_a_length_entry(tmp_path)
     # the format leaves "length" optional, and the TorchScript exporter writes none
     from onnx import TensorProto, helper, numpy_helper
 
-    from transmiter_deploy.deploy.onnx_export import weights_apart
+    from transmiter_deploy.runtimes.onnx_files import weights_apart
 
     a = np.arange(32 * 32, dtype=np.float32).reshape(32, 32)
     b = np.ones((32, 32), np.float32)

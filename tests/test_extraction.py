@@ -61,7 +61,7 @@ def test_cayley_parametrisation_path_also_keeps_basis_orthogonal(planted):
 
 
 def test_qr_retraction_matches_cayley_parametrisation_quality(planted, extracted):
-    # The default (QR retraction) and the design notes' parametrisation (Cayley)
+    # The default (QR retraction) and the reference's parametrisation (Cayley)
     # must learn equally well: compare held-out loss after the same training.
     logits, teacher = planted
     qr_adapter, _, config, settings = extracted

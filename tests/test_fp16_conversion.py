@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from transmiter_deploy.deploy.onnx_export import save_graph
+from transmiter_deploy.runtimes.onnx_files import save_graph
 from transmiter_deploy.deploy.precisions import fp16
 from transmiter_deploy.runtimes.onnxruntime import ort_session, run_session
 

@@ -16,6 +16,7 @@ from transmiter_deploy.cli import main
 from transmiter_deploy.errors import IntegrityError
 from transmiter_deploy.pipeline.export import run_export
 from transmiter_deploy.pipeline.recipe import load_recipe
+from transmiter_deploy.runtimes import registry
 from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
 from conftest import SMALL_DEMO_INT8, copy_export
@@ -45,8 +46,11 @@ def test_int8_is_calibrated_gated_and_added_to_the_export(int8_export):
     (gate,) = outcome.gates
     assert gate["passed"] and gate["labelled"] and gate["samples"] == 64 and gate["top1_agreement"] >= 0.99
     assert all(abs(c["value"]) <= 1.0 for c in gate["criteria"][1:]) and len(gate["criteria"]) == 4
-    validated = {row["graph"]: row for row in outcome.validation}
-    assert validated["model_int8.onnx"]["precision"] == "int8" and validated["model_int8.onnx"]["passed"]
+    validated = {(row["candidate"], row["graph"]): row for row in outcome.validation}
+    # the gate's runtime (ONNX Runtime CPU) within the int8 tolerance; other runtimes' integer
+    # kernels round on their own side and are reported (docs/export.md)
+    ort_int8 = validated["onnxruntime-cpu", "model_int8.onnx"]
+    assert ort_int8["precision"] == "int8" and ort_int8["passed"]
     report = (out / "report.md").read_text()
     assert "## int8 accuracy gate (test images, 64 images): pass" in report
     plan = json.loads((out / "engines" / "model_int8.engine.json").read_text())
@@ -112,9 +116,13 @@ def test_a_qdq_graph_with_a_zero_scale_is_refused_at_load_naming_the_node(int8_e
     broken = tmp_path / "model_int8.onnx"
     onnx.save(graph, broken)
     users = {n.name for n in graph.graph.node if len(n.input) > 1 and n.input[1] == scale.name}  # Q and DQ share it
-    with pytest.raises(IntegrityError, match="has a zero or non-finite scale") as refused:
-        OnnxRuntimeRunner(broken).activate()
-    assert str(refused.value).count("\n") == 0 and any(f"node '{name}'" in str(refused.value) for name in users)
+    # the shared check of every graph runtime (runtimes/onnx_files.checked_graph), not one runner's
+    graph_runtimes = [entry for entry in registry.RUNTIMES.values() if entry.loads == "onnx" and not entry.unavailable()]
+    assert "onnxruntime-cpu" in [entry.name for entry in graph_runtimes]
+    for entry in graph_runtimes:
+        with pytest.raises(IntegrityError, match="has a zero or non-finite scale") as refused:
+            entry.create(broken).activate()
+        assert str(refused.value).count("\n") == 0 and any(f"node '{name}'" in str(refused.value) for name in users)
     assert main(["build-engine", str(broken), "--out", str(tmp_path / "e.engine")]) == 2
 
 

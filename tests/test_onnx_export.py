@@ -13,7 +13,8 @@ from transmiter_deploy.deploy.fusion import FoldedHead, UnfoldedHead
 from transmiter_deploy.deploy.graph_cost import count_macs
 from transmiter_deploy.features.models import ModelSpec, load_model
 from transmiter_deploy.deploy.fusion import FP32_NODES
-from transmiter_deploy.deploy.onnx_export import ExportSettings, export_deployment, parity_pixels, to_onnx
+from transmiter_deploy.deploy.onnx_export import ExportSettings, export_deployment, parity_pixels
+from transmiter_deploy.deploy.trace import to_onnx
 from transmiter_deploy.deploy.precisions.fp16 import convert as to_mixed_fp16
 from transmiter_deploy.runtimes.onnxruntime import ort_session
 

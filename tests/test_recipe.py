@@ -58,6 +58,11 @@ def test_relative_paths_resolve_against_the_recipe_file(tmp_path):
     (("name: t", "name: t\nexport: {batch: {min: 4, opt: 2, max: 8}}"), r"export\.batch: need 1 <= min <= opt <= max"),
     (("name: t", "name: t\nexport: {precisions: [fp32, int4]}"), r"unknown precision 'int4' \(known: fp32, fp16, int8\)"),
     (("name: t", "name: t\nexport: {precisions: [fp16]}"), r"must include fp32"),
+    (("name: t", "name: t\nexport: {precisions: [fp32, fp16, fp16]}"),
+     r"export\.precisions: 'fp16' is listed twice \(give each precision once\)$"),
+    (("name: t", "name: t\nexport: {precisions: [fp32, fp32]}"), r"export\.precisions: 'fp32' is listed twice"),
+    (("data: {demo_task: colours-tinted}", "data: {demo_task: colours-tinted, engine: ray, workers: 0}"),
+     r"data\.workers: must be positive, got 0$"),
     (("name: t", "name: t\nruntimes: [tensorflow]"), r"unknown runtime 'tensorflow'"),
     (("name: t", "name: t\nhead: {templates: nope.txt}"), r"head\.templates: 'nope.txt' is neither"),
     (("name: TM-Demo-Target, demo", "name: ViT-L-41, demo"), r"target\.name: open_clip does not know model 'ViT-L-41' \(close: .*ViT-L-14"),
@@ -100,3 +105,22 @@ def test_own_data_needs_classes_and_fewshot_images(tmp_path):
         load_recipe(write(tmp_path, own))
     with pytest.raises(RecipeError, match="exactly one of data.classes and data.classes_file"):
         load_recipe(write(tmp_path, own.replace("classes: [a, b]", "classes: [a], classes_file: c.txt")))
+
+
+def test_a_repeated_precision_is_one_line_and_exit_2_at_check(tmp_path, capsys):
+    from transmiter_deploy.cli import main
+
+    path = write(tmp_path, MINIMAL + "export: {precisions: [fp32, int8, fp16, int8]}\n")
+    assert main(["export", "--check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"transmiter: error: recipe {path}: export.precisions: 'int8' is listed twice (give each precision once)\n"
+
+
+def test_zero_ray_workers_in_a_bank_task_is_refused_naming_the_task(tmp_path):
+    from conftest import bank_recipe_text
+
+    text = bank_recipe_text().replace("data: {demo_task: textures-foggy}",
+                                      "data: {demo_task: textures-foggy, engine: ray, workers: 0}")
+    with pytest.raises(RecipeError, match=r"tasks\.textures_foggy\.data\.workers: must be positive, got 0$"):
+        load_recipe(write(tmp_path, text))
+    assert load_recipe(write(tmp_path, text.replace("workers: 0", "workers: 1"))).tasks[1].data.workers == 1

@@ -34,10 +34,10 @@ def code_gaps(what: str, target: str, usable) -> list[str]:
 def runtime_gaps(entry: registry.Runtime) -> list[str]:
     from transmiter_deploy.benchmark import runtimes as bench
     from transmiter_deploy.cli import cli
-    from transmiter_deploy.pipeline.recipe import RUNTIMES as RECIPE_RUNTIMES
+    from transmiter_deploy.pipeline.recipe import RUNTIME_FAMILIES as RECIPE_RUNTIMES
 
     gaps = code_gaps("runner", entry.runner, lambda cls: isinstance(cls, type) and issubclass(cls, Runner))
-    if entry.loads not in bench.SUPPORTED_LOADS or entry.name not in bench.RUNTIMES:
+    if entry.loads not in registry.GRAPH_LOADS or entry.name not in bench.BENCH_RUNTIMES:
         gaps.append("no benchmark caller")
     if entry.family not in RECIPE_RUNTIMES:
         gaps.append("no recipe name")

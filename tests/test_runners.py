@@ -15,7 +15,8 @@ from transmiter_deploy.deploy.fusion import DeployedClassifier, FoldedHead
 from transmiter_deploy.features.models import ModelSpec, load_model
 from transmiter_deploy.deploy.onnx_export import export_deployment, parity_pixels
 from transmiter_deploy.runtimes import registry
-from transmiter_deploy.runtimes.base import InputSpec, graph_precision
+from transmiter_deploy.runtimes.base import InputSpec, RunSettings
+from transmiter_deploy.runtimes.onnx_files import graph_precision
 from transmiter_deploy.runtimes.compare import judge
 from transmiter_deploy.runtimes.compare import compare
 from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
@@ -39,7 +40,7 @@ def export(tmp_path_factory):
     export_deployment(model, head, artifact, out, pixels, log=lambda _: None)
     size = model.preprocess_config["image_size"][0]
     torch_runner = TorchRunner(DeployedClassifier(model.model.visual, FoldedHead(head, artifact)),
-                               InputSpec("pixel_values", (None, 3, size, size)))
+                               input_spec=InputSpec("pixel_values", (None, 3, size, size)))
     with torch_runner:
         yield out, torch_runner, pixels.numpy()
 
@@ -83,10 +84,54 @@ def test_comparator_fails_a_candidate_that_computes_something_else(export):
 @pytest.mark.runtime("onnxruntime-cpu")
 def test_every_runner_refuses_malformed_input_in_one_line(export, make_input, message):
     out, torch_runner, pixels = export
-    for runner in (OnnxRuntimeRunner(out / "model.onnx", max_batch=8),
-                   TorchRunner(torch_runner.module, InputSpec("pixel_values", torch_runner.input_spec.shape, max_batch=8))):
+    for runner in (OnnxRuntimeRunner(out / "model.onnx", RunSettings(max_batch=8)),
+                   TorchRunner(torch_runner.module, input_spec=InputSpec("pixel_values", torch_runner.input_spec.shape,
+                                                                         max_batch=8))):
         with runner, pytest.raises(InputError, match=message):
             runner.infer(make_input(pixels))
+
+
+@pytest.mark.runtime("openvino-cpu")
+@pytest.mark.precision("fp32")
+@pytest.mark.precision("fp16")
+def test_openvino_matches_pytorch_within_each_precision(export):
+    entry = registry.runtime("openvino-cpu")
+    reason = entry.unavailable()
+    if reason is not None:  # the dev extra installs it: CI runs this
+        pytest.skip(reason)
+    out, torch_runner, pixels = export
+    with entry.create(out / "model.onnx", RunSettings(threads=2)) as runner:
+        fp32 = compare(torch_runner, runner, pixels)
+        assert runner.name == "openvino-cpu" and runner.input_spec.shape[1:] == torch_runner.input_spec.shape[1:]
+    assert fp32["passed"] and fp32["precision"] == "fp32" and fp32["max_abs"] <= 1e-4
+    with entry.create(out / "model_fp16.onnx") as runner:
+        fp16 = compare(torch_runner, runner, pixels)
+    assert fp16["passed"] and fp16["precision"] == "fp16" and fp16["top1_agreement"] >= 0.995
+    assert fp16["max_abs"] > fp32["max_abs"]
+
+
+def test_openvino_refuses_what_it_cannot_do_in_one_line(export, tmp_path):
+    from transmiter_deploy.runtimes.openvino import OpenVinoRunner
+
+    reason = registry.runtime("openvino-cpu").unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    out, torch_runner, pixels = export
+    with pytest.raises(InputError, match="unknown OpenVINO inference precision 'f8'"):
+        OpenVinoRunner(out / "model.onnx", inference_precision="f8")
+    import openvino
+
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with OpenVinoRunner(out / "model.onnx", inference_precision="bf16") as runner:  # judged by top-1 alone
+            assert compare(torch_runner, runner, pixels)["top1_agreement"] >= 0.99
+    else:
+        with pytest.raises(DependencyError, match="this CPU has no bf16 arithmetic"):
+            OpenVinoRunner(out / "model.onnx", inference_precision="bf16")
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes((out / "model.onnx").read_bytes()[:1000])
+    with pytest.raises(InputError, match="OpenVINO cannot load") as refused:
+        OpenVinoRunner(broken).activate()
+    assert str(refused.value).count("\n") == 0
 
 
 def test_unknown_provider_and_corrupt_graph_are_refused(export, tmp_path):
@@ -195,7 +240,7 @@ def test_a_runner_loads_nothing_until_activated_and_frees_on_deactivation(export
         built.append(1)
         return torch_runner.source
 
-    lazy = TorchRunner(loader, torch_runner.input_spec)
+    lazy = TorchRunner(loader, input_spec=torch_runner.input_spec)
     assert built == []
     with lazy:
         np.testing.assert_allclose(lazy.infer(pixels), torch_runner.infer(pixels), rtol=0, atol=0)

@@ -26,7 +26,8 @@ from transmiter_deploy.features.datasets import open_dataset
 from transmiter_deploy.features.heads import load_head
 from transmiter_deploy.features.teacher_logits import load_teacher_logits
 from transmiter_deploy.pipeline.export import run_export
-from transmiter_deploy.pipeline.recipe import LogitsTeacher, OnnxTeacher, RecipeError, TeacherPreprocess, load_recipe
+from transmiter_deploy.pipeline.recipe import RecipeError, load_recipe
+from transmiter_deploy.pipeline.teacher_specs import LogitsTeacher, OnnxTeacher, TeacherPreprocess
 from transmiter_deploy.pipeline.teachers import match_precomputed, onnx_teacher_logits, read_precomputed
 
 from conftest import SMALL_DEMO, bank_recipe_text, copy_tree

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 # The manifest that marks each kind of artifact directory (atomic_directory's ``marker``): its
 # module names it, and the CLI checks an --out against it before any work
-MANIFESTS = {"cache": "cache.json", "head": "head.json", "adapter": "adapter.json", "export": "manifest.json"}
+MANIFESTS = {"cache": "cache.json", "head": "head.json", "adapter": "adapter.json", "export": "manifest.json",
+             "teacher_logits": "teacher.json"}
 
 T = TypeVar("T")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -85,6 +86,26 @@ def _check_out(out: Path, kind: str) -> None:
     check_output_directory(out, MANIFESTS[kind])
 
 
+@contextmanager
+def _ray_log_named():
+    """After a command's Ray run, succeeded or not, the file Ray's own output went to
+    (features/distributed_cache.py keeps it off the terminal), in one line on stdout, unless
+    --quiet: stderr keeps the one-line error of a failure. Only a file this block's run wrote
+    to is named (an earlier run in the same process is forgotten first)."""
+
+    def written():
+        module = sys.modules.get("transmiter_deploy.features.distributed_cache")
+        return module.ray_log_written() if module is not None else None
+
+    written()
+    try:
+        yield
+    finally:
+        path = written()
+        if path is not None and _STATE["progress"] is not False:
+            click.echo(f"Ray's own log: {path}")
+
+
 def _read_class_file(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"class list not found: {path}")
@@ -118,7 +139,8 @@ def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_f
     """Encode a dataset's images once and store normalised features.
 
     Every later phase reads this cache, never the images. --engine ray writes the same cache
-    on a Ray cluster (docs/recipes.md, "Run it on a cluster").
+    on a Ray cluster (docs/recipes.md, "Run it on a cluster"); Ray's own log lines go to a
+    file, not to the terminal, and its path is printed after the run (unless --quiet).
 
     \b
     Example:
@@ -130,6 +152,9 @@ def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_f
         raise InputError("--address and --gpus-per-worker need --engine ray")
     if engine == "ray" and device != "cpu":
         raise InputError("--engine ray places the models itself (--gpus-per-worker); drop --device")
+    if engine == "ray" and workers == 0:
+        raise InputError("--workers 0: --engine ray needs at least 1 encoding actor "
+                         "(leave --workers out for one per CPU of the cluster)")
     _check_out(out, "cache")
     from .features.datasets import open_dataset
 
@@ -138,21 +163,27 @@ def cache(model_name, pretrained, checkpoint, init_seed, device, data, classes_f
     if engine == "ray":
         from . import demo  # noqa: F401  (registers the demo world's architectures)
         from .features.distributed_cache import RayCacheSettings, build_cache_ray, import_ray
-        from .artifacts import read_json
+        from .artifacts import MANIFESTS, read_json
         from .features.models import ModelIdentity, ModelSpec
 
         import_ray()  # a missing extra is reported before any model loads
         spec = ModelSpec(model_name, pretrained, checkpoint, init_seed)
-        build_cache_ray(spec, dataset, out, RayCacheSettings(address, workers or None, gpus_per_worker),
-                        batch_size=batch_size, progress=_progress())
-        identity = ModelIdentity.from_dict(read_json(Path(out) / "cache.json", "cache manifest")["model"], str(out))
-    else:
-        from .features.cache import build_cache
+        with _ray_log_named():  # after the result line, or after a failure
+            build_cache_ray(spec, dataset, out, RayCacheSettings(address, workers, gpus_per_worker),
+                            batch_size=batch_size, progress=_progress())
+            identity = ModelIdentity.from_dict(read_json(Path(out) / MANIFESTS["cache"], "cache manifest")["model"],
+                                               str(out))
+            _echo_cached(dataset, identity, out)
+        return
+    from .features.cache import build_cache
 
-        model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
-        build_cache(model, dataset, out, batch_size=batch_size, num_workers=workers or 0, device=device,
-                    progress=_progress())
-        identity = model.identity
+    model = _load_model(model_name, pretrained, checkpoint, init_seed, device)
+    build_cache(model, dataset, out, batch_size=batch_size, num_workers=workers or 0, device=device,
+                progress=_progress())
+    _echo_cached(dataset, model.identity, out)
+
+
+def _echo_cached(dataset, identity, out: Path) -> None:
     click.echo(f"cached {len(dataset)} images ({len(dataset.class_names)} classes) with "
                f"{identity.describe()} -> {out}")
 
@@ -207,14 +238,14 @@ def head(model_name, pretrained, checkpoint, init_seed, device, classes_file, cl
 
 
 def _classes_from(path: Path) -> tuple[list[str], list[str] | None]:
-    from .artifacts import read_json
+    from .artifacts import MANIFESTS, read_json
 
-    for manifest in ("head.json", "adapter.json"):
+    for manifest in (MANIFESTS["head"], MANIFESTS["adapter"]):
         if (path / manifest).is_file():
             payload = read_json(path / manifest, manifest)
             return list(payload.get("class_names", [])), list(payload.get("auxiliary_names", []))
-    if (path / "cache.json").is_file():
-        names = read_json(path / "cache.json", "cache manifest").get("class_names") or []
+    if (path / MANIFESTS["cache"]).is_file():
+        names = read_json(path / MANIFESTS["cache"], "cache manifest").get("class_names") or []
         if not names:
             raise InputError(f"cache {path} is unlabelled: it has no class names to take")
         return list(names), None
@@ -489,8 +520,9 @@ def export(recipe_path, out, force, check):
         click.echo(f"recipe {recipe_path} is valid" + (f" (a bank of {len(recipe.tasks)} tasks)" if recipe.bank else ""))
         return
     out = out or Path("export") / "out" / recipe.name
-    outcome = (run_bank_export if recipe.bank else run_export)(recipe, out, force=force, progress=_progress(),
-                                                               log=lambda line: click.echo(line, err=True))
+    with _ray_log_named():  # data.engine: ray
+        outcome = (run_bank_export if recipe.bank else run_export)(recipe, out, force=force, progress=_progress(),
+                                                                   log=lambda line: click.echo(line, err=True))
     for step in outcome.steps:
         if step.status == "unavailable":
             click.echo(f"skipped {step.name}: {step.detail}", err=True)
@@ -586,7 +618,7 @@ def build_engine_command(onnx_path, out, min_batch, opt_batch, max_batch, worksp
               help="Results folder (default: benchmarks/results/<host label>, e.g. cpu-2core).")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("build/bench"), show_default=True,
               help="Exported graphs, rendered images and caches, reused between runs.")
-@click.option("--threads", type=click.IntRange(1, None), help="torch and ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(1, None), help="CPU threads of torch and of each runtime (default: all cores).")
 @click.option("--part", "parts", multiple=True, type=click.Choice(["latency", "flops", "accuracy"]),
               help="Measure only these (repeatable; default: all three).")
 @click.option("--runtime", "runtimes", multiple=True,
@@ -635,7 +667,7 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, var
     if bank_sweep is not None:
         from dataclasses import replace
 
-        from .benchmark import bank
+        from .benchmark import bank, bank_report
 
         out = out or bank.default_out(bank_model)
         if not report_only:
@@ -646,9 +678,9 @@ def bench(profile_name, out, work, threads, parts, runtimes, pairs, batches, var
             if rounds is not None:
                 settings = replace(settings, plan=replace(settings.plan, min_rounds=rounds, max_rounds=rounds))
             bank.run_bank_sweep(settings, out, work, threads or os.cpu_count() or 1,
-                                tuple(runtimes) or tuple(bank.ONNX_RUNTIMES), command,
+                                tuple(runtimes) or bank.default_runtimes(), command,
                                 log=lambda line: click.echo(line, err=True))
-        click.echo(f"results: {bank.write_bank_report(out, plots=not no_plots)}")
+        click.echo(f"results: {bank_report.write_bank_report(out, plots=not no_plots)}")
         return
     out = out or Path("benchmarks") / "results" / host_label()
     if not report_only:

@@ -31,7 +31,7 @@ pixels_build = builds("release", "aarch64")
 def external(demo_external_export):
     """The external-data demo export's manifest, 8 of its test images and their pixels."""
     from transmiter_deploy.features.models import load_model
-    from transmiter_deploy.pipeline.export import model_specs
+    from transmiter_deploy.pipeline.export_run import model_specs
 
     recipe, outcome = demo_external_export
     manifest_path = outcome.export_dir / "manifest.json"

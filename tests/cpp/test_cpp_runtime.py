@@ -53,7 +53,7 @@ refusing_build = builds("asan", "aarch64")
 @pytest.fixture(scope="session")
 def demo(demo_export):
     """The demo export, its target model and 16 of its test images."""
-    from transmiter_deploy.pipeline.export import model_specs
+    from transmiter_deploy.pipeline.export_run import model_specs
     from transmiter_deploy.features.models import load_model
 
     recipe, outcome = demo_export

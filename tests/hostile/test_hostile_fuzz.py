@@ -202,7 +202,7 @@ def test_fuzzed_export_manifests(demo_export, fuzz_root):
 
 
 def test_fuzzed_engine_and_step_records(fuzz_root):
-    from transmiter_deploy.pipeline.export import _command_recorded
+    from transmiter_deploy.pipeline.deployment_steps import engine_command_recorded
     from transmiter_deploy.pipeline.steps import Steps
     from transmiter_deploy.runtimes.tensorrt import BatchProfile
 
@@ -215,7 +215,7 @@ def test_fuzzed_engine_and_step_records(fuzz_root):
     @given(data=st.data())
     def run(data):
         (fuzz_root / "model.engine.json").write_text(mutate(engine, data), encoding="utf-8", errors="surrogateescape")
-        _library("engine manifest", lambda: _command_recorded(fuzz_root / "model.engine", "0" * 64, BatchProfile(), 4096))
+        _library("engine manifest", lambda: engine_command_recorded(fuzz_root / "model.engine", "0" * 64, BatchProfile(), 4096))
         steps = Steps(fuzz_root / "steps", force=False, log=lambda _: None)
         (fuzz_root / "steps" / ".steps" / "s.json").write_text(mutate(step, data), encoding="utf-8",
                                                                  errors="surrogateescape")

@@ -1,7 +1,7 @@
 """ONNX graphs of every benchmark part, exported once and reused between runs.
 
 Each graph is exported through the same path as the deployed artifacts
-(:func:`transmiter_deploy.deploy.onnx_export.to_onnx`: TorchScript exporter, dynamic batch,
+(:func:`transmiter_deploy.deploy.trace.to_onnx`: TorchScript exporter, dynamic batch,
 onnxslim, full checker), so ONNX Runtime times exactly what ``transmiter export``
 ships. Exporting ViT-L-14 takes minutes, so graphs are cached under
 ``<work>/graphs/<key>.onnx`` with a JSON record of the code and library versions
@@ -26,12 +26,13 @@ from tqdm import tqdm
 
 from ..artifacts import library_versions, sha256_file, write_json
 from ..deploy.graph_cost import count_macs_file
-from ..deploy.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_SUFFIX, save_graph, to_onnx
+from ..deploy.trace import DEFAULT_OPSET, to_onnx
+from ..runtimes.onnx_files import EXTERNAL_DATA_SUFFIX, save_graph
 from ..runtimes.registry import precision, resolve
 from .variants import TargetGroup
 
 # Modules whose code shapes the exported graphs: a change to any of them re-exports.
-_GRAPH_SOURCES = ("deploy/fusion.py", "method/adapter.py", "deploy/onnx_export.py", "method/eft.py",
+_GRAPH_SOURCES = ("deploy/fusion.py", "method/adapter.py", "deploy/trace.py", "method/eft.py",
                   "benchmark/variants.py", "deploy/precisions/fp16.py", "deploy/precisions/int8.py")
 # Calibration inputs per conversion, random pixels (the weights are random too; speed does not
 # depend on values): as many as the export passes by default, 1 for the fp16 converter's range
@@ -56,7 +57,7 @@ def _record(key: str, opset: int) -> dict:
 
 
 def save_cached_graph(model: onnx.ModelProto, path: Path) -> dict[str, str]:
-    """``model`` saved as ``path`` (external data by the usual threshold, onnx_export.save_graph;
+    """``model`` saved as ``path`` (external data by the usual threshold, onnx_files.save_graph;
     not probed: these are the benchmark's work files, loaded right after). Written in a staging
     directory under the final name (a data file's location names it), then moved into place, data
     files first and the graph last, so a graph in place always has its data. Returns the data

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DependencyError, InputError
+from ..runtimes.registry import runtime_names
 
 # The issue's targets: the runtime/target/batch each is measured at, and its bound.
 OVERHEAD_TARGET = {"target": "ViT-B-16", "runtime": "onnxruntime-cpu", "batch": 8, "max_percent": 1.0}
@@ -87,7 +88,7 @@ def target_checks(latency: dict, gpu_runtimes: tuple[str, ...]) -> list[dict]:
         checks.append({"target": label, "met": None, "measured": "not measured in this run"})
 
     heads = [(t, r, v["head"]["p50_ms"]) for (t, r, b), v in grouped.items()
-             if b == 1 and "head" in v and r in ("onnxruntime-cpu", "pytorch-cpu")]
+             if b == 1 and "head" in v and r in runtime_names("cpu")]
     label = f"head + adapter alone, batch 1, CPU: median < {HEAD_TARGET_MS} ms"
     if heads:
         worst = max(ms for _, _, ms in heads)
@@ -132,21 +133,34 @@ def target_checks(latency: dict, gpu_runtimes: tuple[str, ...]) -> list[dict]:
     return checks
 
 
-def _verdict(met) -> str:
+def verdict(met) -> str:
+    """A target's verdict cell: met, missed, or not measured (``met`` is None)."""
     return {True: "met", False: "**missed**", None: "not measured"}[met]
+
+
+def targets_table(checks: list[dict]) -> list[str]:
+    """The Targets section: one row per check (``target``, ``measured``, ``met``); a check's
+    ``also_met`` (name -> met) adds the verdicts of what was measured beside it."""
+    return ["## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"] + [
+        f"| {c['target']} | {c['measured']} | {verdict(c['met'])}"
+        + "".join(f"; {name}: {verdict(met)}" for name, met in c.get("also_met", {}).items()) + " |"
+        for c in checks]
+
+
+def version_list(versions: dict) -> str:
+    """The library versions a result depends on, as ``name version, ...``."""
+    return ", ".join(f"{name} {versions[name]}" for name in
+                     ("transmiter-deploy", "torch", "open_clip_torch", "onnx", "onnxruntime-gpu") if name in versions)
 
 
 def _environment_lines(env: dict) -> list[str]:
     gpu = env["gpu"]["name"] + f" (sm {env['gpu']['compute_capability']}, CUDA {env['gpu']['cuda']})" if env["gpu"] else "none"
-    versions = env["versions"]
     return [
         f"- Date: {env['date']}; host label `{env['host_label']}`; profile `{env['profile']['name']}`",
         f"- CPU: {env['cpu']} ({env['cpu_count']} logical cores); GPU: {gpu}",
         f"- Threads: torch {env['torch_threads']}, ONNX Runtime intra-op {env['onnxruntime_intra_op_threads']} "
         "(inter-op 1, sequential)",
-        "- Versions: " + ", ".join(f"{name} {versions[name]}" for name in
-                                   ("transmiter-deploy", "torch", "open_clip_torch", "onnx", "onnxruntime-gpu")
-                                   if name in versions) + f", Python {env['python']}",
+        f"- Versions: {version_list(env['versions'])}, Python {env['python']}",
         f"- {env['weights']}",
     ]
 
@@ -241,8 +255,8 @@ def _batch_ticks(axis, batches: list[int]) -> None:
     axis.xaxis.set_minor_formatter(NullFormatter())
 
 
-def plot(latency: dict, out_dir: Path) -> list[Path]:
-    """latency_<target>.png (p50 vs batch per runtime, backbone alone dashed) and overhead.png."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), or DependencyError saying what to install."""
     try:
         import matplotlib
 
@@ -250,16 +264,36 @@ def plot(latency: dict, out_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise DependencyError("plots need matplotlib: pip install 'transmiter-deploy[bench]' (or pass --no-plots)") from exc
+    return plt
+
+
+def save_figure(figure, path: Path) -> Path:
+    """``figure`` written atomically as the PNG ``path``, then closed."""
+    staging = path.with_name(f".{path.stem}.partial.png")
+    figure.savefig(staging, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt  # a figure exists: matplotlib is there (pyplot())
+
+    plt.close(figure)
+    os.replace(staging, path)
+    return path
+
+
+def write_markdown(path: Path, text: str) -> Path:
+    """``text`` written atomically as ``path`` (a results folder's RESULTS.md)."""
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+    return path
+
+
+def plot(latency: dict, out_dir: Path) -> list[Path]:
+    """latency_<target>.png (p50 vs batch per runtime, backbone alone dashed) and overhead.png."""
+    plt = pyplot()
     grouped = cells(latency)
     written = []
 
     def save(figure, name: str) -> None:
-        path = out_dir / name
-        staging = path.with_name(f".{path.stem}.partial.png")
-        figure.savefig(staging, dpi=110, bbox_inches="tight")
-        plt.close(figure)
-        os.replace(staging, path)
-        written.append(path)
+        written.append(save_figure(figure, out_dir / name))
 
     for target in dict.fromkeys(t for t, _, _ in grouped):
         runtimes = list(dict.fromkeys(r for t, r, _ in grouped if t == target))
@@ -309,9 +343,7 @@ def write_report(out_dir: Path, command: str, plots: bool = True) -> Path:
              "Measured by: " + "; ".join(f"`{c}`" for c in commands) + f". Report written by `{command}`.", "",
              *_environment_lines(env), ""]
     if latency:
-        lines += ["## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
-        lines += [f"| {c['target']} | {c['measured']} | {_verdict(c['met'])} |"
-                  for c in target_checks(latency, GPU_RUNTIMES)]
+        lines += targets_table(target_checks(latency, GPU_RUNTIMES))
         lines += ["", f"Latency sweep: {latency['seconds']:.0f} s.", ""]
         lines += latency_markdown(latency, flops)
     if flops:
@@ -324,8 +356,4 @@ def write_report(out_dir: Path, command: str, plots: bool = True) -> Path:
             images = plot(latency, out_dir)
             lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
         lines += detail_markdown(latency)
-    path = out_dir / "RESULTS.md"
-    staging = path.with_name(".RESULTS.md.partial")
-    staging.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(staging, path)
-    return path
+    return write_markdown(out_dir / "RESULTS.md", "\n".join(lines))

@@ -3,7 +3,7 @@
 The list is the registry's (:mod:`transmiter_deploy.runtimes.registry`): CPU runtimes
 always, GPU runtimes only where an NVIDIA GPU is visible; a runtime that cannot run
 here is skipped with its reason, never faked. Each call goes through the runtime's own
-runner (its ``timed_call``): PyTorch on CUDA keeps inputs and outputs on the GPU; ONNX
+runner (its ``timed_call``), built by the registry from the runtime-neutral ``RunSettings``: PyTorch on CUDA keeps inputs and outputs on the GPU; ONNX
 Runtime CUDA and TensorRT take and return host arrays, so their times include the
 copies (recorded as ``includes_copies``).
 """
@@ -17,18 +17,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..runtimes.base import InputSpec, Runner
+from ..runtimes.base import GraphFile, InputSpec, Runner, RunSettings
 from ..runtimes import registry
 from ..runtimes.registry import runtime as registered_runtime
 from ..runtimes.registry import runtime_names
 from .variants import TargetGroup, Variant
 
-RUNTIMES = runtime_names()
+BENCH_RUNTIMES = runtime_names()
 CPU_RUNTIMES = runtime_names("cpu")
 GPU_RUNTIMES = runtime_names("cuda")
 INCLUDES_COPIES = {name for name, entry in registry.RUNTIMES.items() if entry.includes_copies}
-# what each kind of runner is built from, for a variant's part (see Caller._runners)
-SUPPORTED_LOADS = ("module", "onnx", "engine")
 
 
 def unavailable(runtime: str) -> str | None:
@@ -87,23 +85,14 @@ class Caller:
 
     def _build(self, variant: Variant) -> list[Runner]:
         """One runner for a PyTorch runtime (the whole variant as one module); one per part for
-        graph runtimes, even when two parts share a graph file (EFT's two source towers)."""
-        loads = self.entry.loads
-        if loads == "module":
+        graph runtimes, even when two parts share a graph file (EFT's two source towers). The
+        runners of all variants take turns in this process (``shares_process``: an idle runner's
+        threads must not compete with the one being timed); a runtime that compiles graphs keeps
+        them per largest batch under the work folder."""
+        settings = RunSettings(threads=self.threads, shares_process=True, max_batch=self.max_batch,
+                               compiled_dir=self.work_dir / f"compiled-max{self.max_batch}")
+        if self.entry.loads == "module":
             shape = (None, *self.group.example(variant.takes, 1).shape[1:])
-            return [self.entry.create(VariantModule(variant), input_spec=InputSpec(variant.takes, shape))]
-        if loads == "onnx":
-            # Without spinning: the sessions of all variants take turns in this process, and an
-            # idle session's spinning pool would compete with the one being timed.
-            return [self.entry.create(self.graphs[part.graph_key], threads=self.threads, spinning=False,
-                                      precision=part.precision) for part in variant.parts]
-        return [self.entry.create(self._engine(part.graph_key)) for part in variant.parts]  # pragma: no cover
-
-    def _engine(self, graph_key: str) -> Path:  # pragma: no cover - needs TensorRT and a GPU
-        from ..runtimes.tensorrt import BatchProfile, build_engine
-
-        engine = self.work_dir / "engines" / f"{graph_key}-max{self.max_batch}.plan"
-        if not engine.is_file():
-            build_engine(self.graphs[graph_key], engine, BatchProfile(1, self.max_batch, self.max_batch),
-                         log=lambda _: None)
-        return engine
+            return [self.entry.create(VariantModule(variant), settings, input_spec=InputSpec(variant.takes, shape))]
+        return [self.entry.create(GraphFile(self.graphs[part.graph_key], part.precision), settings)
+                for part in variant.parts]

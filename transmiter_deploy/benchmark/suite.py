@@ -25,7 +25,7 @@ from ..runtimes.registry import precision
 from ..host import cpu_model
 from .graphs import export_graphs
 from .report import slug
-from .runtimes import CPU_RUNTIMES, INCLUDES_COPIES, RUNTIMES, Caller, unavailable
+from .runtimes import BENCH_RUNTIMES, CPU_RUNTIMES, INCLUDES_COPIES, Caller, unavailable
 from .timing import TimingPlan, summarise, time_interleaved
 from .variants import PAIRS, VARIANT_NAMES, build_group, targets_of
 
@@ -92,7 +92,7 @@ def environment(threads: int, profile: Profile, command: str) -> dict:
     }
 
 
-def measure_latency(profile: Profile, work_dir: Path, threads: int, runtimes: tuple[str, ...] = RUNTIMES,
+def measure_latency(profile: Profile, work_dir: Path, threads: int, runtimes: tuple[str, ...] = BENCH_RUNTIMES,
                     log=print, progress: bool = False) -> tuple[dict, dict]:
     """``(latency, flops)`` result bodies: every variant of every target, per runtime and batch."""
     available, skipped = [], []
@@ -170,7 +170,7 @@ def measure_accuracy(work_dir: Path, log=print, progress: bool = False) -> dict:
 
 
 def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int, parts: tuple[str, ...] = PARTS,
-                  runtimes: tuple[str, ...] = RUNTIMES, pairs: tuple[str, ...] | None = None,
+                  runtimes: tuple[str, ...] = BENCH_RUNTIMES, pairs: tuple[str, ...] | None = None,
                   batches: tuple[int, ...] | None = None, variants: tuple[str, ...] | None = None,
                   rounds: int | None = None, command: str = "", log=print,
                   progress: bool = False, precisions: tuple[str, ...] = ("fp32",)) -> dict[str, Path]:
@@ -180,7 +180,7 @@ def run_benchmark(profile_name: str, out_dir: Path, work_dir: Path, threads: int
     EFT variant); ``rounds`` fixes the number of timing rounds (no time budget)."""
     if profile_name not in PROFILES:
         raise InputError(f"unknown benchmark profile '{profile_name}' (known: {', '.join(PROFILES)})")
-    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(runtimes) - set(RUNTIMES))
+    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(runtimes) - set(BENCH_RUNTIMES))
     if unknown:
         raise InputError(f"unknown benchmark part or runtime: {', '.join(unknown)}")
     if threads < 1:

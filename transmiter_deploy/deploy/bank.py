@@ -36,17 +36,19 @@ from ..errors import InputError, IntegrityError, VerificationError
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel
+from ..runtimes.base import GraphFile
 from ..runtimes.compare import compare_outputs, within_tolerance
-from ..runtimes.base import check_graph_files, graph_structure
-from ..runtimes.onnxruntime import ort_session
+from ..runtimes.onnx_files import (check_full, check_graph_files, graph_entries, graph_structure, io_contract,
+                                   is_external_data, link_or_copy, probes_batched, save_graph)
 from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, precision_from_manifest
+from .export_format import FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, MANIFEST
 from .fusion import FoldedHead, Normalise
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, head_logits_numpy, write_head_safetensors
-from .onnx_export import (FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, FP32_LOGIT_ATOL, MANIFEST,
-                          Checks, ExportSettings, check_full, check_tower_memory, convert_graph, export_graph,
-                          graph_entries, io_contract, is_external_data, link_or_copy, probes_batched, save_graph,
-                          to_onnx, tolerance_criterion)
+from .onnx_export import ExportSettings, check_tower_memory
+from .parity import FP32_LOGIT_ATOL, Checks, graph_runner, run_graph, run_graph_outputs, tolerance_criterion
+from .precision_edits import convert_graph
+from .trace import export_graph, to_onnx
 
 BACKBONE_FORMAT = "transmiter-deploy/backbone-export"
 HEAD_EXPORT_FORMAT = "transmiter-deploy/head-export"
@@ -81,7 +83,7 @@ class Backbone(nn.Module):
 
 def _graph_files(staging: Path, files: dict[str, str]) -> dict[str, dict]:
     """Manifest entries of ``files`` (name -> precision name) written in ``staging``, with the
-    external data files of each graph that has them (onnx_export.graph_entries)."""
+    external data files of each graph that has them (onnx_files.graph_entries)."""
     return {key: entry for name, kind in files.items()
             for key, entry in graph_entries(staging, name, PRECISIONS[kind],
                                             io_contract(graph_structure(staging / name)) if name.endswith(".onnx") else {}
@@ -143,15 +145,15 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
         export_graph(module, pixels[:2], "pixel_values", FEATURES, settings.opset, f"image tower {model.identity.name}",
                      staging / "backbone.onnx", settings.external_data_threshold)
         checks, files = Checks(), {"backbone.onnx": REFERENCE_PRECISION}
-        session = ort_session(staging / "backbone.onnx")
-        for rows in (len(pixels), 3):  # two batch sizes: the batch axis is really dynamic
-            result = compare_outputs(features[:rows], session.run(None, {"pixel_values": pixels[:rows].numpy()})[0])
-            checks.add(f"backbone_fp32_vs_torch_batch{rows}", result, result["max_abs"] <= FP32_LOGIT_ATOL, True,
-                       f"max_abs <= {FP32_LOGIT_ATOL}")
+        with graph_runner(staging / "backbone.onnx") as runner:
+            for rows in (len(pixels), 3):  # two batch sizes: the batch axis is really dynamic
+                result = compare_outputs(features[:rows], runner.infer(pixels[:rows].numpy()))
+                checks.add(f"backbone_fp32_vs_torch_batch{rows}", result, result["max_abs"] <= FP32_LOGIT_ATOL, True,
+                           f"max_abs <= {FP32_LOGIT_ATOL}")
         for target in reduced:
             name = convert_graph(staging, "backbone", target, {"pixel_values": pixels[: settings.calibration_images].numpy()},
                                  settings.external_data_threshold)
-            converted = ort_session(staging / name).run(None, {"pixel_values": pixels.numpy()})[0]
+            converted = run_graph(GraphFile(staging / name, target.name), pixels.numpy())
             result = compare_outputs(features, converted)
             # features have no classes: the logits each task reads from them are judged on the bank
             checks.add(f"backbone_{target.name}_vs_torch_fp32", result, result["finite"], True, "finite outputs")
@@ -187,15 +189,14 @@ def export_head(head: ZeroShotHead, artifact: AdapterArtifact, features: torch.T
         save_graph(graph, staging / "head.onnx", settings.external_data_threshold)
         write_head_safetensors(folded, staging / HEAD_FILE)
         checks, files = Checks(), {"head.onnx": REFERENCE_PRECISION}
-        result = compare_outputs(reference, ort_session(staging / "head.onnx").run(None, {FEATURES: features.numpy()})[0])
+        result = compare_outputs(reference, run_graph(staging / "head.onnx", features.numpy()))
         checks.add("head_onnx_vs_torch", result, result["max_abs"] <= FP32_LOGIT_ATOL, True, f"max_abs <= {FP32_LOGIT_ATOL}")
         result = compare_outputs(reference, head_logits_numpy(staging / HEAD_FILE, features.numpy()).astype(np.float32))
         checks.add("head_safetensors_vs_torch", result, result["max_abs"] <= FP32_LOGIT_ATOL, True,
                    f"max_abs <= {FP32_LOGIT_ATOL}")
         for target in reduced:
             name = convert_graph(staging, "head", target, {FEATURES: features.numpy()}, settings.external_data_threshold)
-            result = compare_outputs(reference, ort_session(staging / name).run(
-                None, {FEATURES: features.numpy()})[0])
+            result = compare_outputs(reference, run_graph(GraphFile(staging / name, target.name), features.numpy()))
             checks.add(f"head_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name), True,
                        tolerance_criterion(target))
             files[name] = target.name
@@ -417,11 +418,10 @@ def _verify_bank(staging: Path, backbone: Part, tasks: list[BankTask], graphs: d
     pixels, checks = _check_images(backbone), Checks()
     for kind, graph in graphs.items():
         target = PRECISIONS[kind]
-        bank = ort_session(staging / graph)
-        outputs = dict(zip([o.name for o in bank.get_outputs()], bank.run(None, {"pixel_values": pixels})))
-        features = ort_session(backbone.path(backbone.graphs[kind])).run(None, {"pixel_values": pixels})[0]
+        outputs = run_graph_outputs(GraphFile(staging / graph, kind), pixels)
+        features = run_graph(GraphFile(backbone.path(backbone.graphs[kind]), kind), pixels)
         for task in tasks:
-            parts = ort_session(task.head.path(task.head.graphs[kind])).run(None, {FEATURES: features})[0]
+            parts = run_graph(GraphFile(task.head.path(task.head.graphs[kind]), kind), features)
             result = compare_outputs(parts, outputs[f"logits_{task.name}"])
             atol = FP32_LOGIT_ATOL if target.reference else (target.max_abs or FP32_LOGIT_ATOL)
             checks.add(f"bank_{kind}_{task.name}_vs_parts", result,
@@ -438,8 +438,8 @@ def _verify_bank(staging: Path, backbone: Part, tasks: list[BankTask], graphs: d
 def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax: bool = False,
                   log: Callable[[str], None] = print, external_data_threshold: int | None = None) -> Bank:
     """Write the bank directory atomically: the parts' files linked in byte for byte (external
-    data files copied with their graphs, see onnx_export.link_or_copy), the fused graph of every precision the backbone has (external
-    data by ``external_data_threshold``, onnx_export.save_graph), the manifest; checked before it
+    data files copied with their graphs, see onnx_files.link_or_copy), the fused graph of every precision the backbone has (external
+    data by ``external_data_threshold``, onnx_files.save_graph), the manifest; checked before it
     replaces the previous bank (which stays as it was on any failure)."""
     if not tasks:
         raise InputError("a bank needs at least one task")

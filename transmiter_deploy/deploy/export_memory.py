@@ -61,7 +61,7 @@ def available_bytes() -> int:
 
 def estimate(weight_bytes: int, precisions: Iterable[str], available: int | None = None,
              external_data: bool = False) -> MemoryEstimate:
-    """``external_data``: the graph passes the external-data threshold (onnx_export.save_graph)."""
+    """``external_data``: the graph passes the external-data threshold (onnx_files.save_graph)."""
     table = FACTORS_EXTERNAL if external_data else FACTORS
     factors = {name: table.get(name, max(table.values())) for name in precisions}
     limiting = max(factors, key=factors.get)

@@ -2,7 +2,7 @@
 
 The straightforward deployed head computes all C logits ``l = H f`` and then
 runs the adapter. Mean-centring and the push are linear, so they fold into
-the head (DESIGN.md section 3):
+the head (docs/method.md, "Deployment algebra"):
 
     h = H^T 1 / C            mu = h . f
     H_c = H - 1 h^T          l - mu = H_c f

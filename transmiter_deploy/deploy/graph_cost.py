@@ -51,8 +51,8 @@ def component_of(node_name: str) -> str:
 
 def count_macs_file(path: Path, batch: int = 1) -> dict[str, int]:
     """:func:`count_macs` of the graph at ``path``, read without its external data (tensors
-    under 1 KB, which shape inference may read, stay inside the graph: onnx_export.save_graph)."""
-    from ..runtimes.base import graph_structure
+    under 1 KB, which shape inference may read, stay inside the graph: onnx_files.save_graph)."""
+    from ..runtimes.onnx_files import graph_structure
 
     return count_macs(graph_structure(Path(path)), batch)
 

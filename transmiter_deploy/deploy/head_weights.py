@@ -2,7 +2,7 @@
 
 The C++ head backend (``cpp/``) and any other runtime that already has the
 image features read this file instead of ``head.onnx``: the same folded
-matrices (DESIGN.md section 3), the adapter's MLP blocks and the scalars that
+matrices (docs/method.md, "Deployment algebra"), the adapter's MLP blocks and the scalars that
 define the computation, so no graph interpreter is needed.
 
 Tensors (float32, little-endian, row-major; ``d`` feature width, ``D`` latent

@@ -17,85 +17,45 @@ Artifacts written into one directory, atomically:
 A graph whose tensors pass the external-data threshold (default just under protobuf's 2 GiB
 limit; ``ExportSettings.external_data_threshold``, ``TRANSMITER_EXTERNAL_DATA_THRESHOLD``) is
 written with ONNX external data: ``model.onnx`` holds the structure and ``model.onnx.data``
-the tensors, both listed and hashed in the manifest (:func:`save_graph`, :func:`graph_entries`).
+the tensors, both listed and hashed in the manifest (``runtimes/onnx_files.py``: ``save_graph``,
+``graph_entries``).
 
-The TorchScript exporter (``dynamo=False``) is used: it needs no extra
-packages and its dynamic batch axis is verified by running batches of two
-sizes through ONNX Runtime.
+The graphs are traced by deploy/trace.py; the dynamic batch axis is verified by running batches
+of two sizes. Every graph is run through the registry's verification runtime (deploy/parity.py);
+reduced precisions are converted and checked by deploy/precision_edits.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
-import uuid
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
-from ..artifacts import MANIFESTS, atomic_directory, read_json, read_manifest, sha256_file, write_json, write_manifest
-from ..errors import WRITE_ERRNOS, InputError, VerificationError, write_failure
+from ..artifacts import atomic_directory, write_json, write_manifest
+from ..errors import InputError, VerificationError
 from ..host import release_freed_memory
 from ..features.adapter_artifact import AdapterArtifact, check_adapter_head
 from ..features.heads import ZeroShotHead
 from ..features.models import LoadedModel
-from ..runtimes.base import check_qdq_scales, external_data_locations, graph_structure, graph_tensors
-from ..runtimes.compare import compare_outputs, within_tolerance
-from ..runtimes.onnxruntime import ort_session, require_loadable, run_session
-from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, default_precisions, precision, resolve
-from .fusion import FP32_NODES, DeployedClassifier, FoldedHead, UnfoldedHead
+from ..runtimes.compare import compare_outputs
+from ..runtimes.onnx_files import (graph_entries, graph_structure, io_contract, probes_batched,
+                                   resolve_external_data_threshold, save_graph)
+from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, default_precisions, precision
 from .calibration import Calibration
+from .export_format import FORMAT, FORMAT_VERSION, MANIFEST
 from .export_memory import check_export_memory
-from . import qdq_fallback
-from .gate import GateFailed, GateImages, accuracy_gate
+from .fusion import FP32_NODES, DeployedClassifier, FoldedHead, UnfoldedHead
+from .gate import GateImages
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, HEAD_FORMAT, HEAD_FORMAT_VERSION, head_logits_numpy, write_head_safetensors
-
-FORMAT = "transmiter-deploy/onnx-export"
-FORMAT_VERSION = 1
-MANIFEST = MANIFESTS["export"]
-DEFAULT_OPSET = 17
-FP32_LOGIT_ATOL = PRECISIONS[REFERENCE_PRECISION].max_abs
-GRAPHS = ("model", "head")  # pixels -> logits, features -> logits: one file each per precision
-# Protobuf cannot serialise a message over 2 GiB (2,147,483,648 bytes), so a graph whose tensors
-# pass this many bytes keeps them in a data file beside it; the margin leaves room for the graph's
-# structure itself.
-DEFAULT_EXTERNAL_DATA_THRESHOLD = 2_000_000_000
-PROTOBUF_LIMIT = 2**31  # bytes: the most one serialised protobuf message can hold
-EXTERNAL_DATA_ENV = "TRANSMITER_EXTERNAL_DATA_THRESHOLD"  # tests force external data on small graphs
-EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data
-# Tensors under this many bytes stay inside the graph even when it has external data (onnx's own
-# default): shape constants are read by shape inference and the MAC counter without the data file.
-EXTERNAL_TENSOR_MIN_BYTES = 1024
-
-
-def resolve_external_data_threshold(setting: int | None = None) -> int:
-    """The external-data threshold in bytes: ``setting`` when given (a recipe's or the CLI's), else
-    the ``TRANSMITER_EXTERNAL_DATA_THRESHOLD`` environment variable, else just under 2 GiB."""
-    if setting is not None:
-        if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-            raise InputError(f"external_data_threshold must be a non-negative number of bytes, got {setting!r}")
-        return setting
-    text = os.environ.get(EXTERNAL_DATA_ENV, "").strip()
-    if not text:
-        return DEFAULT_EXTERNAL_DATA_THRESHOLD
-    if not text.isdigit() or len(text) > 20:
-        raise InputError(f"{EXTERNAL_DATA_ENV} must be a non-negative number of bytes, got '{text[:40]}'")
-    return int(text)
-
-
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """The bytes a graph's tensors take when serialised: what decides external data. Summed per
-    tensor, because ``ModelProto.ByteSize`` is what cannot be computed past the 2 GiB limit."""
-    return sum(tensor.ByteSize() for tensor in graph_tensors(model.graph))
+from .parity import FP32_LOGIT_ATOL, Checks, References, graph_runner, run_graph
+from .precision_edits import add_precision, convert_precision
+from .trace import DEFAULT_OPSET, export_graph, to_onnx
 
 
 @dataclass(frozen=True)
@@ -130,14 +90,6 @@ class ExportSettings:
 
 
 @dataclass
-class References:
-    """What PyTorch computed on the parity images: validation compares every runtime to it."""
-
-    pixels: np.ndarray  # preprocessed parity images
-    outputs: np.ndarray  # the fused classifier's outputs (logits, or probabilities with softmax)
-
-
-@dataclass
 class ExportReport:
     out_dir: Path
     parity: dict[str, Any]
@@ -148,324 +100,6 @@ class ExportReport:
     @property
     def passed(self) -> bool:
         return all(check["passed"] for check in self.parity["checks"].values() if check.get("required"))
-
-
-def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
-            opset: int, what: str, work_dir: Path | None = None) -> onnx.ModelProto:
-    """Trace to ONNX with a dynamic batch axis, simplify with onnxslim, check fully; the graph in
-    memory, with its tensors (:func:`export_graph` writes a large one without holding them)."""
-    with _traced(module, example, input_name, output_name, opset, what, work_dir) as (model, data_dir):
-        onnx.external_data_helper.load_external_data_for_model(model, str(data_dir))
-    return model
-
-
-def export_graph(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
-                 opset: int, what: str, path: Path, external_data_threshold: int | None = None) -> list[str]:
-    """:func:`to_onnx` written to ``path`` as :func:`save_graph` writes it (external data past the
-    threshold, the load probe), the weights copied from the trace's data file one tensor at a time:
-    a large tower's graph never has its weights in memory beside the PyTorch tower's."""
-    with _traced(module, example, input_name, output_name, opset, what, Path(path).parent) as (model, data_dir):
-        return save_graph(model, path, external_data_threshold, data_dir=data_dir)
-
-
-@contextmanager
-def _traced(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str, opset: int,
-            what: str, work_dir: Path | None) -> Iterator[tuple[onnx.ModelProto, Path]]:
-    """The traced, simplified and checked graph's structure, and the directory of the data file its
-    tensors are in (a temporary directory, gone when the context exits).
-
-    The exporter writes into a file in a temporary directory rather than a buffer: past 2 GiB it
-    can only write external data, and only beside a file. An export passes its staging directory
-    as ``work_dir``, so the trace takes room on the artifact's own disk (not /tmp, often smaller)
-    and a full disk is reported against the artifact (exit 5)."""
-    import onnxslim
-
-    with tempfile.TemporaryDirectory(prefix=".trace-", dir=work_dir) as work:
-        traced = Path(work) / "traced.onnx"
-        try:
-            # Under no_grad, nn.MultiheadAttention takes a fused fast path
-            # (aten::_native_multi_head_attention) that has no ONNX symbolic: the fast path is
-            # switched off rather than tracing with grad mode on, which records for a backward pass.
-            with warnings.catch_warnings(), torch.no_grad(), _mha_fast_path(False):
-                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-                torch.onnx.export(
-                    module, (example,), str(traced), dynamo=False, opset_version=opset,
-                    input_names=[input_name], output_names=[output_name],
-                    dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                    do_constant_folding=True,
-                )
-        except OSError as exc:
-            if exc.errno in WRITE_ERRNOS:  # the trace's own file: a full disk, not an untraceable model
-                raise write_failure(exc, str(work_dir or traced.parent)) from exc
-            raise InputError(f"cannot export {what} to ONNX: {exc}") from exc
-        except Exception as exc:  # the exporter raises many types; all mean "cannot trace this"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"cannot export {what} to ONNX: {first}") from exc
-        release_freed_memory()  # the exporter's own copies of the weights
-        structure, data_dir = weights_apart(traced, Path(work))
-        model = _slim_structure(structure, onnxslim.slim)
-        del structure
-        # checked as a structure beside its data file: the checker reads the graph from the path
-        # and never the weights (in memory, it would hold the serialised graph twice more)
-        checked = data_dir / f".checked-{uuid.uuid4().hex}.onnx"
-        try:
-            onnx.save_model(model, str(checked))
-            check_full(checked, f"exported {what}")
-        finally:
-            checked.unlink(missing_ok=True)
-        yield model, data_dir
-
-
-def weights_apart(path: Path, work: Path) -> tuple[onnx.ModelProto, Path]:
-    """The graph at ``path`` with every initialiser of ``EXTERNAL_TENSOR_MIN_BYTES`` or more in a data
-    file, read as its structure alone, and the directory its locations are relative to: the graph's
-    own when all its large tensors are external data already, else ``work``, where they are written
-    one at a time (those in the graph, and those of the data files it points at: the TorchScript
-    exporter, past 2 GiB, writes some tensors apart and keeps others in the graph). Graph rewrites
-    then run at the memory of the structure, and read weights one by one."""
-    path, work = Path(path), Path(work)
-    structure = graph_structure(path)
-    if not any(_inline_large(tensor) for tensor in structure.graph.initializer):
-        return structure, path.parent
-    _copy_external_data(structure, path.parent, work / "weights.onnx.data", move_inline=True)
-    onnx.save_model(structure, str(work / "weights.onnx"))
-    del structure  # read back rather than kept: protobuf's arena would hold the moved bytes until then
-    return graph_structure(work / "weights.onnx"), work
-
-
-def _inline_large(tensor: onnx.TensorProto) -> bool:
-    return (tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.data_type != onnx.TensorProto.STRING
-            and tensor.ByteSize() >= EXTERNAL_TENSOR_MIN_BYTES)
-
-
-def _slim_structure(structure: onnx.ModelProto, slim: Callable) -> onnx.ModelProto:
-    """onnxslim on a graph whose external tensors are graph inputs for the time of the call.
-
-    onnxslim copies every weight into its own graph representation (5.7x the weights' size at
-    its peak, measured on ViT-B-16) and reads the values of the Constants it inspects. Weights
-    presented as inputs of fixed shape are neither copied nor read, and any rewrite onnxslim makes
-    around them holds whatever their values are; the shape arithmetic it exists to fold uses small
-    tensors, which stay in the graph. (The exporter's own constant folding has already folded the
-    weights' transposes.)"""
-    weights = [tensor for tensor in structure.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL]
-    names = {tensor.name for tensor in weights}
-    kept = [tensor for tensor in structure.graph.initializer if tensor.name not in names]
-    del structure.graph.initializer[:]
-    structure.graph.initializer.extend(kept)
-    structure.graph.input.extend(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-                                 for tensor in weights)
-    slimmed = slim(structure)
-    used = {name for node in slimmed.graph.node for name in node.input}
-    inputs = [value for value in slimmed.graph.input if value.name not in names]
-    del slimmed.graph.input[:]
-    slimmed.graph.input.extend(inputs)
-    slimmed.graph.initializer.extend(tensor for tensor in weights if tensor.name in used)
-    return slimmed
-
-
-@contextmanager
-def _mha_fast_path(enabled: bool) -> Iterator[None]:
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(enabled)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
-def check_full(model: onnx.ModelProto | Path, what: str) -> None:
-    """``onnx.checker``'s full check (shape inference included) of a graph in memory or in a file
-    (with its external data beside it). The checker serialises an in-memory argument, which
-    protobuf refuses past 2 GiB: such a graph is checked from a temporary copy written with
-    external data, which the checker reads from its path."""
-    try:
-        if isinstance(model, Path):
-            onnx.checker.check_model(str(model), full_check=True)
-            return
-        if tensor_bytes(model) < PROTOBUF_LIMIT - (64 << 20):
-            onnx.checker.check_model(model, full_check=True)
-            return
-        with tempfile.TemporaryDirectory(prefix="transmiter-check-") as work:
-            path = Path(work) / "graph.onnx"
-            save_graph(model, path, external_data_threshold=0, probe=False)
-            onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise VerificationError(f"{what} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-
-
-# The open batches of probes_batched, innermost last.
-_PROBE_BATCHES: list[list[Path]] = []
-
-
-@contextmanager
-def probes_batched() -> Iterator[None]:
-    """Graphs that :func:`save_graph` writes inside this block are probed together, in one child
-    process, when the block ends without an error (one interpreter start for an export's graphs
-    instead of one per graph). Nothing in the block may open a session on them: the probe must
-    come first."""
-    batch: list[Path] = []
-    _PROBE_BATCHES.append(batch)
-    try:
-        yield
-    finally:
-        _PROBE_BATCHES.remove(batch)
-    if batch:
-        require_loadable(batch)
-
-
-def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int | None = None,
-               probe: bool = True, data_dir: Path | None = None) -> list[str]:
-    """Write ``model`` to ``path``, its tensors in ``<name>.data`` beside it when they pass the
-    threshold (:func:`resolve_external_data_threshold`); returns the data files written (names beside
-    the graph; empty when the graph holds its tensors). The caller's ``model`` keeps its tensors.
-    ``data_dir``: ``model`` is a structure whose tensors are external data relative to it; they are
-    copied into the graph's data file one at a time (or read in, below the threshold).
-
-    Then (``probe``) the graph must load and run in ONNX Runtime at every optimisation level, in
-    a child process (a graph that would crash a user's session fails here, in one line, before
-    any session of ours loads it); inside :func:`probes_batched`, when that block ends. Every
-    graph the toolkit writes comes through here; exports write into a staging directory that
-    replaces the artifact whole (artifacts.atomic_directory), so a graph and its data file appear
-    together or not at all."""
-    path = Path(path)
-    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
-    # onnx appends tensors to an existing data file (offsets past the stale bytes), and a file
-    # linked in from the previous artifact (link_or_copy) must never be written through: start afresh
-    data.unlink(missing_ok=True)
-    apart = stored_bytes(model) > resolve_external_data_threshold(external_data_threshold)
-    if data_dir is not None:
-        if apart:
-            _copy_external_data(model, Path(data_dir), data)
-        else:
-            onnx.external_data_helper.load_external_data_for_model(model, str(data_dir))
-        onnx.save_model(model, path)
-        written = external_data_locations(model)
-    elif apart:
-        # onnx moves the tensors' bytes into the file and clears them in ``model``; reading them
-        # back leaves the caller's model as it was (verification and the MAC count use it next)
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=False)
-        written = external_data_locations(model)  # what the file just written points at
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        for tensor in graph_tensors(model.graph):  # as it was: onnx leaves data_location set to DEFAULT
-            if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
-                tensor.ClearField("data_location")
-    else:
-        onnx.save_model(model, path)
-        written = external_data_locations(model)
-    if probe and _PROBE_BATCHES:
-        _PROBE_BATCHES[-1].append(path)
-    elif probe:
-        require_loadable([path])
-    return written
-
-
-def stored_bytes(model: onnx.ModelProto) -> int:
-    """:func:`tensor_bytes` plus the bytes of the tensors held as external data (by their length):
-    what the graph's tensors take on disk, wherever they are."""
-    external = sum(external_length(tensor, info) for tensor in graph_tensors(model.graph)
-                   if (info := external_info(tensor)) is not None)
-    return tensor_bytes(model) + external
-
-
-def external_info(tensor: onnx.TensorProto) -> dict[str, str] | None:
-    """An external tensor's ``external_data`` entries (location, offset, length) as a dict; None for
-    a tensor held in the graph."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def external_length(tensor: onnx.TensorProto, info: dict[str, str]) -> int:
-    """An external tensor's byte count: its ``length`` entry, which the format leaves optional (the
-    TorchScript exporter writes none), else its shape times its element size."""
-    if "length" in info:
-        return int(info["length"])
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
-def _copy_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, chunk: int = 64 << 20,
-                        move_inline: bool = False) -> None:
-    """Every external tensor of ``model`` copied from where it lies (relative to ``source_dir``) into
-    the one file ``data``, its location and offset rewritten to point there; a tensor at a time, in
-    chunks, so the memory this takes does not grow with the graph. ``move_inline``: initialisers
-    of ``EXTERNAL_TENSOR_MIN_BYTES`` or more held in the graph are moved there too."""
-    with open(data, "wb") as out:
-        for tensor in graph_tensors(model.graph):
-            info = external_info(tensor)
-            if info is None:
-                continue
-            length, offset = external_length(tensor, info), out.tell()
-            with open(source_dir / info["location"], "rb") as source:
-                source.seek(int(info.get("offset", 0)))
-                left = length
-                while left:
-                    block = source.read(min(chunk, left))
-                    if not block:
-                        raise VerificationError(f"{source_dir / info['location']} ends before tensor {tensor.name}")
-                    out.write(block)
-                    left -= len(block)
-            point_at(tensor, data.name, offset, length)
-        for tensor in model.graph.initializer if move_inline else ():
-            if not _inline_large(tensor):
-                continue
-            offset = out.tell()
-            out.write(tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes())
-            length = out.tell() - offset
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                tensor.ClearField(field)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            point_at(tensor, data.name, offset, length)
-
-
-def point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    """Make ``tensor`` external data: ``length`` bytes at ``offset`` of the file ``location``."""
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-
-
-def io_contract(model: onnx.ModelProto) -> dict[str, list[dict]]:
-    def describe(values):
-        return [
-            {
-                "name": v.name,
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
-            }
-            for v in values
-        ]
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
-
-
-def file_entry(path: Path, kind: Precision, contract: dict[str, Any]) -> dict[str, Any]:
-    """A file's entry in the export manifest: hash, size, precision (what runners read), contract."""
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size, "precision": kind.manifest_name, **contract}
-
-
-def graph_entries(directory: Path, name: str, kind: Precision, contract: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The manifest entries of file ``name`` (relative to ``directory``) and, for a graph with
-    external data, of each data file it points at, in that order: the graph's entry lists its data
-    files (``external_data``, names beside the graph, as the graph itself names them) and each data
-    file's entry names its graph (``external_data_of``) and carries the graph's precision, so
-    whatever adds, removes or links a precision's files takes the data files with them."""
-    path = Path(directory) / name
-    entries = {name: file_entry(path, kind, contract)}
-    if not name.endswith(".onnx"):
-        return entries
-    locations = external_data_locations(graph_structure(path))
-    if locations:
-        entries[name]["external_data"] = locations
-        prefix = str(Path(name).parent)
-        for location in locations:
-            data = path.parent / location
-            entries[location if prefix == "." else f"{prefix}/{location}"] = {
-                "sha256": sha256_file(data), "bytes": data.stat().st_size, "precision": kind.manifest_name,
-                "external_data_of": path.name}
-    return entries
 
 
 def parity_pixels(model: LoadedModel, images: Path | None, count: int = 16, seed: int = 0) -> torch.Tensor:
@@ -529,20 +163,13 @@ def _modules(model: LoadedModel, head: ZeroShotHead, artifact: AdapterArtifact, 
                     unfolded_logits.numpy())
 
 
-class Checks(dict):
-    """The parity table: name -> comparison, verdict, whether it gates the export, criterion."""
-
-    def add(self, name: str, result: dict, passed: bool, required: bool, criterion: str) -> None:
-        self[name] = {**result, "passed": bool(passed), "required": required, "criterion": criterion}
-
-
 def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: Checks) -> None:
     """ONNX Runtime (two batch sizes) and the head file's own reading against PyTorch."""
     atol = FP32_LOGIT_ATOL
-    session = ort_session(staging / "model.onnx")
-    ort_fp32 = run_session(session, pixels.numpy())
-    ort_fp32_odd = run_session(session, pixels[:3].numpy())  # a second batch size: the axis is really dynamic
-    ort_head = run_session(ort_session(staging / "head.onnx"), parts.features.numpy())
+    with graph_runner(staging / "model.onnx") as runner:
+        ort_fp32 = runner.infer(pixels.numpy())
+        ort_fp32_odd = runner.infer(pixels[:3].numpy())  # a second batch size: the axis is really dynamic
+    ort_head = run_graph(staging / "head.onnx", parts.features.numpy())
     # head.safetensors read back and computed in float64 numpy: the file alone defines the head
     tensors_head = head_logits_numpy(staging / HEAD_FILE, parts.features.numpy())
     result = compare_outputs(parts.unfolded_outputs, parts.fused_outputs)
@@ -556,48 +183,6 @@ def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: C
     checks.add("head_onnx_vs_torch", result, result["max_abs"] <= atol, True, f"max_abs <= {atol}")
     result = compare_outputs(parts.head_logits, tensors_head.astype(np.float32))
     checks.add("head_safetensors_vs_torch", result, result["max_abs"] <= atol, True, f"max_abs <= {atol}")
-
-
-def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[str, np.ndarray],
-                  external_data_threshold: int | None = None) -> str:
-    """``directory/<stem>.onnx`` converted to ``target`` by its registry converter (the
-    statistic nodes kept fp32), saved beside it (external data by ``external_data_threshold``,
-    whatever the fp32 graph had): by its ``file_converter`` where it has one (the converted graph
-    never in memory whole), else saved from the converter's graph; returns the new file's name."""
-    if target.file_converter is not None:
-        resolve(target.file_converter)(directory / f"{stem}.onnx", directory / target.graph_name(stem), inputs,
-                                       FP32_NODES, external_data_threshold)
-        return target.graph_name(stem)
-    convert: Callable = resolve(target.converter)
-    converted = convert(directory / f"{stem}.onnx", inputs, FP32_NODES)
-    if target.qdq:
-        check_qdq_scales(converted, f"{target.graph_name(stem)} as converted")
-    save_graph(converted, directory / target.graph_name(stem), external_data_threshold)
-    del converted
-    release_freed_memory()
-    return target.graph_name(stem)
-
-
-def tolerance_criterion(target: Precision) -> str:
-    """``target``'s registry tolerance against fp32, as the parity table states it."""
-    return f"finite, top-1 agreement >= {target.top1:.1%}" + (
-        f", max_abs <= {target.max_abs}" if target.max_abs is not None else "") + " (ONNX Runtime CPU)"
-
-
-def _convert(staging: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
-             pixels: np.ndarray, model_reference: np.ndarray, features: np.ndarray, head_reference: np.ndarray,
-             checks: Checks, head_reference_name: str = "torch", external_data_threshold: int | None = None) -> list[str]:
-    """``target``'s model and head graphs from the fp32 ones in ``staging``, each checked against
-    its fp32 reference outputs (``calibration``: per graph stem, the converter's input arrays)."""
-    with probes_batched():
-        files = [convert_graph(staging, stem, target, calibration[stem], external_data_threshold) for stem in GRAPHS]
-    criterion = tolerance_criterion(target)
-    result = compare_outputs(model_reference, run_session(ort_session(staging / target.graph_name("model")), pixels))
-    checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
-               target.gates_export, criterion)
-    result = compare_outputs(head_reference, run_session(ort_session(staging / target.graph_name("head")), features))
-    checks.add(f"head_{target.name}_vs_{head_reference_name}_fp32", result, result["finite"], True, "finite outputs")
-    return files
 
 
 def _macs(model_onnx: onnx.ModelProto, head_onnx: onnx.ModelProto, unfolded_onnx: onnx.ModelProto) -> dict[str, Any]:
@@ -695,7 +280,7 @@ def export_deployment(
         converter_inputs = {"model": {"pixel_values": pixels[: settings.calibration_images].numpy()},
                             "head": {"image_features": parts.features.numpy()}}
         for target in settings.reduced():
-            converted = _convert(staging, target, converter_inputs, pixels.numpy(), parts.fused_outputs,
+            converted = convert_precision(staging, target, converter_inputs, pixels.numpy(), parts.fused_outputs,
                                  parts.features.numpy(), parts.head_logits, checks,
                                  external_data_threshold=settings.external_data_threshold)
             files.update({name: target.name for name in converted})
@@ -723,157 +308,6 @@ def calibration_inputs(model: LoadedModel, pixels: torch.Tensor) -> dict[str, di
     with torch.no_grad():
         features = torch.nn.functional.normalize(model.model.visual(pixels).float(), dim=-1)
     return {"model": {"pixel_values": pixels.numpy()}, "head": {"image_features": features.numpy()}}
-
-
-def link_or_copy(source: Path, target: Path, copy: bool = False) -> None:
-    """Artifacts are never modified in place, so the new directory may share their inodes.
-
-    ``copy``: an external data file is copied instead. onnx (1.17+) refuses to read external data
-    through a file with more than one hard link (its guard against hard-link attacks), so a linked
-    data file would leave the graph unreadable to onnx.load, and to Polygraphy and ModelOpt, which
-    read graphs with it (ONNX Runtime does not mind). The copy costs the data file's size on disk."""
-    if not copy:
-        try:
-            os.link(source, target)
-            return
-        except OSError:
-            pass
-    shutil.copy2(source, target)
-
-
-def is_external_data(entry: Any) -> bool:
-    """Whether a manifest entry is an external data file's (:func:`graph_entries`)."""
-    return isinstance(entry, dict) and "external_data_of" in entry
-
-
-@dataclass
-class _Rewrite:
-    staging: Path
-    body: dict[str, Any]  # the manifest without its format tag, versions and date
-    parity: dict[str, Any]
-
-
-@contextmanager
-def _rewritten(export_dir: Path, target: Precision) -> Iterator[_Rewrite]:
-    """A new version of a verified export without ``target``'s files, checks, gate and
-    calibration record, replacing the old one atomically when the block ends without error."""
-    manifest = read_manifest(export_dir / MANIFEST, FORMAT, FORMAT_VERSION, "export manifest")
-    parity = read_json(export_dir / "parity.json", "parity report")
-    body = {key: value for key, value in manifest.items() if key not in ("format", "format_version", "versions", "created")}
-    body["files"] = {name: entry for name, entry in manifest["files"].items()
-                     if entry.get("precision") != target.manifest_name}
-    body.get("calibration", {}).pop(target.name, None)
-    parity["checks"] = {name: check for name, check in parity["checks"].items() if f"_{target.name}_vs_" not in name}
-    parity.get("gates", {}).pop(target.name, None)
-    with atomic_directory(export_dir, MANIFEST) as staging:
-        for name in [*body["files"], "parity.json"]:
-            link_or_copy(export_dir / name, staging / name, copy=is_external_data(body["files"].get(name)))
-        rewrite = _Rewrite(staging, body, parity)
-        yield rewrite
-        write_json(staging / "parity.json", rewrite.parity)
-        write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, rewrite.body)
-
-
-def add_precision(export_dir: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
-                  references: References, calibration_record: dict, gate: GateImages | None = None,
-                  log=print, external_data_threshold: int | None = None) -> dict | None:
-    """Convert the fp32 graphs of a verified export to ``target`` and add them to it, atomically:
-    checked against the PyTorch references, then gated on ``gate``'s images. Returns the gate's
-    table; a failed check or gate raises (GateFailed carries the table) and leaves the export
-    as it was."""
-    export_dir, start = Path(export_dir), time.perf_counter()
-    with _rewritten(export_dir, target) as rewrite:
-        staging, checks = rewrite.staging, Checks(rewrite.parity["checks"])
-        features = calibration["head"]["image_features"]
-        head_reference = run_session(ort_session(staging / "head.onnx"), features)
-        files = _convert(staging, target, calibration, references.pixels, references.outputs, features,
-                         head_reference, checks, head_reference_name="onnx",
-                         external_data_threshold=external_data_threshold)
-        record = None
-        if gate is not None:
-            reference = run_session(ort_session(staging / "model.onnx"), gate.pixels)
-            candidate = run_session(ort_session(staging / target.graph_name("model")), gate.pixels)
-            record = accuracy_gate(reference, candidate, target, gate)
-            if not record["passed"] and target.qdq:
-                record = _keep_sensitive_nodes_fp32(staging, target, calibration["model"], gate, reference, record,
-                                                    references, checks, external_data_threshold, log)
-        _raise_if_failed(target, checks, record, export_dir)
-        rewrite.parity["checks"] = dict(checks)
-        rewrite.parity.setdefault("gates", {})[target.name] = record
-        if record is not None and record.get("fallback", {}).get("passed"):
-            rewrite.body.setdefault("fp32_nodes_kept", {})[target.name] = record["fallback"]["kept"]
-        for name in files:
-            rewrite.body["files"].update(graph_entries(staging, name, target, io_contract(graph_structure(staging / name))))
-        rewrite.body.setdefault("calibration", {})[target.name] = calibration_record
-    log(f"added {', '.join(files)} to {export_dir} in {time.perf_counter() - start:.1f} s")
-    return record
-
-
-def _keep_sensitive_nodes_fp32(staging: Path, target: Precision, calibration: dict[str, np.ndarray],
-                               gate: GateImages, gate_reference: np.ndarray, record: dict, references: References,
-                               checks: Checks, external_data_threshold: int | None, log) -> dict:
-    """``target``'s graph failed its gate: keep its most sensitive quantised nodes in fp32, most
-    sensitive first, until the gate holds (deploy/qdq_fallback.py: ranked on the calibration
-    images, bounded tries). Returns the gate's table with a ``fallback`` record (every try); on
-    success the graph in ``staging`` is replaced and its parity check redone."""
-    path = staging / target.graph_name("model")
-    if stored_bytes(graph_structure(path)) > PROTOBUF_LIMIT - (64 << 20):
-        record["fallback"] = {"passed": False, "kept": [], "tries": [],
-                              "reason": "not tried: the graph is too large to rewrite in memory"}
-        return record
-    pixels = next(iter(calibration.values()))[: qdq_fallback.RANKING_IMAGES]
-    calibration_reference = run_session(ort_session(staging / "model.onnx"), pixels)
-    quantised = onnx.load(path)
-    ranking = qdq_fallback.rank_by_sensitivity(
-        quantised, lambda graph: run_session(ort_session(graph.SerializeToString()), pixels), calibration_reference)
-    fallback = {"criterion": f"mean |logits - fp32 logits| on {len(pixels)} calibration images, lowered by the "
-                             "node alone in fp32",
-                "quantised_nodes": len(ranking), "passed": False, "kept": [], "tries": []}
-    for size in qdq_fallback.tries(len(ranking)):
-        kept = [name for name, _ in ranking[:size]]
-        graph = qdq_fallback.keep_fp32(quantised, kept)
-        check_qdq_scales(graph, f"{path.name} with {size} node(s) in fp32")
-        save_graph(graph, path, external_data_threshold)
-        session = ort_session(path)
-        attempt = accuracy_gate(gate_reference, run_session(session, gate.pixels), target, gate)
-        fallback["tries"].append({"kept": size, "top1_agreement": attempt["top1_agreement"],
-                                  "passed": attempt["passed"]})
-        log(f"{target.name} gate with {size} of {len(ranking)} quantised node(s) in fp32: "
-            f"{'pass' if attempt['passed'] else 'fail'}")
-        if attempt["passed"]:
-            result = compare_outputs(references.outputs, run_session(session, references.pixels))
-            checks.add(f"onnx_{target.name}_vs_torch_fp32", result, within_tolerance(result, target.name),
-                       target.gates_export, tolerance_criterion(target))
-            fallback.update(passed=True, kept=kept)
-            return {**attempt, "first_try": {key: record[key] for key in ("top1_agreement", "criteria", "passed")},
-                    "fallback": fallback}
-    return {**record, "fallback": fallback}
-
-
-def _raise_if_failed(target: Precision, checks: Checks, record: dict | None, export_dir: Path) -> None:
-    failed = [name for name in (f"onnx_{target.name}_vs_torch_fp32", f"head_{target.name}_vs_onnx_fp32")
-              if checks[name]["required"] and not checks[name]["passed"]]
-    reasons = [f"checks failed: {', '.join(failed)}"] if failed else []
-    if record is not None:
-        record["checks_failed"] = failed
-        if not record["passed"]:
-            missed = "; ".join(c["criterion"] for c in record["criteria"] if not c["passed"])
-            reasons.insert(0, f"accuracy gate failed on {record['images']} ({missed})")
-        record["passed"] = record["passed"] and not failed
-    if reasons:
-        raise GateFailed(f"{target.name} {'; '.join(reasons)}; {export_dir} is unchanged",
-                         record or {"precision": target.name, "checks_failed": failed, "passed": False})
-
-
-def remove_precision(export_dir: Path, target: Precision) -> bool:
-    """Take ``target``'s graphs out of an export (a recipe that no longer asks for them);
-    returns whether there were any."""
-    manifest = read_manifest(Path(export_dir) / MANIFEST, FORMAT, FORMAT_VERSION, "export manifest")
-    if not any(entry.get("precision") == target.manifest_name for entry in manifest["files"].values()):
-        return False
-    with _rewritten(Path(export_dir), target):
-        pass
-    return True
 
 
 def format_report(report: ExportReport) -> str:

@@ -24,9 +24,16 @@ as a row carrying the toolkit's one-line message, which the driver raises (Ray i
 only a traceback as text); a cluster that fails beyond its retries is one DependencyError line.
 
 Fault tolerance: an encoding actor that dies (a lost node, an out-of-memory kill) is restarted
-up to ``ACTOR_RESTARTS`` times and its unfinished batches are retried on it. Tests inject such a
-death through the environment variable ``TRANSMITER_TEST_RAY_ACTOR_EXIT`` (see
-:func:`_maybe_die_for_test`).
+up to ``ACTOR_RESTARTS`` times and its unfinished batches are retried on it. The actors are
+:class:`ImageEncoder` objects, or those of a subclass given as ``encoder_class`` (the tests give
+one that dies mid-run, tests/test_distributed_cache.py).
+
+Ray's own output: while Ray starts, runs a cache and stops, what it writes to this process's
+stderr (its Python logger's warnings, such as the token-authentication notice, and the lines of
+its C++ core worker, such as the one about actor constructor arguments) goes into one log file
+per process, ``transmiter-ray-*.log`` in the system's temporary directory (:func:`ray_log_path`),
+not onto the terminal; the driver's progress bar still reaches it. ``transmiter cache`` and
+``transmiter export`` print the file's location after a Ray run unless ``--quiet``.
 """
 
 from __future__ import annotations
@@ -34,17 +41,19 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..artifacts import atomic_directory
+from ..artifacts import atomic_directory, utc_now
 from ..errors import DependencyError, InputError, TransmiterError, VerificationError
 from .cache import MANIFEST, CacheWriter
 from .datasets import ImageDataset, decode_image
@@ -58,7 +67,7 @@ ACTOR_RESTARTS = 3  # a dying encoding actor is restarted this often, its batche
 # starving the tasks that feed them.
 ACTOR_CPUS = 0.75
 DECODE_CPUS = 0.25
-TEST_EXIT_ENV = "TRANSMITER_TEST_RAY_ACTOR_EXIT"
+RAY_LOG_PREFIX = "transmiter-ray-"  # the log file of Ray's own output: <temp dir>/transmiter-ray-*.log
 
 
 @dataclass(frozen=True)
@@ -112,22 +121,143 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 @contextmanager
 def ray_cluster(address: str | None) -> Iterator[Any]:
     """Joined to the cluster at ``address`` (None: a local one started here) for the block; a
-    cluster this process had joined already is used as it is and left running."""
+    cluster this process had joined already is used as it is and left running. What Ray writes
+    while it starts and stops goes to :func:`ray_log_path`."""
     ray = import_ray()
     if address is not None:
         check_reachable(address)
     if ray.is_initialized():
         yield ray
         return
+    where = address or "a new local cluster"
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        # log_to_driver=False: the workers' output stays in their own files of Ray's session logs
+        with ray_output_in_log(f"joining {where}"):
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DependencyError(f"cannot join the Ray cluster at {address or 'a new local cluster'}: {first}") from exc
+        raise DependencyError(f"cannot join the Ray cluster at {where}: {first}") from exc
     try:
         yield ray
     finally:
-        ray.shutdown()
+        with ray_output_in_log(f"leaving {where}"):
+            ray.shutdown()
+
+
+class _RayLog:
+    """This process's log file of Ray's output (created on first use) and how deep the
+    redirection into it is nested."""
+
+    path: Path | None = None
+    depth: int = 0
+    terminal: TextIO | None = None
+    written: bool = False  # since ray_log_written() last looked
+
+
+_RAY_LOG = _RayLog()
+
+
+def ray_log_path() -> Path | None:
+    """The file Ray's own output of this process went to, or None when no Ray run wrote one."""
+    return _RAY_LOG.path
+
+
+def ray_log_written() -> Path | None:
+    """:func:`ray_log_path` if Ray wrote to it since the last call (None otherwise): for a command
+    that names the log of its own run only."""
+    written, _RAY_LOG.written = _RAY_LOG.written, False
+    return _RAY_LOG.path if written else None
+
+
+def _open_ray_log() -> int | None:
+    """The log file for appending (made on first use, or again when it has gone, e.g. removed by
+    a cleaner of the temporary directory; private to this user: mkstemp), or None when it cannot
+    be made, in which case Ray's output stays where it was: a cache never fails for its log."""
+    try:
+        if _RAY_LOG.path is not None:
+            try:
+                return os.open(_RAY_LOG.path, os.O_WRONLY | os.O_APPEND)
+            except FileNotFoundError:
+                pass
+        handle, name = tempfile.mkstemp(prefix=RAY_LOG_PREFIX, suffix=".log")
+        os.close(handle)
+        _RAY_LOG.path = Path(name)
+        return os.open(name, os.O_WRONLY | os.O_APPEND)
+    except OSError:
+        return None
+
+
+@contextmanager
+def ray_output_in_log(what: str) -> Iterator[TextIO]:
+    """For the block, Ray's output goes into :func:`ray_log_path` instead of stderr: the records of
+    Python's ``ray`` logger, and everything written to file descriptor 2 (Ray's C++ core worker
+    writes there directly, below Python). Yields the stream a progress bar should use to still
+    reach the terminal. Nested blocks share the outer one's redirection."""
+    if _RAY_LOG.depth:
+        _RAY_LOG.depth += 1
+        try:
+            yield _RAY_LOG.terminal
+        finally:
+            _RAY_LOG.depth -= 1
+        return
+    target = _open_ray_log()
+    saved = None
+    if target is not None:
+        try:
+            os.write(target, f"--- {utc_now()} {what} (pid {os.getpid()})\n".encode())
+            saved = os.dup(2)
+        except OSError:
+            os.close(target)
+    if saved is None:  # no log to be had: Ray's output stays where it was
+        yield sys.stderr
+        return
+    ray_logger = logging.getLogger("ray")
+    handlers, propagate = list(ray_logger.handlers), ray_logger.propagate
+    file_handler = terminal = None
+    try:
+        file_handler = logging.StreamHandler(os.fdopen(os.dup(target), "a", encoding="utf-8",
+                                                       errors="backslashreplace"))
+        file_handler.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- "
+                                                    "%(message)s"))
+        terminal = _terminal_stream(saved)
+        _flush(sys.stdout, sys.stderr)  # what was written before the block stays where it was going
+        os.dup2(target, 2)
+        ray_logger.handlers, ray_logger.propagate = [file_handler], False
+        _RAY_LOG.depth, _RAY_LOG.terminal, _RAY_LOG.written = 1, terminal, True
+        yield terminal
+    finally:
+        _RAY_LOG.depth, _RAY_LOG.terminal = 0, None
+        _flush(sys.stderr)  # what Python wrote to fd 2 in the block belongs to the log
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)
+        ray_logger.handlers, ray_logger.propagate = handlers, propagate
+        if file_handler is not None:
+            file_handler.close()
+        if terminal is not None and terminal is not sys.stderr:
+            terminal.close()
+
+
+def _flush(*streams) -> None:
+    for stream in streams:
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _terminal_stream(saved_fd: int) -> TextIO:
+    """Where stderr writes went before the redirection: a stream on the saved descriptor when
+    ``sys.stderr`` is file descriptor 2, else ``sys.stderr`` itself (a stream the redirection
+    does not touch, such as a test's capture)."""
+    try:
+        on_fd_2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        on_fd_2 = False
+    if not on_fd_2:
+        return sys.stderr
+    return os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                     errors="backslashreplace")
 
 
 def _decode_batch(batch: dict[str, np.ndarray], preprocess: Callable, pixel_shape: tuple[int, ...]
@@ -151,8 +281,11 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocess: Callable, pixel_shap
             "error": np.asarray(errors)}
 
 
-class _ImageEncoder:
-    """Ray actor: one model per actor, built here from its spec; encodes preprocessed batches."""
+class ImageEncoder:
+    """Ray actor: one model per actor, built here from its spec; encodes preprocessed batches.
+    :func:`build_cache_ray` builds each actor as ``encoder_class(spec, architecture, threads)``
+    and calls it on every batch of preprocessed pixels; a subclass may change what happens around
+    that (a test's makes an actor die mid-run), not the features."""
 
     def __init__(self, spec: ModelSpec, architecture: dict[str, Any], threads: int) -> None:
         torch.set_num_threads(threads)
@@ -160,7 +293,6 @@ class _ImageEncoder:
 
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.batches = 0
         self.error = ""
         try:
             register_architecture_config(spec.name, architecture)
@@ -175,31 +307,9 @@ class _ImageEncoder:
             rows = len(batch["index"])
             return {"index": batch["index"], "features": np.zeros((rows, 0), np.float32),
                     "sha256": batch["sha256"], "error": np.full(rows, self.error)}
-        _maybe_die_for_test(self.batches)
-        self.batches += 1
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
         features = self.model.encode_images(pixels).cpu().numpy()
         return {"index": batch["index"], "features": features, "sha256": batch["sha256"], "error": batch["error"]}
-
-
-def _maybe_die_for_test(batches_done: int) -> None:
-    """Fault injection for the tests: when ``TRANSMITER_TEST_RAY_ACTOR_EXIT`` names a file holding
-    a number N, the first actor to reach its batch N+1 claims the file (an atomic rename, so it
-    happens once per file) and exits at once, as a lost process would."""
-    trigger = os.environ.get(TEST_EXIT_ENV)
-    if not trigger:
-        return
-    try:
-        after = int(Path(trigger).read_text().strip())
-    except (OSError, ValueError):
-        return
-    if batches_done < after:
-        return
-    try:
-        os.rename(trigger, f"{trigger}.fired")
-    except OSError:
-        return  # another actor claimed it
-    os._exit(1)
 
 
 @contextmanager
@@ -240,14 +350,22 @@ def build_cache_ray(
     batch_size: int = 64,
     shard_size: int = 8192,
     progress: bool = True,
+    encoder_class: type[ImageEncoder] = ImageEncoder,
 ) -> Path:
     """Encode every image once on a Ray cluster and write the cache atomically (the same files
-    as :func:`.cache.build_cache`)."""
+    as :func:`.cache.build_cache`). ``encoder_class``: the actors' class, :class:`ImageEncoder` or
+    a subclass of it. Ray's own output of the run goes to :func:`ray_log_path`."""
     if batch_size < 1 or shard_size < 1:
         raise InputError("batch size and shard size must be positive")
+    if not (isinstance(encoder_class, type) and issubclass(encoder_class, ImageEncoder)):
+        raise InputError(f"the Ray engine's encoder must be ImageEncoder or a subclass of it, got {encoder_class!r}")
     settings.validate()
     out_dir = Path(out_dir)
-    with ray_cluster(settings.address) as ray, _in_order(ray):
+    import_ray()  # what is missing, or does not answer, is one line before any log is opened
+    if settings.address is not None:
+        check_reachable(settings.address)
+    with ray_output_in_log(f"caching {dataset.root} into {out_dir}") as terminal, \
+            ray_cluster(settings.address) as ray, _in_order(ray):
         # the driver reads the model's identity and preprocessing; the actors load their own copies
         model = load_model(spec)
         architecture = architecture_config(spec.name)
@@ -263,7 +381,7 @@ def build_cache_ray(
         with warnings.catch_warnings():  # Ray 2.60 deprecates these keywords with no replacement yet
             warnings.simplefilter("ignore", DeprecationWarning)
             encoded = decoded.map_batches(
-                _ImageEncoder,
+                encoder_class,
                 fn_constructor_args=(spec, architecture, 1),  # one torch thread per actor: one actor per CPU
                 batch_size=batch_size,
                 batch_format="numpy",
@@ -278,7 +396,7 @@ def build_cache_ray(
         with atomic_directory(out_dir, MANIFEST) as staging:
             writer = CacheWriter(staging, dataset, shard_size, model.identity)
             bar = tqdm(total=len(dataset), desc=f"image tower {model.identity.name} (ray, {workers} workers)",
-                       unit="img", disable=not progress)
+                       unit="img", disable=not progress, file=terminal)
             try:
                 with bar:
                     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
@@ -300,4 +418,5 @@ def build_cache_ray(
     return out_dir
 
 
-__all__ = ["RayCacheSettings", "build_cache_ray", "import_ray", "check_reachable", "ray_cluster", "EXTRA"]
+__all__ = ["RayCacheSettings", "ImageEncoder", "build_cache_ray", "import_ray", "check_reachable", "ray_cluster",
+           "ray_output_in_log", "ray_log_path", "ray_log_written", "EXTRA"]

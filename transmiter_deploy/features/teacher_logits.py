@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..artifacts import (
+    MANIFESTS,
     atomic_directory,
     load_tensors,
     read_consistently,
@@ -36,7 +37,7 @@ from ..errors import InputError, IntegrityError
 
 FORMAT = "transmiter-deploy/teacher-logits"
 FORMAT_VERSION = 1
-MANIFEST = "teacher.json"
+MANIFEST = MANIFESTS["teacher_logits"]
 TENSORS = "logits.safetensors"
 
 

@@ -1,6 +1,6 @@
 """The TransMiter adapter: a small network that works purely in logit space.
 
-Forward pass (DESIGN.md section 2), for logits ``l`` of width C:
+Forward pass (docs/method.md, "The method"), for logits ``l`` of width C:
 
 1. standardise per sample: ``s = (l - mu) / (sigma + eps)`` (unbiased std);
 2. push into a latent of width D with an orthogonal basis ``W`` (D x C): ``x = s W^T``;

@@ -3,7 +3,7 @@
 Inputs are the source model's zero-shot logits over all C classes and the
 fine-tuned source's logits over the K task classes, for the same unlabelled
 images. The adapter is trained so that its K task outputs match the
-fine-tuned teacher (DESIGN.md section 2):
+fine-tuned teacher (docs/method.md, "The method"):
 
     loss = tau * KL(softmax(l_ft / tau) || softmax(y[:, :K])),   tau = 0.5
 

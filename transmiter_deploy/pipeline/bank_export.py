@@ -13,14 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from ..artifacts import read_json, write_json
+from ..artifacts import MANIFESTS, read_json
 from ..runtimes.registry import reference_runtime
-from .export import _candidates, _engines, _export_precisions, _key_external_data, _Models, _Run, model_specs, task_steps
+from .deployment_steps import engine_steps, validation_step
+from .export_run import ExportRun, Models, key_external_data, model_specs, running_export
 from .recipe import Recipe
-from .report import ExportOutcome, write_report
-from .steps import Steps, exclusive, remove_stale_staging
+from .report import ExportOutcome
+from .task_steps import task_steps
 
 BACKBONE_DIR = "backbone"
 TASKS_DIR = "tasks"
@@ -31,20 +33,15 @@ PARITY_IMAGES = 16  # seeded synthetic images: the backbone's parity must not de
 def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: bool = True,
                     log: Callable[[str], None] = print) -> ExportOutcome:
     """Run a validated bank recipe; returns what ran, what was skipped, each task's accuracy."""
-    out = Path(out_dir)
-    with exclusive(out):
-        remove_stale_staging(out, log)
-        steps = Steps(out, force, log)
-        shared = _Run(recipe, out, steps, progress, log)
-        shared.precisions = _export_precisions(shared)
-        outcome = ExportOutcome(out)
+    with running_export(recipe, out_dir, force, progress, log) as (shared, outcome):
+        out, steps = shared.out, shared.steps
         models = None
         head_keys, task_runs = {}, []
         for task in recipe.tasks:
             specs = model_specs(recipe, task)
-            models = models.for_specs(specs) if models is not None else _Models(specs)
-            run = _Run(recipe, out, steps.scoped(f"{task.name}."), progress, log, task=task,
-                       root=out / TASKS_DIR / task.name)
+            models = models.for_specs(specs) if models is not None else Models(specs)
+            run = ExportRun(recipe, out, steps.scoped(f"{task.name}."), progress, log, task=task,
+                            root=out / TASKS_DIR / task.name)
             run.models, run.model_keys, run.precisions = models, models.model_keys, shared.precisions
             accuracy = task_steps(run)
             if accuracy:
@@ -56,45 +53,42 @@ def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress
         backbone_key = _backbone(shared)
         _assemble(shared, backbone_key, head_keys)
         outcome.export_dir = shared.onnx_dir
-        engine_keys = _engines(shared)
-        outcome.validation, outcome.validation_skipped = _validate(shared, task_runs, engine_keys)
-        outcome.steps = steps.done
-        write_report(recipe, outcome)
+        outcome.validation, outcome.validation_skipped = _validate(shared, task_runs, engine_steps(shared))
     return outcome
 
 
-def _settings(run: _Run):
+def _settings(run: ExportRun):
     from ..deploy.onnx_export import ExportSettings
 
     return ExportSettings(opset=run.recipe.export.opset, softmax=False, precisions=run.precisions,
                           external_data_threshold=_threshold(run))
 
 
-def _threshold(run: _Run) -> int:
-    from ..deploy.onnx_export import resolve_external_data_threshold
+def _threshold(run: ExportRun) -> int:
+    from ..runtimes.onnx_files import resolve_external_data_threshold
 
     return resolve_external_data_threshold(run.recipe.export.external_data_threshold)
 
 
-def _parity_features(run: _Run) -> torch.Tensor:
+def _parity_features(run: ExportRun) -> torch.Tensor:
     """The target's features of the task's own images (test, else train): what its head is checked on."""
     split = "test" if "test" in run.splits else "train"
     return run.cache("target", split).features[:PARITY_IMAGES]
 
 
-def _head_export(run: _Run) -> str:
+def _head_export(run: ExportRun) -> str:
     from ..deploy.bank import export_head
 
     where = run.root / HEAD_EXPORT_DIR
     inputs = {"adapter": run.keys["final"], "head": run.head_keys["target"], "opset": run.recipe.export.opset,
               "precisions": list(run.precisions),
               "cache": run.cache_keys.get(("target", "test")) or run.cache_keys[("target", "train")]}
-    _key_external_data(inputs, _threshold(run))
-    return run.steps.run("head-export", inputs, [where / "manifest.json"], lambda: export_head(
+    key_external_data(inputs, _threshold(run))
+    return run.steps.run("head-export", inputs, [where / MANIFESTS["export"]], lambda: export_head(
         run.head("target"), run.adapter(run.final_stage), _parity_features(run), where, _settings(run), run.log))
 
 
-def _backbone(run: _Run) -> str:
+def _backbone(run: ExportRun) -> str:
     from ..deploy.bank import export_backbone
     from ..deploy.onnx_export import parity_pixels
 
@@ -102,12 +96,12 @@ def _backbone(run: _Run) -> str:
     model = lambda: run.models["target"]  # noqa: E731 (loaded only when the step runs)
     inputs = {"target": run.model_keys["target"], "opset": run.recipe.export.opset, "precisions": list(run.precisions),
               "parity_images": PARITY_IMAGES}
-    _key_external_data(inputs, _threshold(run))
-    return run.steps.run("backbone", inputs, [where / "manifest.json"], lambda: export_backbone(
+    key_external_data(inputs, _threshold(run))
+    return run.steps.run("backbone", inputs, [where / MANIFESTS["export"]], lambda: export_backbone(
         model(), where, parity_pixels(model(), None, count=PARITY_IMAGES), _settings(run), run.log))
 
 
-def _assemble(run: _Run, backbone_key: str, head_keys: dict[str, str]) -> None:
+def _assemble(run: ExportRun, backbone_key: str, head_keys: dict[str, str]) -> None:
     from ..deploy.bank import BankTask, assemble_bank, read_backbone, read_head
 
     def work() -> None:
@@ -118,8 +112,8 @@ def _assemble(run: _Run, backbone_key: str, head_keys: dict[str, str]) -> None:
 
     inputs = {"backbone": backbone_key, "heads": [[name, key] for name, key in head_keys.items()],
               "softmax": run.recipe.export.softmax}
-    _key_external_data(inputs, _threshold(run))
-    run.keys["onnx"] = run.steps.run("bank", inputs, [run.onnx_dir / "manifest.json"], work)
+    key_external_data(inputs, _threshold(run))
+    run.keys["onnx"] = run.steps.run("bank", inputs, [run.onnx_dir / MANIFESTS["export"]], work)
 
 
 class BankModule(torch.nn.Module):
@@ -144,13 +138,12 @@ class BankModule(torch.nn.Module):
         return outputs
 
 
-def _validate(run: _Run, task_runs: list[_Run], engine_keys: list[str]) -> tuple[list[dict], list[str]]:
+def _validate(run: ExportRun, task_runs: list[ExportRun], engine_keys: list[str]) -> tuple[list[dict], list[str]]:
     """Every available runtime's bank outputs against PyTorch's, per output, on the first
     images of each task's parity set (test, else train)."""
     from ..deploy.fusion import FoldedHead
     from ..deploy.onnx_export import parity_pixels
     from ..runtimes.compare import judge_outputs
-    from ..runtimes.onnxruntime import available_providers
 
     softmax = run.recipe.export.softmax
 
@@ -159,25 +152,21 @@ def _validate(run: _Run, task_runs: list[_Run], engine_keys: list[str]) -> tuple
                           {t.task.name: FoldedHead(t.head("target"), t.adapter(t.final_stage)) for t in task_runs},
                           softmax)
 
-    def validate() -> None:
-        model = run.models["target"]
+    expected: dict[str, np.ndarray] = {}
+
+    def pixels() -> np.ndarray:
         per_task = max(2, 8 // len(task_runs))
-        pixels = torch.cat([parity_pixels(model, t.parity_images(), count=per_task) for t in task_runs]).numpy()
+        images = torch.cat([parity_pixels(run.models["target"], t.parity_images(), count=per_task) for t in task_runs])
         with torch.no_grad():
-            expected = {name: value.numpy() for name, value in module()(torch.from_numpy(pixels)).items()}
-        graphs = list(read_json(run.onnx_dir / "manifest.json", "bank manifest")["graphs"].values())
-        candidates, skipped = _candidates(run, (None, *pixels.shape[1:]), module, graphs)
-        rows = []
-        for candidate in candidates:
-            with candidate:
-                rows += [{"graph": candidate.graph, **row} for row in judge_outputs(
-                    reference_runtime().name, expected, candidate, candidate.infer_outputs(pixels), len(pixels))]
-        write_json(run.out / "validation.json", {"images": int(len(pixels)), "rows": rows, "skipped": skipped})
+            expected.update({name: value.numpy() for name, value in module()(images).items()})
+        return images.numpy()
 
-    run.steps.run("validate", {"bank": run.keys["onnx"], "engines": engine_keys, "runtimes": list(run.recipe.runtimes),
-                               "providers": available_providers(),
-                               "images": [t.split_keys.get("test") or t.split_keys["train"] for t in task_runs]},
-                  [run.out / "validation.json"], validate)
-    validation = read_json(run.out / "validation.json", "validation table")
-    return validation["rows"], validation.get("skipped", [])
+    def graphs() -> list[str]:
+        return list(read_json(run.onnx_dir / MANIFESTS["export"], "bank manifest")["graphs"].values())
 
+    def judge_rows(candidate, images: np.ndarray) -> list[dict]:
+        return judge_outputs(reference_runtime().name, expected, candidate, candidate.infer_outputs(images), len(images))
+
+    inputs = {"bank": run.keys["onnx"], "engines": engine_keys,
+              "images": [t.split_keys.get("test") or t.split_keys["train"] for t in task_runs]}
+    return validation_step(run, inputs, pixels, module, graphs, judge_rows)

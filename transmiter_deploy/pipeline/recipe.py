@@ -2,9 +2,12 @@
 
 A recipe is validated completely before anything runs: unknown keys (with
 the closest known key suggested), wrong types, missing files and unknown
-model names are reported in one line that names the key. Paths are relative
-to the recipe file. The schema, with defaults, is documented in
-``docs/recipes.md``; ``export/recipes/`` holds examples.
+model names are reported in one line that names the key. Every path a recipe
+names (a ``Path`` field of the schema, and ``head.templates`` when it names a
+file) is resolved against the recipe file's directory when the recipe is read,
+into an absolute path, and only that path is used afterwards: the check and the
+export read the same file whatever the working directory. The schema, with
+defaults, is documented in ``docs/recipes.md``; ``export/recipes/`` holds examples.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from ..method.device import DEVICE_HELP
 from ..method.extraction import ExtractionSettings
 from ..method.plus import PlusSettings
 from ..runtimes import registry
+from .teacher_specs import (LOGITS_FILE_SUFFIXES, LogitsTeacher, OnnxTeacher, TeacherPreprocess, check_preprocess,
+                            images_path)
 
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # as deploy/bank.py reads them back
 
@@ -34,7 +39,7 @@ MAX_RECIPE_DEPTH = 32
 MAX_RECIPE_NODES = 100_000
 
 PRECISIONS = tuple(registry.PRECISIONS)  # what export.precisions may name
-RUNTIMES = registry.families()  # what runtimes may name
+RUNTIME_FAMILIES = registry.families()  # what `runtimes:` may name
 
 
 class RecipeError(InputError):
@@ -50,34 +55,6 @@ class ModelRef:
     checkpoint: Path | None = None  # local .safetensors
     demo_weights: str | None = None  # a model of the shipped demo world, e.g. TM-Demo-Source
     init_seed: int | None = None  # random weights: shapes and speed only
-
-
-@dataclass(frozen=True)
-class TeacherPreprocess:
-    """How an ONNX teacher's pixels are made: open_clip's eval transform with these settings."""
-
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize_mode: str = "shortest"  # shortest side + centre crop | longest side + pad | squash
-    interpolation: str = "bicubic"
-
-
-@dataclass(frozen=True)
-class OnnxTeacher:
-    """A fine-tuned classifier exported to ONNX from any framework: pixels (N, 3, H, W) -> (N, K)
-    task logits."""
-
-    onnx: Path
-    preprocess: TeacherPreprocess | None = None  # default: the "preprocess" of <graph>.onnx.json beside it
-
-
-@dataclass(frozen=True)
-class LogitsTeacher:
-    """Precomputed task logits (N, K) with the images they belong to (docs/recipes.md)."""
-
-    logits: Path  # .safetensors (tensor "logits") or .npy
-    images: Path | None = None  # the image list (JSON); default: beside the logits, <logits file>.json
 
 
 Teacher = ModelRef | OnnxTeacher | LogitsTeacher
@@ -202,7 +179,7 @@ class Recipe:
     transfer: TransferSection = field(default_factory=TransferSection)
     plus: PlusSection = field(default_factory=PlusSection)
     export: ExportSection = field(default_factory=ExportSection)
-    runtimes: tuple[str, ...] = RUNTIMES
+    runtimes: tuple[str, ...] = RUNTIME_FAMILIES
     tasks: tuple[TaskRecipe, ...] = ()  # always filled: a single-task recipe is a bank of one
     bank: bool = False  # the recipe has a tasks: list (the export writes a bank, docs/bank.md)
     # where extraction and TransMiter+ train (method/device.py); not part of any step's key: the
@@ -215,7 +192,8 @@ class _Reader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.base = path.parent
+        # absolute: a path resolved against it names the same file after a change of directory
+        self.base = path.absolute().parent
 
     def fail(self, key: str, problem: str) -> RecipeError:
         return RecipeError(f"recipe {self.path}: {key}: {problem}")
@@ -238,6 +216,8 @@ class _Reader:
                 values[name] = self.section(nested[name], value, where)
             else:
                 values[name] = self.value(hints[name], value, where)
+        if cls is HeadSection and values.get("templates") is not None:
+            values["templates"] = self.templates(values["templates"])
         try:
             return cls(**values)
         except TypeError as exc:  # a required key is missing
@@ -253,6 +233,26 @@ class _Reader:
         if not chosen:
             return self.section(ModelRef, raw, key)
         return self.section(TEACHER_KINDS[chosen[0]], raw, key, nested={"preprocess": TeacherPreprocess})
+
+    def resolve(self, value: str) -> Path:
+        """A path as the recipe writes it, made absolute against the recipe file's directory."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base / path)
+
+    def templates(self, value: str) -> str:
+        """``head.templates``: a built-in set's name as it is, else a file, resolved like every
+        other path (features/templates.py reads it later, from whatever directory)."""
+        from ..features.templates import BUILTIN_TEMPLATES
+
+        return value if value in BUILTIN_TEMPLATES else str(self.resolve(value))
+
+    def written(self, path: str | Path) -> str:
+        """A resolved path as the recipe wrote it, for messages: relative to the recipe's
+        directory when it was written so."""
+        try:
+            return str(Path(path).relative_to(self.base))
+        except ValueError:
+            return str(path)
 
     def value(self, hint: Any, value: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -279,8 +279,7 @@ class _Reader:
         if hint is Path:
             if not isinstance(value, str) or not value:
                 raise self.fail(where, f"must be a path, got {value!r}")
-            path = Path(value).expanduser()
-            return path if path.is_absolute() else (self.base / path)
+            return self.resolve(value)
         if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is float:
             if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                       for v in value):
@@ -478,10 +477,12 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
     if recipe.export.external_data_threshold is not None and recipe.export.external_data_threshold < 0:
         raise reader.fail("export.external_data_threshold",
                           f"must be a non-negative number of bytes, got {recipe.export.external_data_threshold}")
-    for precision in recipe.export.precisions:
+    for index, precision in enumerate(recipe.export.precisions):
         if precision not in PRECISIONS:
             raise reader.fail("export.precisions",
                               f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
+        if precision in recipe.export.precisions[:index]:
+            raise reader.fail("export.precisions", f"'{precision}' is listed twice (give each precision once)")
     if registry.REFERENCE_PRECISION not in recipe.export.precisions:
         raise reader.fail("export.precisions", "must include fp32 (the reference every other precision is checked against)")
     _check_calibration(recipe, reader, check_files)
@@ -491,8 +492,8 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", recipe.device):
         raise reader.fail("device", f"must be {DEVICE_HELP}, got '{recipe.device}'")
     for runtime in recipe.runtimes:
-        if runtime not in RUNTIMES:
-            raise reader.fail("runtimes", f"unknown runtime '{runtime}' (known: {', '.join(RUNTIMES)})")
+        if runtime not in RUNTIME_FAMILIES:
+            raise reader.fail("runtimes", f"unknown runtime '{runtime}' (known: {', '.join(RUNTIME_FAMILIES)})")
 
 
 def _prefix(recipe: Recipe, task: TaskRecipe) -> str:
@@ -521,11 +522,10 @@ def _check_model(ref: ModelRef, key: str, known: list[str], reader: _Reader, che
 
 
 def _check_teacher(ref: OnnxTeacher | LogitsTeacher, key: str, reader: _Reader, check_files: bool) -> None:
-    from .teachers import check_preprocess, images_path
-
     if isinstance(ref, LogitsTeacher):
-        if ref.logits.suffix not in (".safetensors", ".npy"):
-            raise reader.fail(f"{key}.logits", f"must be a .safetensors or .npy file, got {ref.logits.name}")
+        if ref.logits.suffix not in LOGITS_FILE_SUFFIXES:
+            raise reader.fail(f"{key}.logits",
+                              f"must be a {' or '.join(LOGITS_FILE_SUFFIXES)} file, got {ref.logits.name}")
         files = {"logits": ref.logits, "images": images_path(ref)}
     else:
         if ref.preprocess is not None:
@@ -576,11 +576,13 @@ def _check_task(task: TaskRecipe, prefix: str, reader: _Reader, check_files: boo
         raise reader.fail(f"{prefix}data.workers", f"must be positive, got {data.workers}")
     if not data.gpus_per_worker >= 0:
         raise reader.fail(f"{prefix}data.gpus_per_worker", f"must be 0 or more, got {data.gpus_per_worker}")
-    templates = task.head.templates
+    templates = task.head.templates  # a built-in set's name, or a file resolved when read
     if templates is not None and templates not in builtin_templates and check_files \
-            and not (reader.base / templates).is_file():
-        raise reader.fail(f"{prefix}head.templates", f"'{templates}' is neither a built-in set "
-                          f"({', '.join(builtin_templates)}) nor a file")
+            and not Path(templates).is_file():
+        written = reader.written(templates)
+        raise reader.fail(f"{prefix}head.templates", f"'{written}' is neither a built-in set "
+                          f"({', '.join(builtin_templates)}) nor a file"
+                          + (f" (looked for {templates})" if written != templates else ""))
     for key, value in (("head.logit_width", task.head.logit_width), ("plus.shots", task.plus.shots)):
         if value < 1:
             raise reader.fail(prefix + key, f"must be positive, got {value}")

@@ -11,7 +11,6 @@ from .recipe import Recipe
 from .steps import StepRecord
 
 REPORT_FORMAT = "transmiter-deploy/export-report"
-FORMER_REPORT_FORMATS = ("transmiter-export-report",)  # before 0.2
 
 
 @dataclass

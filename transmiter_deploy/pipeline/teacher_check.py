@@ -1,4 +1,4 @@
-"""The teacher check: will transfer help? (DESIGN.md, "When transfer helps".)
+"""The teacher check: will transfer help? (docs/method.md, "When transfer helps".)
 
 The adapter moves the target towards what fine-tuning taught the weak model, so
 it can only help where the fine-tuned teacher beats the target's zero-shot on

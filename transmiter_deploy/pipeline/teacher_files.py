@@ -51,14 +51,15 @@ def checkpoint_teacher(recipe: Recipe, task: TaskRecipe, work: Path, progress: b
     export renders it into its output directory: the same images, byte for byte)."""
     from ..features.heads import build_head
     from ..features.models import load_model
-    from .export import _data, _Run, head_templates, model_specs
+    from .export_run import ExportRun, model_specs
+    from .task_steps import data_step, head_templates
     from .steps import Steps
 
     if not isinstance(task.finetuned, ModelRef):
         raise InputError(f"recipe {recipe.path}: finetuned must be an open_clip model (name and weights) to be "
                          "written out as another kind")
-    run = _Run(recipe, Path(work), Steps(Path(work), False, log), progress, log, task=task)
-    _data(run)
+    run = ExportRun(recipe, Path(work), Steps(Path(work), False, log), progress, log, task=task)
+    data_step(run)
     model = load_model(model_specs(recipe, task)["teacher"])
     head = build_head(model, run.classes, [], head_templates(run), progress=progress)
     return CheckpointTeacher(model, head, dict(run.splits), list(run.classes))
@@ -83,7 +84,7 @@ def export_onnx_teacher(teacher: CheckpointTeacher, out: Path, opset: int = 17) 
     classes, the graph's sha256). The graph is checked on ONNX Runtime against PyTorch on the
     first training images before anything is published; returns that max abs difference."""
     from ..features.datasets import PreprocessedImages, open_dataset
-    from ..runtimes.onnxruntime import ort_session, run_session
+    from ..deploy.parity import run_graph
     from .teachers import manifest_path
 
     out = Path(out)
@@ -95,7 +96,7 @@ def export_onnx_teacher(teacher: CheckpointTeacher, out: Path, opset: int = 17) 
     with _staged(manifest_path(out)) as manifest, _staged(out) as graph:  # the graph is published first
         try:
             # grad mode on while tracing: under no_grad, torch's attention takes its fused fast path
-            # (aten::_native_multi_head_attention), which has no ONNX symbolic (as in deploy/onnx_export.py)
+            # (aten::_native_multi_head_attention), which has no ONNX symbolic (deploy/trace.py switches the fast path off instead)
             with warnings.catch_warnings(), torch.enable_grad():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
                 torch.onnx.export(module, (pixels,), str(graph), dynamo=False, opset_version=opset,
@@ -108,7 +109,7 @@ def export_onnx_teacher(teacher: CheckpointTeacher, out: Path, opset: int = 17) 
             raise InputError(f"cannot export the teacher to ONNX: {str(exc).strip().splitlines()[0]}") from exc
         with torch.no_grad():
             expected = module(pixels).numpy()
-        got = run_session(ort_session(graph), pixels.numpy())
+        got = run_graph(graph, pixels.numpy())
         difference = float(np.abs(got - expected).max())
         if difference > ONNX_TOLERANCE:
             raise VerificationError(f"the teacher's ONNX graph differs from PyTorch by {difference:.3g} "
@@ -128,7 +129,8 @@ def write_teacher_logits(teacher: CheckpointTeacher, out: Path, work: Path, prog
     from ..artifacts import save_tensors
     from ..features.cache import build_cache, load_cache, zero_shot_logits
     from ..features.datasets import open_dataset
-    from .teachers import LOGITS_FILE_SUFFIXES, sidecar
+    from .teacher_specs import LOGITS_FILE_SUFFIXES
+    from .teachers import sidecar
 
     out = Path(out)
     if out.suffix not in LOGITS_FILE_SUFFIXES:

@@ -17,6 +17,8 @@ one artifact per image set:
 
 Each kind has a key (:func:`teacher_key`): its kind and the sha256 of its files,
 which the export's steps are keyed by, so a changed file redoes what depends on it.
+What a recipe states of each kind, and the checks that read no file, are in
+:mod:`.teacher_specs`, which the recipe imports too.
 """
 
 from __future__ import annotations
@@ -33,23 +35,16 @@ from ..artifacts import load_tensors, read_json, sha256_file
 from ..errors import InputError, IntegrityError
 from ..features.datasets import ImageDataset, PreprocessedImages
 from ..features.teacher_logits import Fingerprint, TeacherLogits, check_task_logits
-from .recipe import LogitsTeacher, ModelRef, OnnxTeacher, TeacherPreprocess
+from .teacher_specs import LogitsTeacher, OnnxTeacher, TeacherPreprocess, check_preprocess, images_path, sidecar
 
-RESIZE_MODES = ("shortest", "longest", "squash")  # what open_clip's eval transform does
-INTERPOLATIONS = ("bicubic", "bilinear")
 # what open_clip's transform produces, which an ONNX teacher's manifest may spell out (the
 # project's own models write these keys, features/models.py): any other value is refused
 FIXED_PREPROCESS = {"rescale_factor": 1 / 255, "layout": "NCHW", "color_order": "RGB"}
-LOGITS_FILE_SUFFIXES = (".safetensors", ".npy")
 
 
 def teacher_kind(ref: Any) -> str:
-    return "checkpoint" if isinstance(ref, ModelRef) else "onnx" if isinstance(ref, OnnxTeacher) else "logits"
-
-
-def images_path(ref: LogitsTeacher) -> Path:
-    """The image list of a precomputed-logits teacher: given, or beside the logits file."""
-    return ref.images if ref.images is not None else sidecar(ref.logits)
+    """``onnx``, ``logits``, or ``checkpoint`` for an open_clip model (the recipe's ModelRef)."""
+    return "onnx" if isinstance(ref, OnnxTeacher) else "logits" if isinstance(ref, LogitsTeacher) else "checkpoint"
 
 
 def manifest_path(onnx: Path) -> Path:
@@ -57,32 +52,10 @@ def manifest_path(onnx: Path) -> Path:
     return sidecar(onnx)
 
 
-def sidecar(path: Path) -> Path:
-    """The JSON file beside a teacher file: its whole name + .json (teacher.onnx.json), so an ONNX
-    graph and a logits file of the same stem never share one."""
-    return Path(path).with_name(Path(path).name + ".json")
-
-
 def _check_recorded_sha256(recorded: Any, path: Path, subject: str, record: str) -> None:
     """A teacher file against the sha256 its side file records, when it records one."""
     if isinstance(recorded, str) and recorded != sha256_file(path):
         raise IntegrityError(f"{subject} match the sha256 in {record} (replaced or modified since it was written)")
-
-
-def check_preprocess(preprocess: TeacherPreprocess) -> None:
-    if preprocess.image_size < 1:
-        raise InputError(f"image_size must be positive, got {preprocess.image_size}")
-    for name in ("mean", "std"):
-        values = getattr(preprocess, name)
-        if len(values) != 3 or not all(np.isfinite(values)):
-            raise InputError(f"{name} must be 3 finite numbers (R, G, B), got {list(values)}")
-    if not all(value > 0 for value in preprocess.std):
-        raise InputError(f"std must be positive, got {list(preprocess.std)}")
-    if preprocess.resize_mode not in RESIZE_MODES:
-        raise InputError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got '{preprocess.resize_mode}'")
-    if preprocess.interpolation not in INTERPOLATIONS:
-        raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
-                         f"got '{preprocess.interpolation}'")
 
 
 def resolve_preprocess(ref: OnnxTeacher) -> TeacherPreprocess:
@@ -137,7 +110,7 @@ def teacher_key(ref: Any) -> dict[str, Any]:
 
 def _external_data_sha256(graph: Path) -> dict[str, str]:
     """The sha256 of each external data file ``graph`` points at (relative to it), by name."""
-    from ..runtimes.base import external_data_locations, graph_structure
+    from ..runtimes.onnx_files import external_data_locations, graph_structure
 
     digests = {}
     for location in external_data_locations(graph_structure(graph)):
@@ -164,11 +137,11 @@ def onnx_teacher_logits(ref: OnnxTeacher, dataset: ImageDataset, num_classes: in
     """Every image of ``dataset`` through the ONNX teacher on ONNX Runtime (CPU): its (N, K)
     logits in dataset order. The graph's input size must agree with the preprocessing and its
     output width with the task's K, or nothing is computed."""
-    from ..runtimes.onnxruntime import OnnxRuntimeRunner
+    from ..runtimes.registry import verification_runtime
 
     preprocess = resolve_preprocess(ref)
     what = f"ONNX teacher {ref.onnx}"
-    runner = OnnxRuntimeRunner(ref.onnx)
+    runner = verification_runtime().create(ref.onnx)
     with runner:
         shape = runner.input_spec.shape
         if len(shape) != 4 or shape[1] not in (None, 3):

@@ -3,7 +3,7 @@
 A graph that crashes ONNX Runtime (a segfault in its graph optimiser, say) would take the
 process that loads it down with it; loading it first in a child turns that crash into one line
 naming the graph and the optimisation level. The toolkit probes every graph it writes this way
-(:func:`.onnxruntime.require_loadable`) before any of its own sessions touch it.
+(:func:`.onnx_files.require_loadable`) before any of its own sessions touch it.
 
 The child runs this file as a script (``python load_probe.py LEVELS GRAPH...``), so it imports
 only ONNX Runtime and numpy, not the toolkit. For each graph and level it prints

@@ -1,8 +1,9 @@
-"""ONNX Runtime: the one way the toolkit makes a session, and the runner over it.
+"""ONNX Runtime: the one way the toolkit makes a session, its loader and the runner over it.
 
-Export verification, validation, the runners and the benchmark all build their
-sessions with :func:`ort_session`, so thread settings are decided in one place; every
-graph runs with ONNX Runtime's default optimisation, as in a user's own session.
+Export verification, validation, the runners and the benchmark all get their sessions
+through :class:`OnnxRuntimeRunner` (built by the registry), whose loader makes them with
+:func:`ort_session`, so thread settings are decided in one place; every graph runs with
+ONNX Runtime's default optimisation, as in a user's own session.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DependencyError, InputError, IntegrityError, VerificationError
-from . import load_probe
-from .base import InputSpec, Runner, check_qdq_scales, graph_precision, manifest_precision, verify_graph_data
-from .registry import precision
+from ..errors import DependencyError, InputError
+from .base import GraphFile, GraphInMemory, GraphRunner, RunSettings
+from .onnx_files import CheckedGraph
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -35,8 +35,7 @@ def ort_session(path: Path | bytes, provider: str = "CPUExecutionProvider",
     export still loads) without a second copy in Python's memory, which matters for the graphs
     that need external data at all (over 2 GiB). ``bytes`` must hold every tensor: ONNX Runtime
     has no directory to resolve a location against. Checking the data files against the export
-    manifest is the caller's (:func:`~.base.verify_graph_data`; the runner does it on activation):
-    the export's own sessions load graphs it has just written into its staging directory.
+    manifest is the caller's (``onnx_files.checked_graph``; every graph runner does it on activation).
 
     Every precision runs with ONNX Runtime's default graph optimisation, as a user's own session
     would: the graphs the toolkit writes are made to load that way (deploy/consumer_safety.py), so
@@ -58,53 +57,45 @@ def ort_session(path: Path | bytes, provider: str = "CPUExecutionProvider",
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=[provider])
 
 
-def require_loadable(paths: list[Path], levels: tuple[str, ...] = load_probe.LEVELS) -> None:
-    """Every graph in ``paths`` loads and runs in ONNX Runtime's CPU provider at each optimisation
-    level (default: all four), probed in a child process (:mod:`.load_probe`); else
-    VerificationError naming the graph and the level. The toolkit calls this on each graph it
-    writes before its own sessions load it, so a graph that would crash a user's session fails
-    the export in one line instead of killing it."""
-    failure = load_probe.probe([Path(path) for path in paths], levels)
-    if failure is not None:
-        raise VerificationError(failure)
-
-
 def run_session(session, array: np.ndarray) -> np.ndarray:
     """The first output of a single-input session."""
     return session.run(None, {session.get_inputs()[0].name: array})[0]
 
 
-def _loadable_precision(path: Path) -> str:
-    try:
-        return graph_precision(path)
-    except InputError as exc:
-        raise InputError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+class SessionFromGraph:
+    """ONNX Runtime's loader: a checked graph to a session on ``provider``, the caller's host
+    settings turned into ONNX Runtime's options (:func:`ort_session`: ``threads`` sizes the
+    intra-op pool; a process shared with other runners gets no spinning)."""
+
+    def __init__(self, provider: str, settings: RunSettings) -> None:
+        self.provider, self.settings = provider, settings
+
+    def __call__(self, graph: CheckedGraph):
+        return ort_session(graph.model(), PROVIDERS[self.provider], self.settings.threads,
+                           spinning=not self.settings.shares_process)
 
 
-class OnnxRuntimeRunner(Runner):
+class OnnxRuntimeRunner(GraphRunner):
     """An ONNX graph on ONNX Runtime's CPU or CUDA execution provider.
 
     (ORT's TensorRT provider is not offered: the onnxruntime-gpu pin that ModelOpt needs
-    cannot drive TensorRT 11, DESIGN.md section 4; engines run through runtimes/tensorrt.py.)
+    cannot drive TensorRT 11 (docs/architecture.md); engines run through runtimes/tensorrt.py.)
     """
 
-    def __init__(self, path: Path, provider: str = "cpu", max_batch: int | None = None,
-                 threads: int | None = None, spinning: bool = True, precision: str | None = None) -> None:
-        """``threads`` and ``spinning`` as in :func:`ort_session`; ``precision`` defaults to what the
-        export manifest beside the graph records (:func:`~.base.graph_precision`)."""
-        super().__init__()
+    runtime = "ONNX Runtime"
+
+    def __init__(self, source: Path | GraphFile | GraphInMemory, settings: RunSettings = RunSettings(),
+                 provider: str = "cpu") -> None:
+        """``provider`` comes from the registry entry; ``settings`` from the caller."""
         if provider not in PROVIDERS:
             raise InputError(f"unknown ONNX Runtime provider '{provider}' (known: {', '.join(PROVIDERS)})")
         reason = self.unavailable(provider=provider)
         if reason is not None:
             raise DependencyError(reason)
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"ONNX graph not found: {self.path}")
-        self.provider, self.max_batch, self.threads, self.spinning = provider, max_batch, threads, spinning
-        # a bare graph (no manifest) is inspected on activation: construction reads no graph
-        self.precision = precision or manifest_precision(self.path)
-        self.name, self.graph = f"onnxruntime-{provider}", self.path.name
+        super().__init__(source, settings)
+        self.provider = provider
+        self.name = f"onnxruntime-{provider}"
+        self.loader = SessionFromGraph(provider, settings)
         self.session = None
 
     @classmethod
@@ -122,29 +113,22 @@ class OnnxRuntimeRunner(Runner):
                 return f"ONNX Runtime's {wanted} needs a CUDA GPU; none is visible"
         return None
 
-    def activate_impl(self) -> None:
-        # external data checked against the manifest before anything reads it (one line, exit 2)
-        try:
-            verify_graph_data(self.path)
-        except IntegrityError:
-            raise
-        except InputError as exc:  # not an ONNX graph at all
-            raise InputError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
-        self.precision = self.precision or _loadable_precision(self.path)
-        if precision(self.precision).qdq:
-            import onnx
+    @classmethod
+    def environment(cls, **_: object) -> dict:
+        """What decides this runtime's results here besides the graph: its execution providers."""
+        return {"providers": available_providers()}
 
-            check_qdq_scales(onnx.load(str(self.path)), str(self.path))
+    def load_impl(self, graph: CheckedGraph) -> tuple[tuple[int | None, ...], str]:
         try:
-            self.session = ort_session(self.path, PROVIDERS[self.provider], self.threads, self.spinning)
+            self.session = self.loader(graph)
         except Exception as exc:  # ORT raises its own exception types for corrupt graphs
-            raise InputError(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from exc
+            where = graph.path if graph.path is not None else self.graph
+            raise InputError(f"ONNX Runtime cannot load {where}: {str(exc).splitlines()[0]}") from exc
         if PROVIDERS[self.provider] not in self.session.get_providers():
             self.session = None
             raise DependencyError(f"ONNX Runtime could not start {PROVIDERS[self.provider]} here")
         graph_input = self.session.get_inputs()[0]
-        shape = tuple(d if isinstance(d, int) else None for d in graph_input.shape)
-        self.input_spec = InputSpec(graph_input.name, shape, max_batch=self.max_batch)
+        return tuple(d if isinstance(d, int) else None for d in graph_input.shape), graph_input.name
 
     def deactivate_impl(self) -> None:
         self.session = None

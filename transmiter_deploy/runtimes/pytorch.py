@@ -7,13 +7,14 @@ shape), which removes the per-kernel launch cost that eager mode pays at small b
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..errors import DependencyError
-from .base import InputSpec, Runner
+from ..errors import DependencyError, InputError
+from .base import InputSpec, Runner, RunSettings
 from .registry import REFERENCE_PRECISION
 
 ModuleSource = torch.nn.Module | Callable[[], torch.nn.Module]
@@ -22,11 +23,18 @@ ModuleSource = torch.nn.Module | Callable[[], torch.nn.Module]
 class TorchRunner(Runner):
     """``source`` is a module, or a zero-argument loader that builds one on activation (then
     deactivation drops it); a given module is moved to the device on activation and back
-    to the CPU on deactivation, so the caller's module is where it was."""
+    to the CPU on deactivation, so the caller's module is where it was. ``input_spec``: what
+    the module takes (a module, unlike a graph, does not say). ``device`` and ``cuda_graphs``
+    come from the registry entry. ``settings.threads`` is not applied: PyTorch's thread count
+    is the whole process's, which a runner must not change under its caller."""
 
-    def __init__(self, source: ModuleSource, input_spec: InputSpec, device: str = "cpu",
-                 cuda_graphs: bool = False) -> None:
+    def __init__(self, source: ModuleSource, settings: RunSettings = RunSettings(), input_spec: InputSpec | None = None,
+                 device: str = "cpu", cuda_graphs: bool = False) -> None:
         super().__init__()
+        if input_spec is None:
+            raise InputError("a PyTorch runner needs the input spec of its module")
+        if settings.max_batch is not None:
+            input_spec = replace(input_spec, max_batch=settings.max_batch)
         reason = self.unavailable(device=device, cuda_graphs=cuda_graphs)
         if reason is not None:
             raise DependencyError(f"PyTorch runner: {reason}")

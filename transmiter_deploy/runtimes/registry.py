@@ -78,18 +78,31 @@ class Runtime:
     name: str  # e.g. onnxruntime-cpu, as the benchmark and validation tables name it
     family: str  # the recipe's name for it (``runtimes: [onnxruntime]``)
     runner: str  # "module:Class", a subclass of runtimes.base.Runner
-    loads: str  # what the runner is built from: a torch "module", an "onnx" graph, an "engine"
+    loads: str  # what the runner is built from: a torch "module", an "onnx" graph, an "engine" compiled from one
     device: str  # "cpu" or "cuda"
     options: tuple[tuple[str, Any], ...] = ()  # keyword arguments of the runner
     includes_copies: bool = False  # a call's time includes host <-> device copies
     reference: bool = False  # the runtime every other is compared against
+    verifies: bool = False  # the graph runtime exports check every graph they write on (deploy/parity.py)
 
     def runner_class(self) -> type:
         return resolve(self.runner)
 
-    def create(self, source: Any, **kwargs: Any):
-        """A runner (not yet active) over ``source``: a module or loader, a graph or an engine path."""
-        return self.runner_class()(source, **dict(self.options), **kwargs)
+    def create(self, source: Any, settings: Any = None, **kwargs: Any):
+        """A runner (not yet active) over ``source``: a torch module or a zero-argument builder of
+        one (``loads == "module"``, with ``input_spec=``), an ONNX graph (a path or a
+        ``base.GraphFile``) for the others. ``settings``: the caller's ``base.RunSettings`` (threads,
+        a shared process, the largest batch, where compiled graphs go), which the runtime's loader
+        turns into its own options; the entry's ``options`` are the runtime's, never the caller's."""
+        cls = self.runner_class()
+        if settings is not None:
+            return cls(source, settings, **dict(self.options), **kwargs)
+        return cls(source, **dict(self.options), **kwargs)
+
+    def environment(self) -> dict:
+        """What decides this runtime's results here besides what it runs (the runner's
+        ``environment``: e.g. ONNX Runtime's providers)."""
+        return self.runner_class().environment(**dict(self.options))
 
     def unavailable(self) -> str | None:
         """None when this runtime can run here, else why not (a missing GPU named first)."""
@@ -128,11 +141,14 @@ RUNTIMES: dict[str, Runtime] = {runtime.name: runtime for runtime in (
     Runtime("pytorch-cuda-graphs", "pytorch", "transmiter_deploy.runtimes.pytorch:TorchRunner", "module", "cuda",
             (("device", "cuda"), ("cuda_graphs", True))),
     Runtime("onnxruntime-cpu", "onnxruntime", "transmiter_deploy.runtimes.onnxruntime:OnnxRuntimeRunner", "onnx",
-            "cpu", (("provider", "cpu"),)),
+            "cpu", (("provider", "cpu"),), verifies=True),
     Runtime("onnxruntime-cuda", "onnxruntime", "transmiter_deploy.runtimes.onnxruntime:OnnxRuntimeRunner", "onnx",
             "cuda", (("provider", "cuda"),), includes_copies=True),
     Runtime("tensorrt", "tensorrt", "transmiter_deploy.runtimes.tensorrt:TensorRTRunner", "engine", "cuda",
             includes_copies=True),
+    # OpenVINO's CPU plugin at fp32 (its own default on a bf16 CPU computes in bf16: never implicit)
+    Runtime("openvino-cpu", "openvino", "transmiter_deploy.runtimes.openvino:OpenVinoRunner", "onnx", "cpu",
+            (("inference_precision", "f32"),)),
 )}
 
 
@@ -172,3 +188,9 @@ def runtime_names(device: str | None = None) -> tuple[str, ...]:
 
 def reference_runtime() -> Runtime:
     return next(entry for entry in RUNTIMES.values() if entry.reference)
+
+
+def verification_runtime() -> Runtime:
+    """The graph runtime an export checks every graph it writes on (ONNX Runtime on the CPU:
+    present wherever the toolkit installs, and what the load probe checks graphs against)."""
+    return next(entry for entry in RUNTIMES.values() if entry.verifies)

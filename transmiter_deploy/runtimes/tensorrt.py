@@ -32,8 +32,8 @@ import numpy as np
 
 from ..artifacts import check_format, read_json, require_keys, sha256_file, utc_now, write_json
 from ..errors import DependencyError, InputError, IntegrityError, VerificationError
-from .base import InputSpec, Runner, check_qdq_scales, graph_precision, verify_graph_data
-from .registry import precision
+from .base import GraphFile, InputSpec, Runner, RunSettings
+from .onnx_files import checked_graph, graph_precision
 
 ENGINE_FORMAT = "transmiter-deploy/tensorrt-engine"
 FORMER_ENGINE_FORMATS = ("transmiter-tensorrt-engine",)  # before 0.2; still read
@@ -130,15 +130,12 @@ def build_engine(onnx_path: Path, engine: Path, profile: BatchProfile = BatchPro
     equivalent trtexec command and raise DependencyError (exit status 3)."""
     onnx_path, engine = Path(onnx_path), Path(engine)
     input_name, shape = onnx_input(onnx_path)
-    # TensorRT's parser reads a graph's external data from the graph's directory, unchecked:
-    # the data files are checked against the export manifest first (one line, exit status 2)
-    data_files = verify_graph_data(onnx_path)
+    # TensorRT's parser reads a graph's external data from the graph's directory, unchecked: the
+    # checks every runtime needs run first (data files against the export manifest, a Q/DQ
+    # graph's scales, without which TensorRT would build an engine that returns garbage)
+    checked = checked_graph(onnx_path)
+    data_files, graph_kind = checked.data_files, checked.precision
     shapes = profile_shapes(shape, profile)
-    graph_kind = graph_precision(onnx_path)
-    if precision(graph_kind).qdq:  # TensorRT would build an engine that returns garbage
-        import onnx
-
-        check_qdq_scales(onnx.load(str(onnx_path)), str(onnx_path))
     timing_cache = Path(timing_cache) if timing_cache else engine.parent / "timing.cache"
     manifest: dict[str, Any] = {
         "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
@@ -198,34 +195,72 @@ def _build_plan(onnx_path: Path, input_name: str, shapes: dict[str, list[int]], 
     return bytes(plan), trt.__version__
 
 
+def engine_path(graph: Path, compiled_dir: Path) -> Path:
+    """Where the engine of ``graph`` lives: ``<compiled_dir>/<graph stem>.engine`` (an export's
+    ``engines/model_fp16.engine``)."""
+    return Path(compiled_dir) / f"{Path(graph).stem}.engine"
+
+
+class EngineFromGraph:
+    """TensorRT's loader: the engine of an ONNX graph, from the caller's ``compiled_dir``
+    (an export's engine step built it there), or built there first over batches
+    1..``max_batch`` (a benchmark's engines); or an engine file given directly."""
+
+    def __init__(self, source: Path | GraphFile, settings: RunSettings) -> None:
+        path = source.path if isinstance(source, GraphFile) else Path(source)
+        if path.suffix == ".onnx":
+            if settings.compiled_dir is None:
+                raise InputError(f"TensorRT runs engines: say where the engine of {path.name} is or goes "
+                                 "(RunSettings.compiled_dir)")
+            self.graph, self.engine = path, engine_path(path, settings.compiled_dir)
+        else:
+            self.graph, self.engine = None, path
+        self.max_batch = settings.max_batch
+
+    def __call__(self) -> Path:  # pragma: no cover - needs TensorRT and a GPU
+        if not self.engine.is_file() and self.graph is not None:
+            batch = self.max_batch or BatchProfile().max
+            build_engine(self.graph, self.engine, BatchProfile(1, batch, batch), log=lambda _: None)
+        if not manifest_path(self.engine).is_file():
+            raise InputError(f"TensorRT engine manifest not found: {manifest_path(self.engine)}")
+        return self.engine
+
+
 class TensorRTRunner(Runner):
     """Runs an engine through the name-based tensor API (set_input_shape, set_tensor_address,
-    execute_async_v3) on PyTorch-allocated CUDA memory. Constructing reads and checks the
-    manifest only; ``activate`` deserialises the engine."""
+    execute_async_v3) on PyTorch-allocated CUDA memory. ``source``: an exported ONNX graph
+    (its engine found or built by :class:`EngineFromGraph`) or an engine file. Constructing
+    loads nothing; ``activate`` reads and checks the engine's manifest, then deserialises it."""
 
-    def __init__(self, engine: Path) -> None:
+    def __init__(self, source: Path | GraphFile, settings: RunSettings = RunSettings()) -> None:
         super().__init__()
         reason = tensorrt_available()
         if reason is not None:
             raise DependencyError(f"cannot run TensorRT engines here: {reason}")
-        self.engine_path = Path(engine)
+        self.loader = EngineFromGraph(source, settings)
+        self.name, self.graph = "tensorrt", self.loader.engine.name
+        if isinstance(source, GraphFile) and source.precision:
+            self.precision = source.precision
+
+    @classmethod
+    def unavailable(cls, **_: object) -> str | None:
+        return tensorrt_available()
+
+    def _read_manifest(self) -> None:  # pragma: no cover - needs TensorRT and a GPU
+        self.engine_path = self.loader()
         self.manifest = read_json(manifest_path(self.engine_path), "engine manifest")
         check_format(self.manifest, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, str(manifest_path(self.engine_path)),
                      FORMER_ENGINE_FORMATS)
         shapes = self.manifest["input"]["shapes"]
         self.input_spec = InputSpec(self.manifest["input"]["name"], (None, *shapes["max"][1:]),
                                     min_batch=shapes["min"][0], max_batch=shapes["max"][0])
-        self.name, self.graph = "tensorrt", self.engine_path.name
         # engines built before the manifest recorded it: the precision of the graph they came from
         self.precision = self.manifest.get("precision") or graph_precision(Path(self.manifest["onnx"]))
-
-    @classmethod
-    def unavailable(cls, **_: object) -> str | None:
-        return tensorrt_available()
 
     def activate_impl(self) -> None:  # pragma: no cover - needs TensorRT and a GPU
         import tensorrt as trt
 
+        self._read_manifest()
         check_engine_manifest(self.manifest, trt.__version__, gpu_identity(), str(manifest_path(self.engine_path)))
         if sha256_file(self.engine_path) != self.manifest.get("engine_sha256"):
             raise IntegrityError(f"engine {self.engine_path} does not match the sha256 in its manifest")

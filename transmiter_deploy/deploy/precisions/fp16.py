@@ -43,10 +43,10 @@ from onnx import TensorProto
 
 from ...errors import DependencyError, InputError
 from ...host import release_freed_memory
-from ...runtimes.base import graph_tensors
+from ...runtimes.onnx_files import (check_full, external_info, external_length, graph_tensors, save_graph,
+                                    weights_apart, write_external_tensors)
 from ..consumer_safety import move_transposes_after_matmuls
 from ..fusion import FP32_NODES
-from ..onnx_export import check_full, external_info, external_length, point_at, save_graph, weights_apart
 
 # A node is kept fp32 when an input or output passes this on the calibration images: AutoCast's
 # default (data_max), leaving fp16's 65504 room for the larger inputs of deployment.
@@ -76,7 +76,7 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
 
 def convert_to_file(fp32_path: Path, out_path: Path, calibration: dict[str, np.ndarray],
                     fp32_nodes: tuple[str, ...] = FP32_NODES, external_data_threshold: int | None = None) -> list[str]:
-    """:func:`convert`, the graph written to ``out_path`` (``onnx_export.save_graph``: external data
+    """:func:`convert`, the graph written to ``out_path`` (``onnx_files.save_graph``: external data
     past the threshold, probed in ONNX Runtime) with its fp16 tensors converted one at a time
     straight into a data file: the converted graph's tensors are never all in memory (ViT-bigG-14's
     fp16 save was killed at 18.9 GB on a 24 GB machine when they were). Returns the data files
@@ -84,7 +84,8 @@ def convert_to_file(fp32_path: Path, out_path: Path, calibration: dict[str, np.n
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     with tempfile.TemporaryDirectory(prefix=".fp16-", dir=out_path.parent) as work:
         converted, data_dir = _rewrite(fp32_path, calibration, fp32_nodes, Path(work))
-        _write_tensors(converted, data_dir, Path(work) / "fp16.onnx.data")
+        # the converted tensors written one at a time into the new graph's data file
+        write_external_tensors(converted, data_dir, Path(work) / "fp16.onnx.data", convert=_converted_bytes)
         _finish(converted)
         written = save_graph(converted, out_path, external_data_threshold, data_dir=Path(work))
     del converted
@@ -317,16 +318,3 @@ def _read_tensors(model: onnx.ModelProto, data_dir: Path) -> None:
         del tensor.external_data[:]
         tensor.ClearField("data_location")
         tensor.raw_data = raw
-
-
-def _write_tensors(model: onnx.ModelProto, data_dir: Path, data: Path) -> None:
-    """Every external tensor written to the one file ``data`` as the converted graph stores it, one
-    at a time, and pointed at there (``data``'s directory is the one locations are relative to)."""
-    with open(data, "wb") as out:
-        for tensor in graph_tensors(model.graph):
-            info = external_info(tensor)
-            if info is None:
-                continue
-            offset = out.tell()
-            out.write(_converted_bytes(tensor, info, data_dir))
-            point_at(tensor, data.name, offset, out.tell() - offset)

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from ...errors import DependencyError, InputError
-from ...runtimes.base import external_data_locations, graph_structure
+from ...runtimes.onnx_files import external_data_locations, graph_structure
 from ..fusion import FP32_NODES
 
 CALIBRATION_METHOD = "entropy"
