@@ -181,9 +181,10 @@ class GraphRunner(Runner):
     (``onnx_files.checked_graph``: external data against the manifest, the precision, Q/DQ
     scales); then the runtime's loader reads the checked graph (``load_impl``).
 
-    Subclasses set ``runtime`` (how messages name the runtime, e.g. "ONNX Runtime") and implement
-    ``load_impl(graph)`` -> the graph's input spec, ``infer_impl``, ``outputs_impl`` and
-    ``deactivate_impl``."""
+    Subclasses set ``runtime`` (how messages name the runtime, e.g. "ONNX Runtime") and
+    ``loader`` (their runtime's loader), and implement ``load_impl(graph)`` -> the graph's input
+    shape and name (the loader called through :meth:`loaded`), ``infer_impl``, ``outputs_impl``
+    and ``deactivate_impl``."""
 
     runtime = "the runtime"
 
@@ -218,6 +219,16 @@ class GraphRunner(Runner):
         self.precision = graph.precision
         shape, name = self.load_impl(graph)
         self.input_spec = InputSpec(name, shape, max_batch=self.settings.max_batch)
+
+    def loaded(self, graph: Any) -> Any:
+        """What the runtime's loader (``self.loader``) makes of ``graph``; whatever the runtime
+        raises for a graph it cannot read becomes one InputError line naming the graph."""
+        try:
+            return self.loader(graph)
+        except Exception as exc:  # each runtime raises its own exception types for unreadable graphs
+            where = graph.path if graph.path is not None else self.graph
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{self.runtime} cannot load {where}: {first}") from exc
 
     def load_impl(self, graph: Any) -> tuple[tuple[int | None, ...], str]:  # pragma: no cover - interface
         """Load the checked graph (``onnx_files.CheckedGraph``, or a checked in-memory graph);

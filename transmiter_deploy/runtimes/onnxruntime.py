@@ -119,11 +119,7 @@ class OnnxRuntimeRunner(GraphRunner):
         return {"providers": available_providers()}
 
     def load_impl(self, graph: CheckedGraph) -> tuple[tuple[int | None, ...], str]:
-        try:
-            self.session = self.loader(graph)
-        except Exception as exc:  # ORT raises its own exception types for corrupt graphs
-            where = graph.path if graph.path is not None else self.graph
-            raise InputError(f"ONNX Runtime cannot load {where}: {str(exc).splitlines()[0]}") from exc
+        self.session = self.loaded(graph)
         if PROVIDERS[self.provider] not in self.session.get_providers():
             self.session = None
             raise DependencyError(f"ONNX Runtime could not start {PROVIDERS[self.provider]} here")

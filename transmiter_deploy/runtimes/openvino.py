@@ -90,11 +90,7 @@ class OpenVinoRunner(GraphRunner):
         return {"openvino": ov.__version__, "inference_precision": inference_precision}
 
     def load_impl(self, graph: CheckedGraph) -> tuple[tuple[int | None, ...], str]:
-        try:
-            self.compiled = self.loader(graph)
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses for graphs it cannot read
-            where = graph.path if graph.path is not None else self.graph
-            raise InputError(f"OpenVINO cannot load {where}: {str(exc).strip().splitlines()[0]}") from exc
+        self.compiled = self.loaded(graph)
         self.request = self.compiled.create_infer_request()
         self.output_names = _onnx_output_names(self.compiled.outputs, graph)
         graph_input = self.compiled.inputs[0]
