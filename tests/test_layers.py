@@ -18,9 +18,10 @@ ALLOWED = {
     "runtimes": {"ground", "runtimes"},
     "deploy": {"ground", "method", "features", "runtimes", "deploy"},
     "demo": {"ground", "method", "features", "demo"},
+    "serving": {"ground", "method", "features", "runtimes", "deploy", "serving"},
     "pipeline": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline"},
-    "benchmark": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline", "benchmark"},
-    "cli": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline", "benchmark", "cli"},
+    "benchmark": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline", "serving", "benchmark"},
+    "cli": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline", "serving", "benchmark", "cli"},
 }
 
 

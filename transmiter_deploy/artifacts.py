@@ -261,8 +261,12 @@ def _identity(directory: Path) -> tuple[int, int] | None:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON via a temporary file and a rename (atomic on POSIX)."""
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` via a temporary file beside ``path`` and a rename (atomic on POSIX)."""
     path = Path(path)
-    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
     # a unique temporary name: two writers of the same file must not share one
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -585,6 +585,63 @@ def bank_remove(bank_dir, name):
     click.echo(f"bank {bank_dir}: tasks {', '.join(bank.task_names)}")
 
 
+@cli.command("predict")
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.argument("images", metavar="IMAGE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--runtime", "runtime_name", type=click.Choice([n for n, e in registry.RUNTIMES.items() if e.loads != "module"]),
+              default="onnxruntime-cpu", show_default=True, help="Graph runtime of the registry to run the export on.")
+@click.option("--precision", type=click.Choice(list(registry.PRECISIONS)), default="fp32", show_default=True,
+              help="Which of the export's graphs (as its manifest records them).")
+@click.option("--task", "tasks", multiple=True, help="A bank's task to report (repeatable; default: every task).")
+@click.option("--topk", type=click.IntRange(1, None), default=5, show_default=True, help="Classes per image and task.")
+@click.option("--batch", type=click.IntRange(1, None), help="Images per run (default: 8, or the engine's largest batch).")
+@click.option("--threads", type=click.IntRange(1, None), help="CPU threads of the runtime (default: its own).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path),
+              help="Write JSON lines (one per image and task) to this file ('-': stdout) instead of the table.")
+def predict_command(export_dir, images, runtime_name, precision, tasks, topk, batch, threads, json_out):
+    """Classify images with an export (single-task or bank): per image and task, the top-k classes
+    and their scores (logits, or probabilities for a softmax export).
+
+    EXPORT is an export directory (with manifest.json) or a `transmiter export` output directory.
+    Folders are searched for image files. An image that cannot be read is named on stderr and the
+    others go on; the exit status is then 2.
+
+    \b
+    Examples:
+      transmiter predict export/out/demo img1.png img2.jpg --topk 3
+      transmiter predict export/out/demo-bank photos/ --task colours_tinted --json results.jsonl
+    """
+    from tqdm import tqdm
+
+    from .artifacts import atomic_write_text
+    from .runtimes.base import RunSettings
+    from .serving.deployment import Deployment
+    from .serving.predict import image_paths, predict_paths
+
+    paths = image_paths(images)
+    failed, lines = [], []
+    with Deployment.open(export_dir, runtime_name, precision, RunSettings(threads=threads)) as deployment, \
+            tqdm(total=len(paths), unit="img", desc="predict", disable=not _progress() or len(paths) < 2) as bar:
+        for name in tasks:
+            deployment.info.task(name)  # an unknown task stops here, before any image
+        for result in predict_paths(deployment, paths, topk, tasks or None, batch, bar.update):
+            if result.error is not None:
+                failed.append(result)
+                tqdm.write(f"transmiter: skipped {result.path}: {one_line(result.error)}", file=sys.stderr)
+            if json_out is not None:
+                lines += result.json_lines()
+            elif result.predictions is not None:
+                for task, prediction in result.predictions.items():
+                    top = ", ".join(f"{name} {score:.4g}" for name, score in prediction.top)
+                    tqdm.write(f"{result.path}\t{task}\t{top}")
+    if json_out is not None and str(json_out) == "-":
+        click.echo("\n".join(lines))
+    elif json_out is not None:
+        atomic_write_text(json_out, "".join(f"{line}\n" for line in lines))
+    if failed:
+        raise InputError(f"{len(failed)} of {len(paths)} images could not be read (first: {failed[0].path})")
+
+
 @cli.command("build-engine")
 @click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file to write (its manifest: OUT.json).")

@@ -220,6 +220,31 @@ def test_onnxruntime_backend_matches_python_onnxruntime_on_demo_images(pixels_bu
     assert printed[1].split("\t")[:2] == ["1", names[int(reference[0].argmax())]]
 
 
+def test_transmiter_predict_answers_as_transmiter_infer(infer, demo, tmp_path, capsys):
+    from transmiter_deploy.cli import main
+
+    needs_onnxruntime(infer)
+    manifest_path, _, images = demo
+    printed = run(infer, "--manifest", manifest_path, "--image", *images, "--topk", 3).stdout.splitlines()
+    cpp, current = {}, None
+    for line in printed:
+        if line.startswith("# "):
+            current = cpp.setdefault(line[2:], [])
+        else:
+            rank, name, score = line.split("\t")
+            current.append((name, float(score)))
+    out = tmp_path / "predict.jsonl"
+    assert main(["--quiet", "predict", str(manifest_path.parent), *map(str, images), "--topk", "3",
+                 "--json", str(out)]) == 0
+    python = {record["image"]: [(top["class"], top["score"]) for top in record["top"]]
+              for record in map(json.loads, out.read_text().splitlines())}
+    assert python.keys() == cpp.keys() and len(python) == len(images)
+    for image, top in python.items():
+        assert [name for name, _ in top] == [name for name, _ in cpp[image]], image
+        # the C++ CLI prints 6 significant digits
+        assert all(abs(a - b) <= HEAD_ATOL + 1e-5 * abs(b) for (_, a), (_, b) in zip(top, cpp[image])), image
+
+
 def test_onnxruntime_backend_runs_the_int8_graph_as_python_does(pixels_build, demo, demo_int8_export, tmp_path):
     infer = pixels_build
     needs_onnxruntime(infer)

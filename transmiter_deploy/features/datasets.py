@@ -153,18 +153,32 @@ def decode_image(path: Path) -> tuple[Image.Image, str]:
         raise InputError(f"cannot read image {path}: {exc.strerror}") from exc
     if not data:
         raise InputError(f"image file is empty: {path}")
+    return decode_image_bytes(data, f"image {path}"), hashlib.sha256(data).hexdigest()
+
+
+def decode_image_bytes(data: bytes, what: str = "image") -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, ...) as RGB; one InputError line naming ``what`` when they
+    are empty or not an image."""
+    if not data:
+        raise InputError(f"{what} is empty (no bytes)")
     try:
         with Image.open(BytesIO(data)) as image:
             image.load()
-            if image.mode.startswith("I;16") or image.mode == "I":
-                # 16-bit greyscale: PIL's RGB conversion clips at 255 (an almost white image);
-                # keep the top 8 bits instead
-                wide = np.asarray(image, dtype=np.int64)
-                image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot decode image {path}: {exc}") from exc
-    return rgb, hashlib.sha256(data).hexdigest()
+            return as_rgb(image)
+    except UnidentifiedImageError as exc:  # PIL's message names its BytesIO object, not the image
+        raise InputError(f"cannot decode {what}: not an image format PIL can read") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot decode {what}: {exc}") from exc
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An image in RGB as every model reads it."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit greyscale: PIL's RGB conversion clips at 255 (an almost white image);
+        # keep the top 8 bits instead
+        wide = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 class PreprocessedImages(torch.utils.data.Dataset):

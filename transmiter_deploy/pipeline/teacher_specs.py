@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..features.preprocess import INTERPOLATIONS, RESIZE_MODES  # what open_clip's eval transform does
 
-RESIZE_MODES = ("shortest", "longest", "squash")  # what open_clip's eval transform does
-INTERPOLATIONS = ("bicubic", "bilinear")
 LOGITS_FILE_SUFFIXES = (".safetensors", ".npy")  # what a precomputed-logits file may be
 
 

@@ -125,11 +125,12 @@ def _external_data_sha256(graph: Path) -> dict[str, str]:
 
 
 def pixel_transform(preprocess: TeacherPreprocess) -> Callable:
-    """The project's own preprocessing (open_clip's eval transform) with these settings."""
-    from open_clip.transform import image_transform
+    """The project's own preprocessing (open_clip's eval transform, features/preprocess.py) with
+    these settings."""
+    from ..features.preprocess import eval_transform
 
-    return image_transform(preprocess.image_size, is_train=False, mean=preprocess.mean, std=preprocess.std,
-                           resize_mode=preprocess.resize_mode, interpolation=preprocess.interpolation)
+    return eval_transform(preprocess.image_size, preprocess.mean, preprocess.std, preprocess.resize_mode,
+                          preprocess.interpolation)
 
 
 def onnx_teacher_logits(ref: OnnxTeacher, dataset: ImageDataset, num_classes: int, key: dict[str, Any],
