@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml
 	@# torch/torchvision first and pinned: the project's machines install this pair from local disk.
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# tritonserver (Python backend only) without its numpy<2 pin, and a NumPy 1 for its Python stub,
+	@# which does not work with NumPy 2 (docs/serving.md)
+	$(PY) -m pip install --quiet --no-deps "nvidia-pytriton==0.7.0"
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-numpy "numpy>=1.26,<2"
 	touch $(STAMP)
 
 install: $(STAMP)

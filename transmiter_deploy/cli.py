@@ -642,6 +642,37 @@ def predict_command(export_dir, images, runtime_name, precision, tasks, topk, ba
         raise InputError(f"{len(failed)} of {len(paths)} images could not be read (first: {failed[0].path})")
 
 
+@cli.command("triton")
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Model repository to write (absent, empty, or an earlier one of ours: replaced whole).")
+@click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python", show_default=True,
+              help="Triton backend of the models that run graphs (the preprocessing model is always Python).")
+@click.option("--layout", type=click.Choice(["fused", "ensemble"]), default="fused", show_default=True,
+              help="fused: one model, every task's output; ensemble (banks): backbone + one head model per task.")
+@click.option("--name", default="transmiter", show_default=True, help="Model name (and prefix of the others).")
+@click.option("--precision", type=click.Choice(list(registry.PRECISIONS)), default="fp32", show_default=True,
+              help="Which of the export's graphs (as its manifest records them).")
+@click.option("--max-batch", type=click.IntRange(1, None),
+              help="max_batch_size (default: the export's batch profile; at most the engine's for tensorrt).")
+@click.option("--update", is_flag=True,
+              help="Change an earlier repository of ours model by model, unchanged models untouched (a serving server).")
+def triton_command(export_dir, out, backend, layout, name, precision, max_batch, update):
+    """Write a Triton Inference Server model repository for EXPORT (docs/serving.md).
+
+    \b
+    Examples:
+      transmiter triton export/out/demo --out triton-repo
+      transmiter triton export/out/demo-bank --out triton-repo --layout ensemble --name bank
+    """
+    from .serving.triton import write_repository
+
+    plan = write_repository(export_dir, out, backend=backend, layout=layout, name=name, precision=precision,
+                            max_batch=max_batch, update=update)
+    click.echo(f"wrote {out}: {len(plan.models)} models ({', '.join(m.name for m in plan.models)}); backend {backend}, "
+               f"layout {layout}, {precision}, max_batch_size {plan.max_batch_size} ({plan.batch_source})")
+
+
 @cli.command("build-engine")
 @click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file to write (its manifest: OUT.json).")
