@@ -231,7 +231,7 @@ class Part:
 
     def verify(self, what: str) -> None:
         """Every file the part lists has the size and sha256 its manifest records, and every graph
-        points only at the external data files its entry lists (runtimes/base.check_graph_files)."""
+        points only at the external data files its entry lists (runtimes/onnx_files.check_graph_files)."""
         checked: set[str] = set()  # hashed by check_graph_files: a data file is gigabytes, hash it once
         for name, entry in self.files.items():
             if name.endswith(".onnx"):
