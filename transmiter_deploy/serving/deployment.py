@@ -68,6 +68,14 @@ class ExportInfo:
                 return task
         raise InputError(f"{self.directory} has no task '{name}' (tasks: {', '.join(t.name for t in self.tasks)})")
 
+    def backbone_graph(self, precision: str) -> str:
+        """A bank's backbone graph of ``precision`` (pixels -> features), relative to the directory."""
+        graphs = self.manifest.get("backbone", {}).get("graphs", {}) if self.kind == "bank" else {}
+        if precision not in graphs:
+            raise InputError(f"{self.directory} has no {precision} backbone graph"
+                             + (f" (it has: {', '.join(graphs)})" if graphs else " (only a task bank has one)"))
+        return graphs[precision]
+
     def graph(self, precision: str) -> Path:
         """The pixels graph of ``precision``, as the manifest records it."""
         if precision not in PRECISIONS:

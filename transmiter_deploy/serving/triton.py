@@ -87,7 +87,7 @@ def plan_repository(export: Path, backend: str = "python", layout: str = "fused"
         raise InputError(f"--layout ensemble needs a task bank (a backbone graph and a head per task); "
                          f"{info.directory} is a single-task export, whose model.onnx has no separate backbone "
                          f"graph: use --layout fused")
-    pixels_graph = info.graph(precision).name if layout == "fused" else _backbone_graph(info, precision)
+    pixels_graph = info.graph(precision).name if layout == "fused" else info.backbone_graph(precision)
     batch, source, engine = _batch_limit(info, pixels_graph, backend, max_batch, require_engines)
     plan = RepositoryPlan(info, backend, layout, name, precision, batch, source, [])
     plan.models.append(_preprocess_model(plan))
@@ -101,13 +101,6 @@ def plan_repository(export: Path, backend: str = "python", layout: str = "fused"
         raise InputError(f"model name '{clash[0]}' would be written twice (a task named like another model "
                          f"of the repository): choose another --name")
     return plan
-
-
-def _backbone_graph(info: ExportInfo, precision: str) -> str:
-    graphs = info.manifest["backbone"]["graphs"]
-    if precision not in graphs:
-        raise InputError(f"{info.directory} has no {precision} backbone graph (it has: {', '.join(graphs)})")
-    return graphs[precision]
 
 
 def _entry(info: ExportInfo, graph: str) -> dict[str, Any]:
@@ -200,7 +193,7 @@ def _preprocess_model(plan: RepositoryPlan) -> ModelSpec:
     are the toolkit's own code (features/), which no other backend runs. It needs only the
     export's preprocess record, written beside its model.py."""
     info = plan.export
-    graph = info.graph(plan.precision).name if plan.layout == "fused" else _backbone_graph(info, plan.precision)
+    graph = info.graph(plan.precision).name if plan.layout == "fused" else info.backbone_graph(plan.precision)
     # the record alone (no path of the export: a moved export must leave this model unchanged)
     record = {"preprocess": info.preprocess}
     return ModelSpec(f"{plan.name}_preprocess", "python", [TensorSpec(IMAGE_INPUT, "TYPE_STRING", (1,))],
