@@ -13,10 +13,12 @@ from onnx import numpy_helper
 from PIL import Image
 
 from transmiter_deploy.cli import main
+from transmiter_deploy.deploy.parity import run_graph
 from transmiter_deploy.errors import IntegrityError
 from transmiter_deploy.pipeline.export import run_export
 from transmiter_deploy.pipeline.recipe import load_recipe
 from transmiter_deploy.runtimes import registry
+from transmiter_deploy.runtimes.base import GraphInMemory
 from transmiter_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
 from conftest import SMALL_DEMO_INT8, copy_export
@@ -39,13 +41,30 @@ def test_int8_is_calibrated_gated_and_added_to_the_export(int8_export):
     ran = {step.name: step.status for step in outcome.steps}
     assert ran["onnx-int8"] == "ran" and ran["onnx"] == ran["extract"] == ran["cache-target-train"] == "skipped"
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())
-    assert manifest["files"]["model_int8.onnx"]["precision"] == manifest["files"]["head_int8.onnx"]["precision"] == "int8-qdq"
+    assert manifest["files"]["model_int8.onnx"]["precision"] == "int8-qdq"
+    # ModelOpt quantises none of the head's GEMMs: no fp32 head under an int8 name
+    assert "head_int8.onnx" not in manifest["files"] and not (out / "onnx" / "head_int8.onnx").exists()
+    assert "head_int8_vs_onnx_fp32" not in json.loads((out / "onnx" / "parity.json").read_text())["checks"]
     assert manifest["calibration"]["int8"]["images"] == 128 and len(manifest["calibration"]["int8"]["fingerprint"]) == 64
     graph = onnx.load(out / "onnx" / "model_int8.onnx")
     assert sum(node.op_type == "QuantizeLinear" for node in graph.graph.node) > 10
+    # weights stored as int8 behind a DequantizeLinear alone: no QuantizeLinear reads a constant
+    constants = {tensor.name: tensor for tensor in graph.graph.initializer}
+    assert not [n.name for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in constants]
+    weights = [constants[n.input[0]] for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
+    assert len(weights) > 10 and all(w.data_type == onnx.TensorProto.INT8 for w in weights)
+    size = (out / "onnx" / "model_int8.onnx").stat().st_size / (out / "onnx" / "model.onnx").stat().st_size
+    kept = manifest.get("fp32_nodes_kept", {}).get("int8", [])
+    print(f"model_int8.onnx / model.onnx: {size:.3f} of the bytes ({len(kept)} nodes kept in fp32, their weights too)")
+    # int8 weights are a quarter of fp32's; the nodes the fallback kept in fp32 (the small test split
+    # fails on one flip) hold fp32 weights: the demo recipe's figure is in benchmarks/results/
+    assert size < 0.5
     (gate,) = outcome.gates
-    assert gate["passed"] and gate["labelled"] and gate["samples"] == 64 and gate["top1_agreement"] >= 0.99
-    assert all(abs(c["value"]) <= 1.0 for c in gate["criteria"][1:]) and len(gate["criteria"]) == 4
+    assert gate["passed"] and gate["labelled"] and gate["samples"] == 64
+    # judged on accuracy (points and relative to fp32) per metric; agreement reported, not a criterion
+    assert [c["criterion"] for c in gate["criteria"]] == [f"{metric} within 1.0 points and >= 99% of fp32"
+                                                          for metric in ("base", "novel", "hm")]
+    assert all(abs(c["value"]) <= 1.0 for c in gate["criteria"]) and 0 < gate["top1_agreement"] <= 1
     validated = {(row["candidate"], row["graph"]): row for row in outcome.validation}
     # the gate's runtime (ONNX Runtime CPU) within the int8 tolerance; other runtimes' integer
     # kernels round on their own side and are reported (docs/export.md)
@@ -58,6 +77,28 @@ def test_int8_is_calibrated_gated_and_added_to_the_export(int8_export):
     # the statistics stay fp32: no Q/DQ around the head's normalisation, mean, sigma, de-standardisation
     assert not [n.name for n in graph.graph.node if n.op_type == "QuantizeLinear"
                 and any(part in n.name for part in ("/normalise/", "/stats/", "/destandardise/"))]
+
+
+def test_int8_weights_compute_as_the_qdq_pair_on_fp32_weights_did(demo_export):
+    """The int8-weight graph (DequantizeLinear only) against the earlier form (fp32 weights behind
+    QuantizeLinear -> DequantizeLinear), converted from the same graph on the same calibration:
+    ONNX Runtime's logits agree within float rounding, at about a third of the bytes."""
+    from transmiter_deploy.deploy.precisions.int8 import convert
+    from transmiter_deploy.serving.deployment import Deployment
+
+    _, outcome = demo_export
+    images = sorted((outcome.out_dir / "data").glob("*/*/*.png"))
+    with Deployment.open(outcome.export_dir, "onnxruntime-cpu", precision="fp32") as deployment:
+        calibration, pixels = deployment.preprocess(images[:: len(images) // 32][:32]), deployment.preprocess(images[1:80:2])
+    fp32 = outcome.export_dir / "model.onnx"
+    graphs = {form: convert(fp32, {"pixel_values": calibration}, weights_int8=form == "int8") for form in ("fp32", "int8")}
+    sizes = {form: graph.ByteSize() for form, graph in graphs.items()}
+    logits = {form: run_graph(GraphInMemory(graph.SerializeToString(), "int8", f"{form}-weight graph"), pixels)
+              for form, graph in graphs.items()}
+    print(f"int8-weight graph: {sizes['int8'] / sizes['fp32']:.3f} of the Q/DQ graph's bytes; max abs "
+          f"{np.abs(logits['int8'] - logits['fp32']).max():.2e} on logits up to {np.abs(logits['fp32']).max():.1f}")
+    assert sizes["int8"] < 0.4 * sizes["fp32"]
+    np.testing.assert_allclose(logits["int8"], logits["fp32"], rtol=0, atol=1e-5)
 
 
 def test_a_broken_calibration_fails_the_gate_and_leaves_the_export_as_it_was(demo_export, tmp_path, capsys):
@@ -82,6 +123,7 @@ def test_a_broken_calibration_fails_the_gate_and_leaves_the_export_as_it_was(dem
     ("export: {calibration: {images: 16}, ", "export.calibration.images: 16 is below the minimum (32)"),
     ("export: {calibration: {minimum: 0}, ", "export.calibration.minimum: must be positive"),
     ("export: {calibration: {data: missing-dir}, ", "export.calibration.data: not found"),
+    ("export: {calibration: {agreement: 1.5}, ", "export.calibration.agreement: must be in (0, 1], got 1.5"),
 ])
 def test_calibration_settings_are_validated_with_the_recipe(tmp_path, capsys, change, message):
     path = tmp_path / "recipe.yaml"
@@ -136,6 +178,7 @@ sys.meta_path.insert(0, NoModelOpt())
 import importlib.util
 importlib.util.find_spec = (lambda real: lambda name, *a: None if name.split(".")[0] == "modelopt" else real(name, *a))(importlib.util.find_spec)
 from transmiter_deploy.cli import main
+from transmiter_deploy.deploy.parity import run_graph
 sys.exit(main(["--quiet", "export", sys.argv[1], "--out", sys.argv[2]]))
 """
 
@@ -160,7 +203,7 @@ def test_export_onnx_adds_int8_from_calibration_data_and_needs_it(int8_export, t
     assert "--precision int8 needs --calibration-data" in capsys.readouterr().err
     assert main([*common, "--calibration-data", str(out / "data" / "train"), "--out", str(tmp_path / "b")]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "head.onnx", "head.safetensors", "model_int8.onnx", "head_int8.onnx"}
+    assert set(manifest["files"]) == {"model.onnx", "head.onnx", "head.safetensors", "model_int8.onnx"}
     assert json.loads((tmp_path / "b" / "parity.json").read_text())["gates"]["int8"]["passed"]
 
 
@@ -199,7 +242,7 @@ def test_a_recipe_that_drops_int8_takes_its_graphs_out_of_the_export(int8_export
     path.write_text(SMALL_DEMO_INT8.replace("precisions: [fp32, fp16, int8]", "precisions: [fp32, fp16]"))
     outcome = run_export(load_recipe(path), copy, progress=False, log=lambda _: None)
     manifest = json.loads((copy / "onnx" / "manifest.json").read_text())
-    assert set(before) - set(manifest["files"]) == {"model_int8.onnx", "head_int8.onnx"}
+    assert set(before) - set(manifest["files"]) == {"model_int8.onnx"}
     assert {name: manifest["files"][name]["sha256"] for name in manifest["files"]} == \
         {name: before[name]["sha256"] for name in manifest["files"]}  # the rest untouched
     assert not (copy / "onnx" / "model_int8.onnx").exists() and "int8" not in manifest.get("calibration", {})

@@ -86,15 +86,16 @@ def _gate_images(run: ExportRun):
     from ..deploy.gate import GateImages
     from ..features.datasets import open_dataset
 
-    model = run.models["target"]
+    model, agreement = run.models["target"], run.recipe.export.calibration.agreement
     if "test" in run.splits:
         records = open_dataset(run.splits["test"], run.classes).records
         labels = np.array([record.label for record in records])
         return GateImages(preprocess_records(model, records).numpy(), labels, run.task.data.base_classes,
-                          "test images"), 0
+                          "test images", agreement), 0
     pixels = held_out(model, run.splits["train"], run.recipe.export.calibration.seed)
     return GateImages(pixels.numpy(), None, description=f"{len(pixels)} held-out training images (agreement "
-                                                        "only: the recipe has no test images)"), len(pixels)
+                                                        "only: the recipe has no test images)",
+                      agreement=agreement), len(pixels)
 
 
 def _drop_unasked(run: ExportRun) -> None:

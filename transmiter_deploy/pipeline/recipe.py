@@ -127,6 +127,9 @@ class CalibrationSection:
     minimum: int = 32  # fewer usable images than this is refused
     seed: int = 0
     data: Path | None = None  # another unlabelled image set to calibrate on (default: data.train)
+    # the gate's optional stricter criterion: top-1 agreement with fp32 at least this (0-1); by
+    # default labelled gates judge accuracy only (deploy/gate.py)
+    agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -601,5 +604,7 @@ def _check_calibration(recipe: Recipe, reader: _Reader, check_files: bool) -> No
     if calibration.images < calibration.minimum:
         raise reader.fail("export.calibration.images", f"{calibration.images} is below the minimum "
                           f"({calibration.minimum})")
+    if calibration.agreement is not None and not 0 < calibration.agreement <= 1:
+        raise reader.fail("export.calibration.agreement", f"must be in (0, 1], got {calibration.agreement}")
     if check_files and calibration.data is not None and not calibration.data.exists():
         raise reader.fail("export.calibration.data", f"not found: {calibration.data}")

@@ -136,7 +136,8 @@ def _gate_lines(gate: dict) -> list[str]:
         lines.append("")
     lines += ["| criterion | value | result |", "| --- | ---: | --- |"]
     lines += [f"| {c['criterion']} | {c['value']:.4g} | {'pass' if c['passed'] else 'FAIL'} |" for c in gate["criteria"]]
-    lines += ["", f"Max abs difference from the fp32 graph: {gate['max_abs']:.3g}.", ""]
+    lines += ["", f"Max abs difference from the fp32 graph: {gate['max_abs']:.3g}; top-1 agreement with it: "
+              f"{gate['top1_agreement']:.2%}.", ""]
     fallback = gate.get("fallback")
     if fallback:
         tried = ", ".join(f"{t['kept']} ({'pass' if t['passed'] else 'fail'}, agreement {t['top1_agreement']:.2%})"

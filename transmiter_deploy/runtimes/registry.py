@@ -52,6 +52,8 @@ class Precision:
     # calibrated precisions are gated on labelled images too: base, novel and HM accuracy each
     # within this many points of the fp32 graph's (None: no accuracy gate)
     accuracy_points: float | None = None
+    # ... and at least this share of fp32's accuracy (MLPerf's rule for quantised models: 99%)
+    accuracy_relative: float | None = None
     qdq: bool = False  # explicitly quantised (QuantizeLinear/DequantizeLinear): scales are checked on load
 
     @property
@@ -130,7 +132,7 @@ PRECISIONS: dict[str, Precision] = {precision.name: precision for precision in (
     Precision("int8", "_int8", "int8-qdq", max_abs=None, top1=0.99, needs_calibration=True,
               converter="transmiter_deploy.deploy.precisions.int8:convert", requires=("modelopt",),
               install="pip install 'transmiter-deploy[int8]'", by_default=False, skip_if_missing=False,
-              accuracy_points=1.0, qdq=True),
+              accuracy_points=1.0, accuracy_relative=0.99, qdq=True),
 )}
 
 RUNTIMES: dict[str, Runtime] = {runtime.name: runtime for runtime in (

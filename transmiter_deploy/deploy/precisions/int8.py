@@ -9,10 +9,14 @@ exactly as in the fp16 path.
 Calibration method, chosen on the demo world (``export/recipes/demo.yaml``, 128 seeded
 training images, 800 test images, TM-Demo-Target): entropy agreed with the fp32 graph on
 100.0% of top-1 predictions (accuracy 99.375% both), max on 99.875% (99.25%); ModelOpt offers
-only these two for int8. Weights are quantised per output channel by ModelOpt's int8 mode.
+only these two for int8. Weights are quantised per output channel by ModelOpt's int8 mode and
+stored as int8 with a DequantizeLinear only (ModelOpt's ``dq_only``): about a quarter of the
+weights' bytes, and the same computation as a QuantizeLinear -> DequantizeLinear pair on the fp32
+weight (the stored values are that QuantizeLinear's outputs; tests/test_int8.py compares the two
+graphs' logits). Activations keep their Q/DQ pairs, whose scales calibration chose.
 ModelOpt selects none of the folded head's GEMMs for quantisation (measured on the demo and
-ViT-B-16 graphs), so ``head_int8.onnx`` computes as ``head.onnx`` does and the head inside
-``model_int8.onnx`` stays fp32: only the image tower is int8. A graph that fails its accuracy
+ViT-B-16 graphs), so the head inside ``model_int8.onnx`` stays fp32 and no ``head_int8.onnx``
+is written (deploy/precision_edits.py): only the image tower is int8. A graph that fails its accuracy
 gate gets its most sensitive quantised nodes kept in fp32 afterwards (deploy/qdq_fallback.py).
 """
 
@@ -36,9 +40,12 @@ CALIBRATION_METHOD = "entropy"
 
 
 def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
-            fp32_nodes: tuple[str, ...] = FP32_NODES, per_node: bool = False) -> onnx.ModelProto:
+            fp32_nodes: tuple[str, ...] = FP32_NODES, per_node: bool = False,
+            weights_int8: bool = True) -> onnx.ModelProto:
     """The Q/DQ graph of ``fp32_path``, calibrated on ``calibration`` (the graph's one input).
-    ``per_node``: ModelOpt calibrates one node at a time (``calibrate_per_node``), for less memory."""
+    ``per_node``: ModelOpt calibrates one node at a time (``calibrate_per_node``), for less memory.
+    ``weights_int8``: weights stored as int8 behind a DequantizeLinear (else fp32 behind a Q/DQ
+    pair: the form before, kept for the test that compares the two)."""
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
@@ -67,7 +74,7 @@ def convert(fp32_path: Path, calibration: dict[str, np.ndarray],
             quantize(str(source), quantize_mode="int8", calibration_data=data.astype(np.float32),
                      calibration_method=CALIBRATION_METHOD, calibration_eps=["cpu"], high_precision_dtype="fp32",
                      nodes_to_exclude=list(fp32_nodes), output_path=str(output), log_level="CRITICAL",
-                     calibrate_per_node=per_node)
+                     calibrate_per_node=per_node, dq_only=weights_int8)
         model = onnx.load(str(output))  # with the external data ModelOpt wrote beside it, if any
     onnx.checker.check_model(model, full_check=True)
     return model
