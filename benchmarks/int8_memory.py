@@ -1,4 +1,4 @@
-"""Peak memory and time of the int8 conversion (ModelOpt PTQ) of an exported graph.
+"""Peak memory, time and size of the int8 conversion (ModelOpt PTQ) of an exported graph.
 
 Each conversion runs in a fresh process and reports its own peak resident memory (VmHWM), so
 the figures are what a user's machine must hold. Random calibration pixels (the benchmark's
@@ -35,9 +35,13 @@ def convert(graph: str, images: int, per_node: bool) -> dict:
     status = Path("/proc/self/status").read_text().splitlines()
     peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
     qdq = sum(node.op_type == "QuantizeLinear" for node in converted.graph.node)
-    return {"graph": Path(graph).name, "graph_mib": round(Path(graph).stat().st_size / 2**20, 1),
+    dq = sum(node.op_type == "DequantizeLinear" for node in converted.graph.node)
+    fp32_bytes = Path(graph).stat().st_size  # a graph without external data: the file is the graph
+    return {"graph": Path(graph).name, "graph_mib": round(fp32_bytes / 2**20, 1),
             "calibration_images": images, "calibrate_per_node": per_node, "seconds": round(seconds, 1),
-            "peak_rss_mib": round(peak, 1), "quantize_linear_nodes": qdq}
+            "peak_rss_mib": round(peak, 1), "quantize_linear_nodes": qdq, "dequantize_linear_nodes": dq,
+            "int8_graph_mib": round(converted.ByteSize() / 2**20, 1),
+            "int8_bytes_vs_fp32": round(converted.ByteSize() / fp32_bytes, 3)}
 
 
 def main() -> None:
