@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from transmiter_deploy.benchmark.graphs import export_graphs
-from transmiter_deploy.benchmark.report import cells, paired_ratio, ratios, target_checks
+from transmiter_deploy.benchmark.report import (cells, cpu_path_check, cpu_paths, cpu_paths_markdown, paired_ratio,
+                                               ratios, target_checks)
 from transmiter_deploy.runtimes import registry
 from transmiter_deploy.benchmark.runtimes import GPU_RUNTIMES, Caller, unavailable
 from transmiter_deploy.benchmark.timing import TimingPlan, summarise, time_interleaved
@@ -157,6 +158,31 @@ def test_target_checks_judge_measured_rows():
     assert paired["q25"] <= paired["median"] <= paired["q75"] and paired["median"] == pytest.approx(1.005, abs=1e-4)
 
 
+def test_cpu_paths_rank_every_cpu_runtime_and_precision_against_onnx_runtime_fp32():
+    rows = [_row("ViT-B-16", "onnxruntime-cpu", 8, "fused", [100, 110, 90]),
+            _row("ViT-B-16", "onnxruntime-cpu", 8, "fused@int8", [31, 33, 29]),
+            _row("ViT-B-16", "openvino-cpu", 8, "fused", [90, 99, 81]),
+            _row("ViT-B-16", "openvino-cpu", 8, "fused@int8", [20, 26, 18]),  # per round: 0.2, 0.236, 0.2
+            _row("ViT-B-16", "openvino-cpu", 8, "backbone", [89, 98, 80]),  # not a deployed graph
+            _row("ViT-B-16", "tensorrt", 8, "fused", [5, 5, 5]),  # a GPU runtime: not a CPU path
+            _row("ViT-B-16", "openvino-cpu", 1, "fused", [10, 10])]  # no reference at batch 1
+    latency = {"rows": rows}
+    (key, paths), = cpu_paths(latency).items()
+    assert key == ("ViT-B-16", 8)
+    assert [(p["runtime"], p["precision"]) for p in paths] == [("openvino-cpu", "int8"), ("onnxruntime-cpu", "int8"),
+                                                               ("openvino-cpu", "fp32"), ("onnxruntime-cpu", "fp32")]
+    assert paths[0]["paired"] and paths[0]["vs_reference"] == pytest.approx(0.2)  # median of per-round ratios
+    check = cpu_path_check(latency)
+    assert check["met"] and check["measured"] == "0.200 (openvino-cpu int8)"
+    assert "fastest openvino-cpu int8 (0.200x ONNX Runtime fp32); at fp32 (no calibration, no gate) openvino-cpu" \
+        in "\n".join(cpu_paths_markdown(latency))
+    rows[3] = _row("ViT-B-16", "openvino-cpu", 8, "fused@int8", [30, 28])  # another loop: ratio of medians
+    paths = cpu_paths({"rows": rows})[("ViT-B-16", 8)]
+    assert not cpu_path_check({"rows": rows})["met"]
+    assert next(p for p in paths if p["precision"] == "int8" and p["runtime"] == "openvino-cpu")["paired"] is False
+    assert cpu_path_check({"rows": rows[:1]})["met"] is None and cpu_paths_markdown({"rows": rows[:1]}) == []
+
+
 @pytest.mark.slow
 def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
     out, work = tmp_path / "results", tmp_path / "work"
@@ -171,6 +197,10 @@ def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
     assert {"pytorch-cpu", "onnxruntime-cpu"} <= set(cpu)
     assert measured == {(rt, b, v) for rt in cpu for b in (1, 3) for v in variants}
     assert all(r["p50_ms"] > 0 and r["rounds"] >= 5 for r in latency["rows"])
+    # the runtimes timing a batch share its loop (whole-model variants; the head in one of its own)
+    for batch in (1, 3):
+        for takes in ("pixels", "features"):
+            assert len({r["rounds"] for r in latency["rows"] if r["batch"] == batch and r["input"] == takes}) == 1
     env = latency["environment"]
     assert env["torch_threads"] == 1 and env["onnxruntime_intra_op_threads"] == 1 and env["versions"]["torch"]
     assert env["profile"]["cpu_batches"] == [1, 3] and env["command"].startswith("transmiter")
@@ -180,6 +210,7 @@ def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
     assert set(flops["targets"]["TM-Demo-Target"]["variants"]) == set(variants)
     report = (out / "RESULTS.md").read_text()
     assert "## Targets" in report and "eft:TM-Demo-Source/fused" in report and "## Cost" in report
+    assert "## CPU deployment" in report and "| TM-Demo-Target | 3 | pytorch-cpu | fp32 |" in report
     for image in ("latency_tm-demo-target.png", "overhead.png"):
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     narrow = tmp_path / "narrow"

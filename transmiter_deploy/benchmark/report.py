@@ -24,6 +24,9 @@ HEAD_TARGET_MS = 0.5
 EFT_TARGET = {"target": "ViT-L-14", "variant": "eft:ViT-B-16", "min_ratio": 1.2}
 GPU_OVERHEAD_BATCHES = (1, 64)
 INT8_TARGET = {"target": "ViT-B-16", "runtime": "onnxruntime-cpu", "batch": 8, "max_ratio": 0.42}
+# the best CPU path (any CPU runtime, any precision of the fused graph) against ONNX Runtime fp32
+CPU_PATH_TARGET = {"target": "ViT-B-16", "batch": 8, "max_ratio": 0.25}
+CPU_REFERENCE = ("onnxruntime-cpu", "fused")
 
 
 def slug(text: str) -> str:
@@ -131,6 +134,61 @@ def target_checks(latency: dict, gpu_runtimes: tuple[str, ...]) -> list[dict]:
                             if s["runtime"] in gpu_runtimes)
         checks.append({"target": label, "met": None, "measured": f"not measured ({skipped or 'no GPU runtime ran'})"})
     return checks
+
+
+def cpu_paths(latency: dict) -> dict[tuple[str, int], list[dict]]:
+    """Per (target, batch): the fused graph on every CPU runtime and precision, with its time
+    against ONNX Runtime's fp32 fused graph: the median of per-round ratios where the two were timed
+    in one loop (the same number of rounds), else the ratio of medians; fastest first."""
+    grouped, paths = cells(latency), {}
+    for (target, runtime, batch), variants in grouped.items():
+        reference = grouped.get((target, CPU_REFERENCE[0], batch), {}).get(CPU_REFERENCE[1])
+        if runtime not in runtime_names("cpu") or reference is None:
+            continue
+        for name, row in variants.items():
+            if name != "fused" and not name.startswith("fused@"):
+                continue
+            paired = len(row.get("samples_ms", ())) == len(reference.get("samples_ms", ())) > 0
+            ratio = paired_ratio(row, reference)["median"] if paired else row["p50_ms"] / reference["p50_ms"]
+            paths.setdefault((target, batch), []).append(
+                {"runtime": runtime, "precision": name.partition("@")[2] or "fp32", "p50_ms": row["p50_ms"],
+                 "vs_reference": ratio, "paired": paired})
+    return {key: sorted(rows, key=lambda r: r["vs_reference"]) for key, rows in sorted(paths.items())}
+
+
+def cpu_path_check(latency: dict) -> dict:
+    """The target row of the best CPU path on ViT-B-16 at batch 8."""
+    where = CPU_PATH_TARGET
+    label = (f"best CPU path (runtime, precision) / onnxruntime-cpu fp32, fused, {where['target']}, batch "
+             f"{where['batch']}: ratio <= {where['max_ratio']}")
+    rows = cpu_paths(latency).get((where["target"], where["batch"]))
+    if not rows or len(rows) == 1:
+        return {"target": label, "met": None, "measured": "not measured in this run (--precision int8, a CPU runtime)"}
+    best = rows[0]
+    return {"target": label, "met": best["vs_reference"] <= where["max_ratio"],
+            "measured": f"{best['vs_reference']:.3f} ({best['runtime']} {best['precision']})"}
+
+
+def cpu_paths_markdown(latency: dict) -> list[str]:
+    """The CPU deployment table and what it recommends, from the figures of this run."""
+    paths = cpu_paths(latency)
+    if not any(len(rows) > 1 for rows in paths.values()):
+        return []
+    lines = ["## CPU deployment: the fused graph per runtime and precision", "",
+             "Against ONNX Runtime fp32 (`onnxruntime-cpu`, `fused`) at the same batch; runtimes and precisions "
+             "timed in one interleaved loop, ratio = median of per-round ratios (* = ratio of medians: not "
+             "timed together). int8 ships only behind its export's accuracy gate (docs/export.md).", "",
+             "| target | batch | runtime | precision | p50 ms | x ONNX Runtime fp32 |", "| --- | ---: | --- | --- | ---: | ---: |"]
+    for (target, batch), rows in paths.items():
+        lines += [f"| {target} | {batch} | {r['runtime']} | {r['precision']} | {r['p50_ms']:.2f} | "
+                  f"{r['vs_reference']:.3f}{'' if r['paired'] else '*'} |" for r in rows]
+    lines.append("")
+    for (target, batch), rows in paths.items():
+        fp32 = [r for r in rows if r["precision"] == "fp32"]
+        lines.append(f"- {target}, batch {batch}: fastest {rows[0]['runtime']} {rows[0]['precision']} "
+                     f"({rows[0]['vs_reference']:.3f}x ONNX Runtime fp32); at fp32 (no calibration, no gate) "
+                     f"{fp32[0]['runtime']} ({fp32[0]['vs_reference']:.3f}x).")
+    return lines + [""]
 
 
 def verdict(met) -> str:
@@ -343,9 +401,10 @@ def write_report(out_dir: Path, command: str, plots: bool = True) -> Path:
              "Measured by: " + "; ".join(f"`{c}`" for c in commands) + f". Report written by `{command}`.", "",
              *_environment_lines(env), ""]
     if latency:
-        lines += targets_table(target_checks(latency, GPU_RUNTIMES))
+        lines += targets_table([*target_checks(latency, GPU_RUNTIMES), cpu_path_check(latency)])
         lines += ["", f"Latency sweep: {latency['seconds']:.0f} s.", ""]
         lines += latency_markdown(latency, flops)
+        lines += cpu_paths_markdown(latency)
     if flops:
         lines += flops_markdown(flops)
     if accuracy:

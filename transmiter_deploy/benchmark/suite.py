@@ -122,33 +122,50 @@ def measure_latency(profile: Profile, work_dir: Path, threads: int, runtimes: tu
                          for name, variant in group.variants.items()},
         }
         log(f"{target}: models and graphs ready in {time.perf_counter() - start:.0f} s")
+        timed = []
         for runtime in available:
             if (runtime, target) in profile.skip_runtimes:
                 skipped.append({"runtime": runtime, "target": target, "reason": f"not timed in the {profile.name} profile"})
-                continue
-            batches = profile.batches(runtime, target)
-            caller = Caller(runtime, group, graphs, threads, Path(work_dir), max(batches))
-            try:
-                for batch in batches:
-                    # The whole-model variants are compared by ratio, so they share one loop. The head
-                    # alone gets its own: between two backbone calls its weights (33 MB at C = D = 1024)
-                    # would be evicted from cache, and "alone" means its own cost.
-                    samples = {}
-                    for takes in ("pixels", "features"):
-                        calls = {name: caller.call(variant, batch) for name, variant in group.variants.items()
-                                 if variant.takes == takes and caller.supports(variant)}
-                        samples.update(time_interleaved(calls, profile.plan) if calls else {})
-                    for name, seconds in samples.items():
-                        rows.append({"target": target, "runtime": runtime, "batch": batch, "variant": name,
-                                     "input": group.variants[name].takes, "includes_copies": runtime in INCLUDES_COPIES,
-                                     **summarise(seconds, batch)})
-                    medians = ", ".join(f"{row['variant']} {row['p50_ms']:.2f}" for row in rows[-len(samples):])
-                    log(f"{target} {runtime} batch {batch}: p50 ms {medians}")
-            finally:
-                caller.release()
+            else:
+                timed.append(runtime)
+        rows += _time_runtimes(profile, target, group, graphs, timed, threads, Path(work_dir), log)
         del group
         gc.collect()
     return {"rows": rows, "skipped": skipped}, {"targets": flops}
+
+
+def _time_runtimes(profile: Profile, target: str, group, graphs: dict[str, Path], runtimes: list[str], threads: int,
+                   work_dir: Path, log) -> list[dict]:
+    """Rows of every variant on every runtime at each batch. The runtimes that time a batch share
+    its loop, as the variants do: a ratio between two runtimes (OpenVINO int8 against ONNX Runtime
+    fp32) is then measured under the same machine load, round by round."""
+    plans = {runtime: profile.batches(runtime, target) for runtime in runtimes}
+    callers = {runtime: Caller(runtime, group, graphs, threads, work_dir, max(plans[runtime])) for runtime in runtimes}
+    rows = []
+    try:
+        for batch in sorted({batch for batches in plans.values() for batch in batches}):
+            # The whole-model variants are compared by ratio, so they share one loop. The head
+            # alone gets its own: between two backbone calls its weights (33 MB at C = D = 1024)
+            # would be evicted from cache, and "alone" means its own cost.
+            samples = {}
+            for takes in ("pixels", "features"):
+                calls = {(runtime, name): caller.call(variant, batch)
+                         for runtime, caller in callers.items() if batch in plans[runtime]
+                         for name, variant in group.variants.items()
+                         if variant.takes == takes and caller.supports(variant)}
+                samples.update(time_interleaved(calls, profile.plan) if calls else {})
+            for (runtime, name), seconds in samples.items():
+                rows.append({"target": target, "runtime": runtime, "batch": batch, "variant": name,
+                             "input": group.variants[name].takes, "includes_copies": runtime in INCLUDES_COPIES,
+                             **summarise(seconds, batch)})
+            for runtime in dict.fromkeys(runtime for runtime, _ in samples):
+                medians = ", ".join(f"{row['variant']} {row['p50_ms']:.2f}" for row in rows[-len(samples):]
+                                    if row["runtime"] == runtime)
+                log(f"{target} {runtime} batch {batch}: p50 ms {medians}")
+    finally:
+        for caller in callers.values():
+            caller.release()
+    return rows
 
 
 def measure_accuracy(work_dir: Path, log=print, progress: bool = False) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 
@@ -33,9 +33,10 @@ class TimingPlan:
             raise InputError(f"timing plan needs warmup >= 0, 1 <= min_rounds <= max_rounds, budget > 0; got {self}")
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], plan: TimingPlan) -> dict[str, list[float]]:
-    """Seconds per call for every entry of ``calls``; each callable must return only when its
-    work is finished (GPU callables synchronise)."""
+def time_interleaved(calls: dict[Hashable, Callable[[], object]], plan: TimingPlan) -> dict[Hashable, list[float]]:
+    """Seconds per call for every entry of ``calls`` (keyed by anything: a variant's name, or a
+    runtime and variant); each callable must return only when its work is finished (GPU callables
+    synchronise)."""
     if not calls:
         raise InputError("nothing to time")
     order = list(calls)
