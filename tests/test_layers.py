@@ -2,6 +2,7 @@
 function) goes to the same layer or one below it, as docs/architecture.md draws them."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +226,17 @@ def test_code_and_docs_cite_only_files_inside_the_repository():
              for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
              if any(reference in line for reference in OUTSIDE_REFERENCES)]
     assert cited == [], "citations of files outside the repository:\n" + "\n".join(cited)
+
+
+def test_code_comments_cite_no_issue_tracker():
+    # a comment says why in its own words; another project's issue number is not a file of ours
+    root = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *root.joinpath("benchmarks").glob("*.py"),
+             *(path for path in root.joinpath("cpp").rglob("*") if path.suffix in (".cpp", ".h", ".hpp", ".txt"))]
+    cited = [f"{path.relative_to(root)}:{number}" for path in files
+             for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1)
+             if re.search(r"\bissues?\s+#\d+", line)]
+    assert cited == [], "issue-tracker citations in code:\n" + "\n".join(cited)
 
 
 def test_runtimes_names_one_thing_the_registry():

@@ -5,7 +5,7 @@ their *default* settings, not only in the toolkit's own sessions. One known cras
 rewrite here:
 
 **ONNX Runtime 1.24/1.25 on x86-64 segfaults loading AutoCast fp16 transformers at
-ORT_ENABLE_ALL** (onnxruntime issue #28392; measured on 1.24.4 with the demo's
+ORT_ENABLE_ALL** (measured on 1.24.4 with the demo's
 ``model_fp16.onnx`` and with ViT graphs). The CPU provider has no fp16 MatMul, so
 ``InsertCastTransformer`` puts a Cast(fp16 -> fp32) between each fp16 producer and its MatMul.
 Where that producer is a Transpose, ``MatmulTransposeFusion`` swaps the Cast and the Transpose

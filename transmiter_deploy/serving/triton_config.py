@@ -6,7 +6,7 @@ read with ``google.protobuf.text_format``) refuses a misspelt field or a bad enu
 would; it cannot see the wiring, so :func:`check_wiring` does: every ensemble step names a model
 of the repository, each step's tensors exist on the model it names and connect (name, type and
 dims) to the ensemble's inputs or an earlier step's outputs, every ensemble output is produced,
-no ensemble batches more than a model inside it (Triton refuses that at load: its issue #6776),
+no ensemble batches more than a model inside it (Triton refuses that at load),
 and every label file has one line per class of its output.
 """
 
@@ -112,7 +112,7 @@ def config_text(spec: ModelSpec) -> str:
                            for s in spec.steps)
         lines.append("ensemble_scheduling {\n  step [\n" + steps + "\n  ]\n}")
     else:
-        # Batching is the models' own: an ensemble never batches itself (Triton issue #1966).
+        # Batching is the models' own: an ensemble schedules its steps and never batches itself.
         # No preferred_batch_size: every graph takes any batch up to the maximum in one profile, so
         # the batcher should send what is queued at once; no queue delay, so a lone request waits
         # for nothing (under load, requests queue while the model runs and batch by themselves).
