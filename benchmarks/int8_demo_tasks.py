@@ -1,4 +1,5 @@
-"""int8 on every demo task: the export's accuracy gate, and how the calibration choices move it.
+"""int8 on every demo task: the export's accuracy gate, the int8 graph's size, and how the
+calibration choices move agreement.
 
 For each task of the demo world, the default recipe (`export/recipes/demo.yaml`) with that task
 and its fine-tuned teacher is exported with int8 into build/int8-demo-tasks/<task>/ (a failed
@@ -65,7 +66,12 @@ def main() -> None:
                 variants[f"{method}/{images}"] = float((reference.argmax(1) == candidate.argmax(1)).mean())
                 print(task, method, images, f"{variants[f'{method}/{images}']:.4f}", flush=True)
         int8.CALIBRATION_METHOD = "entropy"
-        rows.append({"task": task, "gate": gate, "agreement_by_calibration": variants})
+        manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+        int8_file = out / "onnx" / "model_int8.onnx"
+        size = int8_file.stat().st_size / (out / "onnx" / "model.onnx").stat().st_size if int8_file.exists() else None
+        rows.append({"task": task, "gate": gate, "int8_bytes_vs_fp32": size and round(size, 3),
+                     "fp32_nodes_kept": manifest.get("fp32_nodes_kept", {}).get("int8", []),
+                     "agreement_by_calibration": variants})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
 

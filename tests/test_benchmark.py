@@ -171,15 +171,17 @@ def test_cpu_paths_rank_every_cpu_runtime_and_precision_against_onnx_runtime_fp3
     assert key == ("ViT-B-16", 8)
     assert [(p["runtime"], p["precision"]) for p in paths] == [("openvino-cpu", "int8"), ("onnxruntime-cpu", "int8"),
                                                                ("openvino-cpu", "fp32"), ("onnxruntime-cpu", "fp32")]
-    assert paths[0]["paired"] and paths[0]["vs_reference"] == pytest.approx(0.2)  # median of per-round ratios
+    assert paths[0]["vs_reference"] == pytest.approx(0.2)  # the ratio of medians
+    assert paths[0]["paired"]["median"] == pytest.approx(0.2) and paths[0]["paired"]["q75"] == pytest.approx(0.218, abs=1e-3)
     check = cpu_path_check(latency)
     assert check["met"] and check["measured"] == "0.200 (openvino-cpu int8)"
-    assert "fastest openvino-cpu int8 (0.200x ONNX Runtime fp32); at fp32 (no calibration, no gate) openvino-cpu" \
-        in "\n".join(cpu_paths_markdown(latency))
-    rows[3] = _row("ViT-B-16", "openvino-cpu", 8, "fused@int8", [30, 28])  # another loop: ratio of medians
+    text = "\n".join(cpu_paths_markdown(latency))
+    assert "fastest openvino-cpu int8 (0.200x ONNX Runtime fp32); at fp32 (no calibration, no gate) openvino-cpu" in text
+    assert "| ViT-B-16 | 8 | openvino-cpu | int8 | 20.00 | 0.200 | 0.200 (0.200 .. 0.218) |" in text
+    rows[3] = _row("ViT-B-16", "openvino-cpu", 8, "fused@int8", [30, 28])  # another loop: no per-round ratios
     paths = cpu_paths({"rows": rows})[("ViT-B-16", 8)]
     assert not cpu_path_check({"rows": rows})["met"]
-    assert next(p for p in paths if p["precision"] == "int8" and p["runtime"] == "openvino-cpu")["paired"] is False
+    assert next(p for p in paths if p["precision"] == "int8" and p["runtime"] == "openvino-cpu")["paired"] is None
     assert cpu_path_check({"rows": rows[:1]})["met"] is None and cpu_paths_markdown({"rows": rows[:1]}) == []
 
 

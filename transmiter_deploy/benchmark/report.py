@@ -138,8 +138,9 @@ def target_checks(latency: dict, gpu_runtimes: tuple[str, ...]) -> list[dict]:
 
 def cpu_paths(latency: dict) -> dict[tuple[str, int], list[dict]]:
     """Per (target, batch): the fused graph on every CPU runtime and precision, with its time
-    against ONNX Runtime's fp32 fused graph: the median of per-round ratios where the two were timed
-    in one loop (the same number of rounds), else the ratio of medians; fastest first."""
+    against ONNX Runtime's fp32 fused graph (the ratio of medians, as every ratio of the report), and
+    the median and quartiles of per-round ratios where the two were timed in one loop (the same
+    number of rounds: ``paired``); fastest first."""
     grouped, paths = cells(latency), {}
     for (target, runtime, batch), variants in grouped.items():
         reference = grouped.get((target, CPU_REFERENCE[0], batch), {}).get(CPU_REFERENCE[1])
@@ -148,11 +149,11 @@ def cpu_paths(latency: dict) -> dict[tuple[str, int], list[dict]]:
         for name, row in variants.items():
             if name != "fused" and not name.startswith("fused@"):
                 continue
-            paired = len(row.get("samples_ms", ())) == len(reference.get("samples_ms", ())) > 0
-            ratio = paired_ratio(row, reference)["median"] if paired else row["p50_ms"] / reference["p50_ms"]
+            together = len(row.get("samples_ms", ())) == len(reference.get("samples_ms", ())) > 0
             paths.setdefault((target, batch), []).append(
                 {"runtime": runtime, "precision": name.partition("@")[2] or "fp32", "p50_ms": row["p50_ms"],
-                 "vs_reference": ratio, "paired": paired})
+                 "vs_reference": row["p50_ms"] / reference["p50_ms"],
+                 "paired": paired_ratio(row, reference) if together else None})
     return {key: sorted(rows, key=lambda r: r["vs_reference"]) for key, rows in sorted(paths.items())}
 
 
@@ -175,13 +176,17 @@ def cpu_paths_markdown(latency: dict) -> list[str]:
     if not any(len(rows) > 1 for rows in paths.values()):
         return []
     lines = ["## CPU deployment: the fused graph per runtime and precision", "",
-             "Against ONNX Runtime fp32 (`onnxruntime-cpu`, `fused`) at the same batch; runtimes and precisions "
-             "timed in one interleaved loop, ratio = median of per-round ratios (* = ratio of medians: not "
-             "timed together). int8 ships only behind its export's accuracy gate (docs/export.md).", "",
-             "| target | batch | runtime | precision | p50 ms | x ONNX Runtime fp32 |", "| --- | ---: | --- | --- | ---: | ---: |"]
+             "Against ONNX Runtime fp32 (`onnxruntime-cpu`, `fused`) at the same batch, as a ratio of medians; "
+             "runtimes and precisions are timed in one interleaved loop, and the per-round ratios' median and "
+             "quartiles show how much of a difference is noise (- where the two were not timed together). int8 "
+             "ships only behind its export's accuracy gate (docs/export.md).", "",
+             "| target | batch | runtime | precision | p50 ms | x ONNX Runtime fp32 | per round: median (quartiles) |",
+             "| --- | ---: | --- | --- | ---: | ---: | --- |"]
     for (target, batch), rows in paths.items():
         lines += [f"| {target} | {batch} | {r['runtime']} | {r['precision']} | {r['p50_ms']:.2f} | "
-                  f"{r['vs_reference']:.3f}{'' if r['paired'] else '*'} |" for r in rows]
+                  f"{r['vs_reference']:.3f} | " + (f"{r['paired']['median']:.3f} ({r['paired']['q25']:.3f} .. "
+                                                  f"{r['paired']['q75']:.3f})" if r["paired"] else "-") + " |"
+                  for r in rows]
     lines.append("")
     for (target, batch), rows in paths.items():
         fp32 = [r for r in rows if r["precision"] == "fp32"]
