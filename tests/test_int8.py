@@ -57,10 +57,10 @@ def test_int8_is_calibrated_gated_and_added_to_the_export(int8_export):
     assert len(weights) > 10 and all(w.data_type == onnx.TensorProto.INT8 for w in weights)
     size = (out / "onnx" / "model_int8.onnx").stat().st_size / (out / "onnx" / "model.onnx").stat().st_size
     kept = manifest.get("fp32_nodes_kept", {}).get("int8", [])
-    print(f"model_int8.onnx / model.onnx: {size:.3f} of the bytes ({len(kept)} nodes kept in fp32, their weights too)")
-    # int8 weights are a quarter of fp32's; the nodes the fallback kept in fp32 (the small test split
-    # fails on one flip) hold fp32 weights: the demo recipe's figure is in benchmarks/results/
-    assert size < 0.5
+    print(f"model_int8.onnx / model.onnx: {size:.3f} of the bytes ({len(kept)} nodes kept in fp32)")
+    # int8 weights are a quarter of fp32's, those of the nodes the fallback keeps in fp32 included
+    # (their activations are fp32; the weights' fp32 originals no longer exist)
+    assert size <= 0.35
     (gate,) = outcome.gates
     assert gate["passed"] and gate["labelled"] and gate["samples"] == 64
     # judged on accuracy (points and relative to fp32) per metric; agreement reported, not a criterion

@@ -2,9 +2,12 @@
 nodes are kept in fp32 until the gate holds, within a bounded number of tries.
 
 A node of a Q/DQ graph computes in int8 because its inputs pass QuantizeLinear -> DequantizeLinear
-(activations) or DequantizeLinear (weights). Keeping it in fp32 is exact graph surgery: each of
-its inputs is taken from before the pair (the fp32 tensor, or the weight dequantised once), with
-every other node's quantisation, calibrated scales included, unchanged. So one calibration serves
+(activations, and weights stored in fp32); a weight stored as int8 has a DequantizeLinear alone.
+Keeping a node in fp32 is exact graph surgery: each input behind a Q/DQ pair is taken from before
+the pair (the fp32 tensor), with every other node's quantisation, calibrated scales included,
+unchanged. A weight stored as int8 keeps its DequantizeLinear: its fp32 original no longer exists,
+so a fp32 copy would hold the very values the DequantizeLinear computes, at four times the bytes;
+with its activations in fp32 the node computes in fp32 on those values. So one calibration serves
 every try, and no quantiser runs again.
 
 Sensitivity, measured on the first ``RANKING_IMAGES`` calibration images (never on the gate's
@@ -26,7 +29,6 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 MAX_TRIES = 5
 MAX_SHARE = 0.25  # of the quantised nodes, at most, kept in fp32
@@ -37,27 +39,14 @@ RANKING_IMAGES = 128
 
 
 def quantised_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that read a DequantizeLinear output (the nodes computing in int8), in
-    graph order."""
-    dequantised = {node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    """Names of the nodes that read a QuantizeLinear -> DequantizeLinear pair's output (the nodes
+    computing in int8: a weight's DequantizeLinear alone does not make a node integer), in graph
+    order."""
+    quantised = {node.output[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    requantised = {node.output[0] for node in model.graph.node
+                   if node.op_type == "DequantizeLinear" and node.input[0] in quantised}
     return [node.name for node in model.graph.node
-            if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantised & set(node.input)]
-
-
-def _dequantised_initializer(dq: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    """The fp32 value of a DequantizeLinear applied to constants, or None where it reads a tensor."""
-    if any(name and name not in values for name in dq.input):
-        return None
-    x = numpy_helper.to_array(values[dq.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(values[dq.input[1]]).astype(np.float64)
-    zero = numpy_helper.to_array(values[dq.input[2]]).astype(np.float64) if len(dq.input) > 2 and dq.input[2] else 0.0
-    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    if np.ndim(scale) == 1 and x.ndim > 1:  # per-axis: the scale runs along ``axis``
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-        zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
-    return ((x - zero) * scale).astype(np.float32)
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and requantised & set(node.input)]
 
 
 def keep_fp32(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -67,7 +56,6 @@ def keep_fp32(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     result.CopyFrom(model)
     graph = result.graph
     producers = {output: node for node in graph.node for output in node.output}
-    values = {tensor.name: tensor for tensor in graph.initializer}
     chosen = set(names)
     for node in graph.node:
         if node.name not in chosen:
@@ -79,12 +67,6 @@ def keep_fp32(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             q = producers.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[index] = q.input[0]
-                continue
-            weight = _dequantised_initializer(dq, values)
-            if weight is not None:
-                fp32_name = f"{dq.input[0]}_fp32_{node.name}"
-                graph.initializer.append(numpy_helper.from_array(weight, fp32_name))
-                node.input[index] = fp32_name
     _remove_unused(graph)
     return result
 
