@@ -23,15 +23,26 @@ help:
 	@echo "                    RECIPE=export/recipes/demo-onnx-teacher.yaml and demo-logits-teacher.yaml"
 	@echo "make clean    remove the virtual environment and caches"
 
-$(STAMP): pyproject.toml
+# uv installs the environment (a quarter of pip's time here: parallel unpacking, no bytecode compiled
+# up front), from the indexes pip is configured with (scripts/uv_pip_args.py says how and why).
+# INSTALLER=pip installs with pip itself.
+INSTALLER ?= uv
+ifeq ($(INSTALLER),pip)
+VENV_INSTALL = $(PY) -m pip install --quiet
+else
+VENV_INSTALL = $(VENV)/bin/uv pip install --quiet --python $(PY) $$($(PY) scripts/uv_pip_args.py)
+endif
+
+$(STAMP): pyproject.toml scripts/uv_pip_args.py
 	$(PYTHON) -m venv $(VENV)
+	$(if $(filter pip,$(INSTALLER)),,$(PY) -m pip install --quiet "uv>=0.9,<1")
 	@# torch/torchvision first and pinned: the project's machines install this pair from local disk.
-	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(VENV_INSTALL) "torch==2.14.1" "torchvision==0.29.1"
+	$(VENV_INSTALL) -e ".[dev]"
 	@# tritonserver (Python backend only) without its numpy<2 pin, and a NumPy 1 for its Python stub,
 	@# which does not work with NumPy 2 (docs/serving.md)
-	$(PY) -m pip install --quiet --no-deps "nvidia-pytriton==0.7.0"
-	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-numpy "numpy>=1.26,<2"
+	$(VENV_INSTALL) --no-deps "nvidia-pytriton==0.7.0"
+	$(VENV_INSTALL) --no-deps --upgrade --target $(VENV)/triton-numpy "numpy>=1.26,<2"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -65,16 +76,17 @@ CPP_TEST_ENV = TRANSMITER_CPP_BUILD=$(abspath $(CPP_BUILD)) TRANSMITER_CPP_ASAN_
 CPP_TARGETS = cpp cpp-asan $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64)
 
 # make test: the whole suite in timed phases (scripts/phase.sh prints each phase's seconds, and CI's
-# summary reads them from PHASE_LOG); make test lists pytest's 25 slowest tests.
+# summary reads them from PHASE_LOG); make test lists pytest's 25 slowest tests. The C++ builds and
+# their ctest run beside pytest, which runs tests/cpp last and waits for them there
+# (scripts/test_suite.sh says why; their output goes to build/cpp-builds.log).
 PHASE := bash scripts/phase.sh
 CPP_BUILD_TARGETS = cpp cpp-asan-build $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-build)
 CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-ctest)
 
 test:
 	@$(PHASE) venv $(MAKE) --no-print-directory install
-	@$(PHASE) "c++ builds" $(MAKE) --no-print-directory $(CPP_BUILD_TARGETS)
-	@$(PHASE) ctest $(MAKE) --no-print-directory $(CPP_CTEST_TARGETS)
-	@$(PHASE) pytest env $(CPP_TEST_ENV) $(PY) -m pytest -q --durations=25
+	@MAKE="$(MAKE)" CPP_BUILD_TARGETS="$(CPP_BUILD_TARGETS)" CPP_CTEST_TARGETS="$(CPP_CTEST_TARGETS)" \
+	    bash scripts/test_suite.sh env $(CPP_TEST_ENV) $(PY) -m pytest -q --durations=25
 
 # The development loop: no C++ builds, no live servers or clusters, no demo exports, no slow cases
 # (markers in pyproject.toml, set in tests/conftest.py); make test stays the full suite.

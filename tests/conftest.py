@@ -38,12 +38,18 @@ MARKED_FIXTURES = {"cluster": {"ray_local_cluster"},
                    "demo_exports": {"demo_export", "demo_bank_export", "demo_int8_export", "demo_external_export"}}
 
 
+CPP_TESTS = Path(__file__).parent / "cpp"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         for marker, fixtures in MARKED_FIXTURES.items():
             if fixtures & used:
                 item.add_marker(getattr(pytest.mark, marker))
+    # tests/cpp last: make test builds the C++ runtime beside the other tests (scripts/test_suite.sh),
+    # and they wait for it (a stable sort: every other order is kept)
+    items.sort(key=lambda item: CPP_TESTS in Path(item.path).parents)
 
 
 @pytest.fixture(autouse=True)
