@@ -20,27 +20,30 @@ import sys
 # pip option -> uv option (pip's values of the first three are whitespace-separated lists)
 _OPTIONS = {"find-links": "--find-links", "extra-index-url": "--extra-index-url", "constraint": "--constraint",
             "index-url": "--index-url"}
-# where pip reads an option from, least to most binding (pip's own order: files, then variables)
-_SCOPE_ORDER = ("global", "user", "site", ":env:")
+# The sections ``pip install`` reads an option from, least to most binding: a configuration file's
+# [global] and [install] sections (pip merges its files first), then the PIP_* variables (":env:").
+_SECTIONS = ("global", "install", ":env:")
 
 
 def pip_config(python: str) -> dict[str, list[tuple[str, str]]]:
-    """{option: [(scope, value), ...]} from ``PYTHON -m pip config list``, scopes least binding first."""
+    """{option: [(section, value), ...]} from ``PYTHON -m pip config list`` (one line per section and
+    option, its files already merged), the sections ``pip install`` reads, least binding first."""
     listing = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True)
     found: dict[str, list[tuple[str, str]]] = {}
     for line in listing.stdout.splitlines():
         key, sep, raw = line.partition("=")
         if not sep or "." not in key:
             continue
-        scope, _, option = key.rpartition(".")
-        found.setdefault(option, []).append((scope, ast.literal_eval(raw)))
+        section, _, option = key.rpartition(".")
+        if section in _SECTIONS:
+            found.setdefault(option, []).append((section, ast.literal_eval(raw)))
     for values in found.values():
-        values.sort(key=lambda item: _SCOPE_ORDER.index(item[0]) if item[0] in _SCOPE_ORDER else 0)
+        values.sort(key=lambda item: _SECTIONS.index(item[0]))
     return found
 
 
 def uv_args(config: dict[str, list[tuple[str, str]]]) -> list[str]:
-    """The options for uv; each option's value is the one of its most binding scope, as pip takes
+    """The options for uv; each option's value is the one of its most binding section, as pip takes
     it (a ``PIP_FIND_LINKS`` variable replaces the files' find-links, it does not add to them)."""
     args = ["--index-strategy", "unsafe-best-match"]
     for option, flag in _OPTIONS.items():

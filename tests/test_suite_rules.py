@@ -50,3 +50,36 @@ def test_the_cli_runs_as_a_new_interpreter_only_in_the_console_script_test():
                 if where != CONSOLE_SCRIPT_TEST and path.name not in ("cli_process.py", Path(__file__).name):
                     found.append(f"{path.relative_to(TESTS)}:{node.lineno} ({where[1]})")
     assert found == [], "run the CLI through main() in the test, or in a child of tests/cli_process.py"
+
+
+def test_cpp_tests_run_last_and_wait_for_the_builds_beside_them(request, tmp_path, monkeypatch):
+    """make test builds the C++ runtime beside pytest (scripts/test_suite.sh): tests/cpp come last
+    (the live-cluster tests just before them), their build fixtures wait for the builds' status, and
+    a failed or killed build fails them."""
+    import importlib
+    import subprocess
+
+    import pytest
+
+    from conftest import run_order
+
+    # the live-cluster tests after the others, tests/cpp after them
+    order = [run_order(item) for item in request.session.items]
+    assert order == sorted(order)
+    assert [TESTS / "cpp" in Path(item.path).parents for item in request.session.items] == [rank == 2 for rank in order]
+    monkeypatch.syspath_prepend(str(TESTS / "cpp"))
+    cpp_builds = importlib.import_module("cpp_builds")
+    status = tmp_path / "status"
+    # a builds job that is still running, then writes its exit status
+    job = subprocess.Popen(["sh", "-c", f"sleep 1; echo 0 > {status}"])
+    monkeypatch.setenv("TRANSMITER_CPP_BUILDS_STATUS", str(status))
+    monkeypatch.setenv("TRANSMITER_CPP_BUILDS_PID", str(job.pid))
+    cpp_builds.wait_for_builds()
+    assert status.read_text().strip() == "0"
+    job.wait()
+    status.write_text("2\n")
+    with pytest.raises(pytest.fail.Exception, match=r"failed \(exit 2\)"):
+        cpp_builds.wait_for_builds()
+    status.unlink()  # a job that ended without writing its status
+    with pytest.raises(pytest.fail.Exception, match="without a status"):
+        cpp_builds.wait_for_builds()
