@@ -18,12 +18,17 @@ mkdir -p build
 log=build/cpp-builds.log
 status_file=$(mktemp --tmpdir transmiter-cpp-builds.XXXXXX)
 rm -f "$status_file"
+# the builds in a process group of their own (job control on for this one job), so that an
+# interrupted make test stops them too
+set -m
 (
     nice -n 10 bash scripts/phase.sh "c++ builds (beside pytest)" "$MAKE" --no-print-directory $CPP_BUILD_TARGETS &&
         nice -n 10 bash scripts/phase.sh "ctest (beside pytest)" "$MAKE" --no-print-directory $CPP_CTEST_TARGETS
     echo $? > "$status_file.tmp" && mv "$status_file.tmp" "$status_file"
 ) > "$log" 2>&1 &
 builds=$!
+set +m
+trap 'kill -- -"$builds" 2>/dev/null; rm -f "$status_file"; exit 130' INT TERM
 TRANSMITER_CPP_BUILDS_STATUS=$status_file TRANSMITER_CPP_BUILDS_PID=$builds bash scripts/phase.sh pytest "$@"
 tests=$?
 wait "$builds"

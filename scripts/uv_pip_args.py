@@ -1,7 +1,7 @@
 """Print the ``uv pip install`` options that make uv see the package indexes pip is configured with.
 
 The Makefile installs the virtual environment with uv (a quarter of pip's time on the project's
-machines: it unpacks wheels in parallel and compiles no bytecode up front), but uv reads no pip
+machines: it unpacks wheels and compiles their bytecode in parallel), but uv reads no pip
 configuration, and a machine's pip configuration may be what reaches its packages: local wheel
 folders, local simple indexes, a constraints file. This reads that configuration as pip itself
 resolves it (``pip config list``: its files and ``PIP_*`` variables) and prints one option or value

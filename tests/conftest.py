@@ -53,8 +53,8 @@ def pytest_collection_modifyitems(config, items):
 def run_order(item) -> int:
     """Where a test runs (a stable sort: every other order is kept). make test builds the C++ runtime
     beside the other tests (scripts/test_suite.sh): tests/cpp come last and wait for the builds, and
-    the live-cluster tests just before them, when the builds have most likely ended (a Ray cluster
-    sharing the two cores with the compilers took 2.2 times as long: 290 s against 133 s)."""
+    the live-cluster tests just before them, when the builds have most likely ended: a Ray cluster's
+    processes are the tests most slowed by compilers on the same two cores."""
     if CPP_TESTS in Path(item.path).parents:
         return 2
     return 1 if MARKED_FIXTURES["cluster"] & set(getattr(item, "fixturenames", ())) else 0
