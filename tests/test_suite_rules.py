@@ -71,7 +71,7 @@ def test_cpp_tests_run_last_and_wait_for_the_builds_beside_them(request, tmp_pat
     cpp_builds = importlib.import_module("cpp_builds")
     status = tmp_path / "status"
     # a builds job that is still running, then writes its exit status
-    job = subprocess.Popen(["sh", "-c", f"sleep 1; echo 0 > {status}"])
+    job = subprocess.Popen(["sh", "-c", f"sleep 1; echo 0 > {status}.tmp && mv {status}.tmp {status}"])
     monkeypatch.setenv("TRANSMITER_CPP_BUILDS_STATUS", str(status))
     monkeypatch.setenv("TRANSMITER_CPP_BUILDS_PID", str(job.pid))
     cpp_builds.wait_for_builds()
