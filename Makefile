@@ -31,14 +31,16 @@ help:
 # with pip itself.
 INSTALLER ?= uv
 ifeq ($(INSTALLER),pip)
+INSTALL_INSTALLER =
 VENV_INSTALL = $(PY) -m pip install --quiet
 else
+INSTALL_INSTALLER = $(PY) -m pip install --quiet "uv>=0.9,<1"
 VENV_INSTALL = $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) $$($(PY) scripts/uv_pip_args.py)
 endif
 
 $(STAMP): pyproject.toml scripts/uv_pip_args.py
 	$(PYTHON) -m venv $(VENV)
-	$(if $(filter pip,$(INSTALLER)),,$(PY) -m pip install --quiet "uv>=0.9,<1")
+	$(INSTALL_INSTALLER)
 	@# torch/torchvision first and pinned: the project's machines install this pair from local disk.
 	$(VENV_INSTALL) "torch==2.14.1" "torchvision==0.29.1"
 	$(VENV_INSTALL) -e ".[dev]"

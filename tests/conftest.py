@@ -53,11 +53,12 @@ def pytest_collection_modifyitems(config, items):
 def run_order(item) -> int:
     """Where a test runs (a stable sort: every other order is kept). make test builds the C++ runtime
     beside the other tests (scripts/test_suite.sh): tests/cpp come last and wait for the builds, and
-    the live-cluster tests just before them, when the builds have most likely ended: a Ray cluster's
-    processes are the tests most slowed by compilers on the same two cores."""
+    the tests marked ``cluster`` (a live Ray cluster or Triton server) just before them, when the
+    builds have most likely ended: a Ray cluster's processes are the tests most slowed by compilers
+    on the same two cores."""
     if CPP_TESTS in Path(item.path).parents:
         return 2
-    return 1 if MARKED_FIXTURES["cluster"] & set(getattr(item, "fixturenames", ())) else 0
+    return 1 if item.get_closest_marker("cluster") else 0
 
 
 @pytest.fixture(autouse=True)

@@ -54,7 +54,7 @@ def test_the_cli_runs_as_a_new_interpreter_only_in_the_console_script_test():
 
 def test_cpp_tests_run_last_and_wait_for_the_builds_beside_them(request, tmp_path, monkeypatch):
     """make test builds the C++ runtime beside pytest (scripts/test_suite.sh): tests/cpp come last
-    (the live-cluster tests just before them), their build fixtures wait for the builds' status, and
+    (the tests marked cluster just before them), their build fixtures wait for the builds' status, and
     a failed or killed build fails them."""
     import importlib
     import subprocess
@@ -63,7 +63,7 @@ def test_cpp_tests_run_last_and_wait_for_the_builds_beside_them(request, tmp_pat
 
     from conftest import run_order
 
-    # the live-cluster tests after the others, tests/cpp after them
+    # the tests marked cluster after the others, tests/cpp after them
     order = [run_order(item) for item in request.session.items]
     assert order == sorted(order)
     assert [TESTS / "cpp" in Path(item.path).parents for item in request.session.items] == [rank == 2 for rank in order]
