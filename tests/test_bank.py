@@ -67,7 +67,7 @@ def test_single_task_recipe_is_a_bank_of_one(tmp_path):
     (lambda t: t.replace("demo_weights: TM-Demo-Source-ft-textures-foggy", "demo_weights: missing"),
      "tasks.textures_foggy.finetuned.demo_weights"),
     (lambda t: t.replace("plus: {shots: 2, epochs: 2}", "plus: {shots: 0, epochs: 2}"), "tasks.colours_tinted.plus.shots"),
-    (lambda t: t.replace("precisions: [fp32, fp16]", "precisions: [fp32, int8]"), "export.precisions"),
+    (lambda t: t.replace("precisions: [fp32, fp16]", "precisions: [fp32, fp16, fp16]"), "export.precisions"),
     (lambda t: t.split("tasks:")[0] + "tasks: []\nexport: {precisions: [fp32]}\n", "tasks"),
     (lambda t: t.replace("data: {train_per_class: 40, test_per_class: 8}", "data: 7"), "data"),
     (lambda t: t.replace("data: {train_per_class: 40, test_per_class: 8}", "data: {train_per_clas: 4}"),

@@ -57,6 +57,7 @@ FORMAT_VERSION = 1
 FEATURES = "image_features"  # the backbone's output and every head's input
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 HEADS_DIR = "heads"
+CALIBRATION_RECORDS = ("calibration", "fp32_nodes_kept")  # what a backbone records of its calibrated graphs
 BANK_CHECK_IMAGES = 8  # seeded noise images: the composition is checked against its parts
 
 
@@ -118,8 +119,8 @@ def _graphs_by_precision(files: dict[str, str], stem: str) -> dict[str, str]:
 def _reduced(settings: ExportSettings) -> list[Precision]:
     calibrated = settings.calibrated()
     if calibrated:
-        raise InputError(f"task banks do not take calibrated precisions yet ({calibrated[0].name}); "
-                         "export them from a single-task recipe")
+        raise InputError(f"{calibrated[0].name} is added to a bank's backbone after its export, behind each "
+                         "task's gate (deploy/bank_int8.py), not converted with it")
     return settings.reduced()
 
 
@@ -318,6 +319,25 @@ def _opsets(models: list[onnx.ModelProto], names: list[str]) -> list[onnx.Operat
     return [onnx.helper.make_opsetid(domain, version) for domain, version in versions.items()]
 
 
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")), 0)
+
+
+def _head_at_backbone_opset(backbone: onnx.ModelProto, head: onnx.ModelProto, task: str) -> onnx.ModelProto:
+    """``head`` converted up to the backbone's default opset where it is lower: a quantised backbone
+    comes out of ModelOpt at a newer opset than the recipe's (19 for int8 Q/DQ), the heads stay at
+    the recipe's. onnx's version converter rewrites each op to its newer form; the composed graph
+    is then checked against its parts (:func:`_verify_bank`)."""
+    wanted, have = _default_opset(backbone), _default_opset(head)
+    if not have or have >= wanted:
+        return head
+    try:
+        return onnx.version_converter.convert_version(head, wanted)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++: named here
+        raise InputError(f"task {task}: its head (opset {have}) cannot be converted to the backbone's opset "
+                         f"{wanted}: {exc}") from exc
+
+
 def output_names(task: str, softmax: bool) -> list[str]:
     return [f"logits_{task}"] + ([f"probs_{task}"] if softmax else [])
 
@@ -332,6 +352,7 @@ def compose_bank(backbone: onnx.ModelProto, heads: list[tuple[str, onnx.ModelPro
     graph.CopyFrom(backbone.graph)
     graph.name = "transmiter_bank"
     del graph.output[:]
+    heads = [(task, _head_at_backbone_opset(backbone, head, task)) for task, head in heads]
     for task, head in heads:
         if len(head.graph.input) != 1 or len(head.graph.output) != 1:
             raise InputError(f"task {task}: a head graph must have one input (features) and one output (logits)")
@@ -384,6 +405,15 @@ class Bank:
         return output_names(task, bool(self.manifest.get("softmax")))[-1]
 
 
+def head_graph(head: Part, kind: str) -> str:
+    """The head graph a bank composes with its ``kind`` backbone: the head's own graph of that
+    precision, or its fp32 graph for a calibrated precision (heads are not quantised:
+    deploy/bank_int8.py)."""
+    if kind not in head.graphs and PRECISIONS[kind].needs_calibration:
+        return head.graphs[REFERENCE_PRECISION]
+    return head.graphs[kind]
+
+
 def _check_compatible(backbone: Part, name: str, head: Part) -> None:
     ours, theirs = backbone.manifest, head.manifest
     if theirs["feature_dim"] != ours["feature_dim"]:
@@ -393,7 +423,7 @@ def _check_compatible(backbone: Part, name: str, head: Part) -> None:
         raise InputError(f"task {name}: its head was built for {theirs['target_model'].get('name')} "
                          f"({_weights(theirs['target_model'])}), the bank's backbone is "
                          f"{ours['target_model'].get('name')} ({_weights(ours['target_model'])})")
-    missing = [p for p in backbone.graphs if p not in head.graphs]
+    missing = [p for p in backbone.graphs if p not in head.graphs and not PRECISIONS[p].needs_calibration]
     if missing:
         raise InputError(f"task {name}: its head has no {missing[0]} graph, which the bank's backbone has")
 
@@ -421,7 +451,7 @@ def _verify_bank(staging: Path, backbone: Part, tasks: list[BankTask], graphs: d
         outputs = run_graph_outputs(GraphFile(staging / graph, kind), pixels)
         features = run_graph(GraphFile(backbone.path(backbone.graphs[kind]), kind), pixels)
         for task in tasks:
-            parts = run_graph(GraphFile(task.head.path(task.head.graphs[kind]), kind), features)
+            parts = run_graph(task.head.path(head_graph(task.head, kind)), features)
             result = compare_outputs(parts, outputs[f"logits_{task.name}"])
             atol = FP32_LOGIT_ATOL if target.reference else (target.max_abs or FP32_LOGIT_ATOL)
             checks.add(f"bank_{kind}_{task.name}_vs_parts", result,
@@ -475,7 +505,8 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
         with probes_batched():
             for kind, graph_file in backbone.graphs.items():
                 composed = compose_bank(onnx.load(backbone.path(graph_file)),
-                                        [(t.name, onnx.load(t.head.path(t.head.graphs[kind]))) for t in tasks], softmax)
+                                        [(t.name, onnx.load(t.head.path(head_graph(t.head, kind)))) for t in tasks],
+                                        softmax)
                 name = PRECISIONS[kind].graph_name("model")
                 save_graph(composed, staging / name, external_data_threshold)
                 del composed
@@ -491,7 +522,9 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
             "files": entries, "graphs": graphs,
             "backbone": {"graphs": dict(backbone.graphs), "output": FEATURES,
                          "sha256": backbone.files[backbone.graphs[REFERENCE_PRECISION]]["sha256"],
-                         "macs": b.get("macs")},
+                         "macs": b.get("macs"),
+                         # calibrated graphs: their calibration and the quantised nodes kept in fp32
+                         **{key: b[key] for key in CALIBRATION_RECORDS if b.get(key)}},
             "tasks": task_records, "output": "probabilities" if softmax else "logits", "softmax": softmax,
             "preprocess": b["preprocess"], "feature_dim": b["feature_dim"], "target_model": b["target_model"],
             "opset": b["opset"]})
@@ -551,7 +584,7 @@ def _read_bank(directory: Path, verify: bool) -> Bank:
     backbone_files = with_data_files(files, [name for name in manifest["backbone"].get("graphs", {}).values()
                                              if name in files])
     backbone = Part(directory, {key: manifest[key] for key in ("feature_dim", "target_model", "preprocess", "opset")}
-                    | {"macs": manifest["backbone"].get("macs")},
+                    | {key: manifest["backbone"].get(key) for key in ("macs", *CALIBRATION_RECORDS)},
                     _precision_graphs(backbone_files, "backbone", str(path)), backbone_files)
     bank = Bank(directory, manifest, backbone)
     seen = set()
@@ -588,6 +621,10 @@ def add_task(bank_dir: Path, name: str, head_dir: Path, log: Callable[[str], Non
     """The bank with one more task, its head read from a head export or a single-task export."""
     bank = read_bank(bank_dir)
     check_task_name(name, "bank add")
+    calibrated = [kind for kind in bank.backbone.graphs if PRECISIONS[kind].needs_calibration]
+    if calibrated:
+        raise InputError(f"bank {bank_dir} has {calibrated[0]} graphs, gated task by task on labelled images: add "
+                         f"'{name}' to the bank's recipe and run transmiter export, which gates it")
     if name in bank.task_names:
         raise InputError(f"bank {bank_dir} already has a task '{name}' (remove it first)")
     return assemble_bank(bank_dir, bank.backbone, [*bank.tasks, BankTask(name, read_head(head_dir))],

@@ -99,15 +99,20 @@ class _Rewrite:
 
 
 @contextmanager
-def _rewritten(export_dir: Path, target: Precision) -> Iterator[_Rewrite]:
-    """A new version of a verified export without ``target``'s files, checks, gate and
-    calibration record, replacing the old one atomically when the block ends without error."""
-    manifest = read_manifest(export_dir / MANIFEST, FORMAT, FORMAT_VERSION, "export manifest")
+def rewritten(export_dir: Path, target: Precision, manifest_format: tuple[str, int] = (FORMAT, FORMAT_VERSION)
+              ) -> Iterator[_Rewrite]:
+    """A new version of a verified export (or of another directory with a manifest and a
+    ``parity.json``: ``manifest_format``, e.g. a bank's backbone export) without ``target``'s files,
+    checks, gate, calibration record and fp32-node record, replacing the old one atomically when
+    the block ends without error."""
+    manifest_name, version = manifest_format
+    manifest = read_manifest(export_dir / MANIFEST, manifest_name, version, "export manifest")
     parity = read_json(export_dir / "parity.json", "parity report")
     body = {key: value for key, value in manifest.items() if key not in ("format", "format_version", "versions", "created")}
     body["files"] = {name: entry for name, entry in manifest["files"].items()
                      if entry.get("precision") != target.manifest_name}
     body.get("calibration", {}).pop(target.name, None)
+    body.get("fp32_nodes_kept", {}).pop(target.name, None)
     parity["checks"] = {name: check for name, check in parity["checks"].items() if f"_{target.name}_vs_" not in name}
     parity.get("gates", {}).pop(target.name, None)
     with atomic_directory(export_dir, MANIFEST) as staging:
@@ -116,18 +121,19 @@ def _rewritten(export_dir: Path, target: Precision) -> Iterator[_Rewrite]:
         rewrite = _Rewrite(staging, body, parity)
         yield rewrite
         write_json(staging / "parity.json", rewrite.parity)
-        write_manifest(staging / MANIFEST, FORMAT, FORMAT_VERSION, rewrite.body)
+        write_manifest(staging / MANIFEST, manifest_name, version, rewrite.body)
 
 
 def add_precision(export_dir: Path, target: Precision, calibration: dict[str, dict[str, np.ndarray]],
                   references: References, calibration_record: dict, gate: GateImages | None = None,
-                  log=print, external_data_threshold: int | None = None) -> dict | None:
+                  log=print, external_data_threshold: int | None = None, fallback: bool = True) -> dict | None:
     """Convert the fp32 graphs of a verified export to ``target`` and add them to it, atomically:
-    checked against the PyTorch references, then gated on ``gate``'s images. Returns the gate's
+    checked against the PyTorch references, then gated on ``gate``'s images (``fallback``: a Q/DQ
+    graph that fails keeps its most sensitive nodes in fp32 until it passes). Returns the gate's
     table; a failed check or gate raises (GateFailed carries the table) and leaves the export
     as it was."""
     export_dir, start = Path(export_dir), time.perf_counter()
-    with _rewritten(export_dir, target) as rewrite:
+    with rewritten(export_dir, target) as rewrite:
         staging, checks = rewrite.staging, Checks(rewrite.parity["checks"])
         features = calibration["head"]["image_features"]
         head_reference = run_graph(staging / "head.onnx", features)
@@ -139,7 +145,7 @@ def add_precision(export_dir: Path, target: Precision, calibration: dict[str, di
             reference = run_graph(staging / "model.onnx", gate.pixels)
             candidate = run_graph(GraphFile(staging / target.graph_name("model"), target.name), gate.pixels)
             record = accuracy_gate(reference, candidate, target, gate)
-            if not record["passed"] and target.qdq:
+            if not record["passed"] and target.qdq and fallback:
                 record = _keep_sensitive_nodes_fp32(staging, target, calibration["model"], gate, reference, record,
                                                     references, checks, external_data_threshold, log)
         _raise_if_failed(target, checks, record, export_dir)
@@ -212,12 +218,14 @@ def _raise_if_failed(target: Precision, checks: Checks, record: dict | None, exp
                          record or {"precision": target.name, "checks_failed": failed, "passed": False})
 
 
-def remove_precision(export_dir: Path, target: Precision) -> bool:
+def remove_precision(export_dir: Path, target: Precision,
+                     manifest_format: tuple[str, int] = (FORMAT, FORMAT_VERSION)) -> bool:
     """Take ``target``'s graphs out of an export (a recipe that no longer asks for them);
     returns whether there were any."""
-    manifest = read_manifest(Path(export_dir) / MANIFEST, FORMAT, FORMAT_VERSION, "export manifest")
+    manifest = read_manifest(Path(export_dir) / MANIFEST, *manifest_format, "export manifest")
     if not any(entry.get("precision") == target.manifest_name for entry in manifest["files"].values()):
         return False
-    with _rewritten(Path(export_dir), target):
-        pass
+    with rewritten(Path(export_dir), target, manifest_format) as rewrite:
+        if "graphs" in rewrite.body:  # a backbone export's precision -> graph table
+            rewrite.body["graphs"] = {kind: name for kind, name in rewrite.body["graphs"].items() if kind != target.name}
     return True

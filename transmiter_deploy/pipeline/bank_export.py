@@ -5,7 +5,9 @@ evaluate) under ``tasks/<task>/``, named ``<task>.<step>``, then the task's head
 backbone export is keyed by the target model, the opset and the precisions only, so adding,
 removing or changing a task never re-runs it. The bank (``onnx/``) is assembled from the parts
 by hard links plus the composed fused graph, so ``backbone.onnx``, its engine and every
-untouched task's head files stay byte-identical (``docs/bank.md``).
+untouched task's head files stay byte-identical (``docs/bank.md``). A calibrated precision (int8)
+is added to the backbone export behind every task's gate first (pipeline/bank_calibration.py);
+when no candidate passes, the bank is left as it was.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import numpy as np
 import torch
 
 from ..artifacts import MANIFESTS, read_json
-from ..runtimes.registry import reference_runtime
+from ..deploy.gate import GateFailed
+from ..runtimes.registry import PRECISIONS, reference_runtime
+from .bank_calibration import BankCalibration, drop_unasked
 from .deployment_steps import engine_steps, validation_step
 from .export_run import ExportRun, Models, key_external_data, model_specs, running_export
 from .recipe import Recipe
@@ -51,17 +55,37 @@ def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress
             task_runs.append(run)
         shared.models, shared.model_keys = models, task_runs[0].model_keys
         backbone_key = _backbone(shared)
-        _assemble(shared, backbone_key, head_keys)
-        outcome.export_dir = shared.onnx_dir
-        outcome.validation, outcome.validation_skipped = _validate(shared, task_runs, engine_steps(shared))
+        drop_unasked(shared, out / BACKBONE_DIR)
+        calibrated_keys, failures = {}, []
+        heads = {t.task.name: (t.root / HEAD_EXPORT_DIR / "head.onnx", head_keys[t.task.name]) for t in task_runs}
+        for name in shared.precisions:
+            if PRECISIONS[name].needs_calibration:
+                try:
+                    calibrated_keys[name] = BankCalibration(shared, task_runs, (out / BACKBONE_DIR, backbone_key), heads,
+                                                            PRECISIONS[name], _threshold(shared)).run_steps(outcome)
+                except GateFailed as exc:
+                    shared.steps.failed(f"backbone-{name}", str(exc))
+                    failures.append(exc)
+        if not failures:  # a failed gate leaves the bank as it was: no task goes out ungated
+            _assemble(shared, backbone_key, calibrated_keys, head_keys)
+            outcome.export_dir = shared.onnx_dir
+            outcome.validation, outcome.validation_skipped = _validate(shared, task_runs, engine_steps(shared))
+    if failures:  # after the report, which shows the failed gates
+        raise failures[0]
     return outcome
 
 
 def _settings(run: ExportRun):
     from ..deploy.onnx_export import ExportSettings
 
-    return ExportSettings(opset=run.recipe.export.opset, softmax=False, precisions=run.precisions,
+    return ExportSettings(opset=run.recipe.export.opset, softmax=False, precisions=_converted(run),
                           external_data_threshold=_threshold(run))
+
+
+def _converted(run: ExportRun) -> list[str]:
+    """The precisions converted with the backbone and heads; calibrated ones (int8) are added to
+    the backbone afterwards (:func:`_calibrated`), so asking for them re-exports nothing."""
+    return [name for name in run.precisions if not PRECISIONS[name].needs_calibration]
 
 
 def _threshold(run: ExportRun) -> int:
@@ -81,7 +105,7 @@ def _head_export(run: ExportRun) -> str:
 
     where = run.root / HEAD_EXPORT_DIR
     inputs = {"adapter": run.keys["final"], "head": run.head_keys["target"], "opset": run.recipe.export.opset,
-              "precisions": list(run.precisions),
+              "precisions": _converted(run),
               "cache": run.cache_keys.get(("target", "test")) or run.cache_keys[("target", "train")]}
     key_external_data(inputs, _threshold(run))
     return run.steps.run("head-export", inputs, [where / MANIFESTS["export"]], lambda: export_head(
@@ -94,14 +118,14 @@ def _backbone(run: ExportRun) -> str:
 
     where = run.out / BACKBONE_DIR
     model = lambda: run.models["target"]  # noqa: E731 (loaded only when the step runs)
-    inputs = {"target": run.model_keys["target"], "opset": run.recipe.export.opset, "precisions": list(run.precisions),
+    inputs = {"target": run.model_keys["target"], "opset": run.recipe.export.opset, "precisions": _converted(run),
               "parity_images": PARITY_IMAGES}
     key_external_data(inputs, _threshold(run))
     return run.steps.run("backbone", inputs, [where / MANIFESTS["export"]], lambda: export_backbone(
         model(), where, parity_pixels(model(), None, count=PARITY_IMAGES), _settings(run), run.log))
 
 
-def _assemble(run: ExportRun, backbone_key: str, head_keys: dict[str, str]) -> None:
+def _assemble(run: ExportRun, backbone_key: str, calibrated_keys: dict[str, str], head_keys: dict[str, str]) -> None:
     from ..deploy.bank import BankTask, assemble_bank, read_backbone, read_head
 
     def work() -> None:
@@ -112,6 +136,8 @@ def _assemble(run: ExportRun, backbone_key: str, head_keys: dict[str, str]) -> N
 
     inputs = {"backbone": backbone_key, "heads": [[name, key] for name, key in head_keys.items()],
               "softmax": run.recipe.export.softmax}
+    if calibrated_keys:  # keyed as before where the bank has no calibrated graph
+        inputs["calibrated"] = calibrated_keys
     key_external_data(inputs, _threshold(run))
     run.keys["onnx"] = run.steps.run("bank", inputs, [run.onnx_dir / MANIFESTS["export"]], work)
 

@@ -27,6 +27,25 @@ def pixel_graphs(run: ExportRun) -> list[str]:
     return sorted(name for name in files if name.startswith(("model", "backbone")) and name.endswith(".onnx"))
 
 
+def gate_images(run: ExportRun):
+    """The gate images of ``run``'s task: its labelled test images, or else held-out training
+    images (agreement only); and how many training images were held out."""
+    from ..deploy.calibration import held_out, preprocess_records
+    from ..deploy.gate import GateImages
+    from ..features.datasets import open_dataset
+
+    model, agreement = run.models["target"], run.recipe.export.calibration.agreement
+    if "test" in run.splits:
+        records = open_dataset(run.splits["test"], run.classes).records
+        labels = np.array([record.label for record in records])
+        return GateImages(preprocess_records(model, records).numpy(), labels, run.task.data.base_classes,
+                          "test images", agreement), 0
+    pixels = held_out(model, run.splits["train"], run.recipe.export.calibration.seed)
+    return GateImages(pixels.numpy(), None, description=f"{len(pixels)} held-out training images (agreement "
+                                                        "only: the recipe has no test images)",
+                      agreement=agreement), len(pixels)
+
+
 def engine_steps(run: ExportRun) -> list[str]:
     """One engine per exported pixels graph, over the recipe's batch range, when the recipe names
     a runtime that runs engines (TensorRT); returns the engine steps' keys (empty where none could

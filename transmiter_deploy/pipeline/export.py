@@ -19,7 +19,7 @@ import torch
 
 from ..artifacts import MANIFESTS, atomic_directory, load_tensors, read_json, save_tensors, write_json
 from ..runtimes.registry import PRECISIONS, reference_runtime
-from .deployment_steps import engine_steps, pixel_graphs, validation_step
+from .deployment_steps import engine_steps, gate_images, pixel_graphs, validation_step
 from .export_run import REFERENCES, ExportRun, Models, key_external_data, model_specs, running_export
 from .recipe import Recipe
 from .report import ExportOutcome
@@ -79,25 +79,6 @@ def _onnx(run: ExportRun) -> None:
                                                       run.out / REFERENCES / "references.json"], work)
 
 
-def _gate_images(run: ExportRun):
-    """The recipe's labelled test images, or else held-out training images (agreement only);
-    and how many training images were held out."""
-    from ..deploy.calibration import held_out, preprocess_records
-    from ..deploy.gate import GateImages
-    from ..features.datasets import open_dataset
-
-    model, agreement = run.models["target"], run.recipe.export.calibration.agreement
-    if "test" in run.splits:
-        records = open_dataset(run.splits["test"], run.classes).records
-        labels = np.array([record.label for record in records])
-        return GateImages(preprocess_records(model, records).numpy(), labels, run.task.data.base_classes,
-                          "test images", agreement), 0
-    pixels = held_out(model, run.splits["train"], run.recipe.export.calibration.seed)
-    return GateImages(pixels.numpy(), None, description=f"{len(pixels)} held-out training images (agreement "
-                                                        "only: the recipe has no test images)",
-                      agreement=agreement), len(pixels)
-
-
 def _drop_unasked(run: ExportRun) -> None:
     """Calibrated graphs an earlier run added that this recipe no longer asks for leave the export."""
     from ..deploy.precision_edits import remove_precision
@@ -135,13 +116,14 @@ def _calibrated(run: ExportRun, name: str, outcome: ExportOutcome):
 
     def work() -> None:
         gate_file.parent.mkdir(parents=True, exist_ok=True)
-        gate, held = _gate_images(run)
+        gate, held = gate_images(run)
         model = run.models["target"]
         calibration = sample_calibration(model, source, settings.images, settings.minimum, settings.seed,
                                          exclude=held if settings.data is None else 0)
         try:
             result = add_precision(run.onnx_dir, target, calibration_inputs(model, calibration.pixels),
-                                   _references(run), calibration.record, gate, run.log, threshold)
+                                   _references(run), calibration.record, gate, run.log, threshold,
+                                   fallback=settings.fallback)
         except GateFailed as exc:
             write_json(gate_file, exc.record)
             raise

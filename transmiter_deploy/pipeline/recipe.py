@@ -127,6 +127,12 @@ class CalibrationSection:
     minimum: int = 32  # fewer usable images than this is refused
     seed: int = 0
     data: Path | None = None  # another unlabelled image set to calibrate on (default: data.train)
+    # a graph that fails its gate keeps its most sensitive quantised nodes in fp32 until it passes
+    # (deploy/qdq_fallback.py); false: it fails at once (exit 4)
+    fallback: bool = True
+    # a bank's tasks whose training images calibrate the backbone (default: every task); naming
+    # them keeps the backbone's int8 graph when a task is added (docs/bank.md)
+    tasks: tuple[str, ...] | None = None
     # the gate's optional stricter criterion: top-1 agreement with fp32 at least this (0-1); by
     # default labelled gates judge accuracy only (deploy/gate.py)
     agreement: float | None = None
@@ -469,12 +475,6 @@ def _check_semantics(recipe: Recipe, reader: _Reader, check_files: bool) -> None
             _check_teacher(ref, key, reader, check_files)
     for task in recipe.tasks:
         _check_task(task, _prefix(recipe, task), reader, check_files, BUILTIN_TEMPLATES)
-    if recipe.bank:
-        calibrated = [name for name in recipe.export.precisions if name in PRECISIONS
-                      and registry.PRECISIONS[name].needs_calibration]
-        if calibrated:
-            raise reader.fail("export.precisions", f"{calibrated[0]} is not available for task banks yet "
-                              "(export it from a single-task recipe)")
     if recipe.export.opset < 1:
         raise reader.fail("export.opset", f"must be positive, got {recipe.export.opset}")
     if recipe.export.external_data_threshold is not None and recipe.export.external_data_threshold < 0:
@@ -606,5 +606,16 @@ def _check_calibration(recipe: Recipe, reader: _Reader, check_files: bool) -> No
                           f"({calibration.minimum})")
     if calibration.agreement is not None and not 0 < calibration.agreement <= 1:
         raise reader.fail("export.calibration.agreement", f"must be in (0, 1], got {calibration.agreement}")
+    if calibration.tasks is not None:
+        names = [task.name for task in recipe.tasks]
+        if not recipe.bank:
+            raise reader.fail("export.calibration.tasks", "only a task bank has tasks to calibrate on "
+                              "(a single-task recipe calibrates on data.train or export.calibration.data)")
+        if calibration.data is not None:
+            raise reader.fail("export.calibration.tasks", "give either tasks or data, not both")
+        unknown = [name for name in calibration.tasks if name not in names]
+        if unknown or not calibration.tasks or len(set(calibration.tasks)) != len(calibration.tasks):
+            raise reader.fail("export.calibration.tasks", f"must name tasks of the bank, each once, got "
+                              f"{list(calibration.tasks)} (tasks: {', '.join(names)})")
     if check_files and calibration.data is not None and not calibration.data.exists():
         raise reader.fail("export.calibration.data", f"not found: {calibration.data}")

@@ -126,7 +126,8 @@ def _bank_lines(parity: dict) -> list[str]:
 def _gate_lines(gate: dict) -> list[str]:
     """One calibrated precision's gate: its accuracy beside fp32's, each criterion, the verdict."""
     name = gate["precision"]
-    lines = [f"## {name} accuracy gate ({gate['images']}, {gate['samples']} images): "
+    task = f", task {gate['task']}" if gate.get("task") else ""  # a bank gates every task
+    lines = [f"## {name} accuracy gate{task} ({gate['images']}, {gate['samples']} images): "
              f"{'pass' if gate['passed'] else 'FAIL: the ' + name + ' graphs were not added'}", ""]
     if gate["accuracy"]:
         cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -140,7 +141,7 @@ def _gate_lines(gate: dict) -> list[str]:
               f"{gate['top1_agreement']:.2%}.", ""]
     fallback = gate.get("fallback")
     if fallback:
-        tried = ", ".join(f"{t['kept']} ({'pass' if t['passed'] else 'fail'}, agreement {t['top1_agreement']:.2%})"
+        tried = ", ".join(f"{t['kept']} ({_verdict(t)}, agreement {t['top1_agreement']:.2%})"
                           for t in fallback["tries"]) or "none"
         lines += [f"The first {name} graph failed its gate; the most sensitive quantised nodes were kept in fp32 "
                   f"({fallback.get('reason') or fallback['criterion']}). Nodes kept in fp32 per try, of "
@@ -149,3 +150,11 @@ def _gate_lines(gate: dict) -> list[str]:
             lines += ["", "Kept in fp32: " + ", ".join(f"`{node}`" for node in fallback["kept"]) + "."]
         lines.append("")
     return lines
+
+
+def _verdict(attempt: dict) -> str:
+    """A fallback try's verdict; a bank's try names the task whose gate failed (its agreement is
+    the lowest of the tasks gated)."""
+    if attempt["passed"]:
+        return "pass"
+    return f"fail at task {attempt['failed']}" if attempt.get("failed") else "fail"
