@@ -80,7 +80,7 @@ CPP_TEST_ENV = TRANSMITER_CPP_BUILD=$(abspath $(CPP_BUILD)) TRANSMITER_CPP_ASAN_
                    TRANSMITER_CPP_AARCH64_ASAN_BUILD=$(abspath $(CPP_AARCH64_ASAN_BUILD)))
 CPP_TARGETS = cpp cpp-asan $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64)
 
-# make test: the whole suite in timed phases (scripts/phase.sh prints each phase's seconds, and CI's
+# make test: the whole suite in timed phases (scripts/phase.sh prints each phase's wall and CPU seconds, and CI's
 # summary reads them from PHASE_LOG); make test lists pytest's 25 slowest tests. The C++ builds and
 # their ctest run beside pytest, which runs tests/cpp last and waits for them there
 # (scripts/test_suite.sh says why; their output goes to build/cpp-builds.log).

@@ -174,3 +174,32 @@ def test_head_safetensors_alone_reproduces_the_folded_head(exported):
     assert np.abs(got - expected).max() <= 1e-4
     with pytest.raises(IntegrityError, match="sha256"):
         head_logits_numpy(out / "head.safetensors", features.numpy(), "0" * 64)
+
+
+def test_an_optimisation_pass_that_fails_is_skipped_with_one_warning(tmp_path, caplog):
+    """A library pass that raises (onnxslim's ConvMul fusion did, on MobileCLIP's towers) leaves the
+    graph as traced, named in one warning line; the graph still computes what the module does."""
+    import onnxslim
+
+    from transmiter_deploy.deploy.trace import slimmed_or_as_traced
+    from transmiter_deploy.runtimes.onnx_files import graph_structure, weights_apart
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    example = torch.randn(3, 8)
+    torch.onnx.export(module, (example,), str(tmp_path / "traced.onnx"), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    structure, _ = weights_apart(tmp_path / "traced.onnx", tmp_path)
+    before = structure.SerializeToString()
+
+    def failing(model):
+        del model.graph.node[0]  # a pass that changes its input, then fails
+        raise AttributeError("'Variable' object has no attribute 'values'")
+
+    with caplog.at_level("WARNING"):
+        kept = slimmed_or_as_traced(structure, failing, "onnxslim 0.0-test", "the test graph")
+    assert kept.SerializeToString() == before  # as traced, untouched by the failed attempt
+    (record,) = caplog.records
+    assert record.getMessage() == ("warning: onnxslim 0.0-test failed on the test graph (AttributeError: 'Variable' "
+                                   "object has no attribute 'values'); exported without it")
+    slimmed = slimmed_or_as_traced(graph_structure(tmp_path / "traced.onnx"), onnxslim.slim, "onnxslim", "the test graph")
+    assert len(slimmed.graph.node) <= len(kept.graph.node)

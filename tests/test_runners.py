@@ -110,6 +110,23 @@ def test_openvino_matches_pytorch_within_each_precision(export):
     assert fp16["max_abs"] > fp32["max_abs"]
 
 
+@pytest.mark.runtime("openvino-cpu-bf16")
+def test_openvino_bf16_is_judged_by_top1_alone_and_only_where_the_cpu_has_bf16(export):
+    entry = registry.runtime("openvino-cpu-bf16")
+    reason = entry.unavailable()
+    if reason is not None:  # an AVX2-only CPU: the refusal is tested below
+        pytest.skip(reason)
+    out, torch_runner, pixels = export
+    with registry.runtime("openvino-cpu").create(out / "model.onnx", RunSettings(threads=2)) as runner:
+        fp32 = compare(torch_runner, runner, pixels)
+    with entry.create(out / "model.onnx", RunSettings(threads=2)) as runner:
+        bf16 = compare(torch_runner, runner, pixels)
+    assert runner.name == "openvino-cpu-bf16" and bf16["precision"] == "fp32"
+    assert bf16["tolerance"] == {"max_abs": None, "top1": 0.99} and fp32["tolerance"]["max_abs"] == 1e-4
+    # it computes in bf16 indeed (errors far above fp32's), and agrees on top-1
+    assert bf16["max_abs"] > 100 * fp32["max_abs"] and bf16["passed"] and bf16["top1_agreement"] >= 0.99
+
+
 def test_openvino_refuses_what_it_cannot_do_in_one_line(export, tmp_path):
     from transmiter_deploy.runtimes.openvino import OpenVinoRunner
 
@@ -121,12 +138,10 @@ def test_openvino_refuses_what_it_cannot_do_in_one_line(export, tmp_path):
         OpenVinoRunner(out / "model.onnx", inference_precision="f8")
     import openvino
 
-    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        with OpenVinoRunner(out / "model.onnx", inference_precision="bf16") as runner:  # judged by top-1 alone
-            assert compare(torch_runner, runner, pixels)["top1_agreement"] >= 0.99
-    else:
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         with pytest.raises(DependencyError, match="this CPU has no bf16 arithmetic"):
             OpenVinoRunner(out / "model.onnx", inference_precision="bf16")
+        assert "this CPU has no bf16 arithmetic" in registry.runtime("openvino-cpu-bf16").unavailable()
     broken = tmp_path / "model.onnx"
     broken.write_bytes((out / "model.onnx").read_bytes()[:1000])
     with pytest.raises(InputError, match="OpenVINO cannot load") as refused:

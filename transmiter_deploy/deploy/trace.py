@@ -9,6 +9,7 @@ PyTorch tower's.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import uuid
 import warnings
@@ -79,7 +80,7 @@ def _traced(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
             raise InputError(f"cannot export {what} to ONNX: {first}") from exc
         release_freed_memory()  # the exporter's own copies of the weights
         structure, data_dir = weights_apart(traced, Path(work))
-        model = _slim_structure(structure, onnxslim.slim)
+        model = slimmed_or_as_traced(structure, onnxslim.slim, f"onnxslim {onnxslim.__version__}", what)
         del structure
         # checked as a structure beside its data file: the checker reads the graph from the path
         # and never the weights (in memory, it would hold the serialised graph twice more)
@@ -90,6 +91,22 @@ def _traced(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
         finally:
             checked.unlink(missing_ok=True)
         yield model, data_dir
+
+
+def slimmed_or_as_traced(structure: onnx.ModelProto, slim: Callable, library: str, what: str) -> onnx.ModelProto:
+    """:func:`_slim_structure`, or, where the optimisation pass fails, the graph as traced with one
+    warning line naming the pass, its version and the graph: a pass only simplifies (the export is
+    judged by parity either way), so its failure must not stop the export. Seen: onnxslim's ConvMul
+    fusion reads a Conv's weight values, which are graph inputs here, on MobileCLIP's towers."""
+    attempt = onnx.ModelProto()
+    attempt.CopyFrom(structure)  # the pass may have changed its input before it failed: the structure holds no weights
+    try:
+        return _slim_structure(attempt, slim)
+    except Exception as exc:  # noqa: BLE001 (any failure of an optional pass: skipped, named)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logging.getLogger(__name__).warning(f"warning: {library} failed on {what} ({type(exc).__name__}: {reason}); "
+                                            "exported without it")
+        return structure
 
 
 def _slim_structure(structure: onnx.ModelProto, slim: Callable) -> onnx.ModelProto:

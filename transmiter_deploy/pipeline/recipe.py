@@ -188,7 +188,7 @@ class Recipe:
     transfer: TransferSection = field(default_factory=TransferSection)
     plus: PlusSection = field(default_factory=PlusSection)
     export: ExportSection = field(default_factory=ExportSection)
-    runtimes: tuple[str, ...] = RUNTIME_FAMILIES
+    runtimes: tuple[str, ...] = registry.default_families()
     tasks: tuple[TaskRecipe, ...] = ()  # always filled: a single-task recipe is a bank of one
     bank: bool = False  # the recipe has a tasks: list (the export writes a bank, docs/bank.md)
     # where extraction and TransMiter+ train (method/device.py); not part of any step's key: the

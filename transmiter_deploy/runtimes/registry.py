@@ -86,9 +86,23 @@ class Runtime:
     includes_copies: bool = False  # a call's time includes host <-> device copies
     reference: bool = False  # the runtime every other is compared against
     verifies: bool = False  # the graph runtime exports check every graph they write on (deploy/parity.py)
+    # arithmetic below the graph's precision (OpenVINO's bf16 on a fp32 graph): its results are
+    # judged by that arithmetic's tolerance (ARITHMETIC_TOLERANCES) where it is looser
+    arithmetic: str | None = None
 
     def runner_class(self) -> type:
         return resolve(self.runner)
+
+    def tolerance(self, precision_name: str) -> dict[str, float | None]:
+        """What this runtime's outputs on a ``precision_name`` graph are judged by: the precision's
+        tolerance, loosened by the runtime's own arithmetic where it has one."""
+        tolerance = precision(precision_name).tolerance()
+        if self.arithmetic is None:
+            return tolerance
+        own = ARITHMETIC_TOLERANCES[self.arithmetic]
+        return {"max_abs": None if own["max_abs"] is None or tolerance["max_abs"] is None
+                else max(own["max_abs"], tolerance["max_abs"]),
+                "top1": min(own["top1"], tolerance["top1"])}
 
     def create(self, source: Any, settings: Any = None, **kwargs: Any):
         """A runner (not yet active) over ``source``: a torch module or a zero-argument builder of
@@ -153,7 +167,15 @@ RUNTIMES: dict[str, Runtime] = {runtime.name: runtime for runtime in (
     # OpenVINO's CPU plugin at fp32 (its own default on a bf16 CPU computes in bf16: never implicit)
     Runtime("openvino-cpu", "openvino", "transmiter_deploy.runtimes.openvino:OpenVinoRunner", "onnx", "cpu",
             (("inference_precision", "f32"),)),
+    # ... and computing in bf16 where the CPU has it (AVX-512 BF16, AMX): faster, judged by top-1;
+    # a family of its own, so that a recipe asks for it by name (`runtimes: [openvino-bf16]`)
+    Runtime("openvino-cpu-bf16", "openvino-bf16", "transmiter_deploy.runtimes.openvino:OpenVinoRunner", "onnx",
+            "cpu", (("inference_precision", "bf16"),), arithmetic="bf16"),
 )}
+
+# Arithmetic a runtime may compute in below the graph's precision (Runtime.arithmetic): logits
+# lose about three significant digits in bf16 (8 bits of mantissa), so only top-1 is judged
+ARITHMETIC_TOLERANCES: dict[str, dict[str, float | None]] = {"bf16": {"max_abs": None, "top1": 0.99}}
 
 
 def precision(name: str) -> Precision:
@@ -184,6 +206,12 @@ def runtime(name: str) -> Runtime:
 def families() -> tuple[str, ...]:
     """The runtime names recipes use, in registry order."""
     return tuple(dict.fromkeys(entry.family for entry in RUNTIMES.values()))
+
+
+def default_families() -> tuple[str, ...]:
+    """What a recipe that names no runtimes validates on: every family with a runtime at the graph's
+    own arithmetic (a reduced one, OpenVINO's bf16, is asked for by name)."""
+    return tuple(dict.fromkeys(entry.family for entry in RUNTIMES.values() if entry.arithmetic is None))
 
 
 def runtime_names(device: str | None = None) -> tuple[str, ...]:
