@@ -47,3 +47,30 @@ def test_a_checkpoint_without_an_image_tower_or_of_another_shape_is_refused(tmp_
     save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "rn.safetensors")
     with pytest.raises(InputError, match="does not fit TM-Tiny-ViT's image tower"):
         load_image_tower(ModelSpec("TM-Tiny-ViT", checkpoint=tmp_path / "rn.safetensors"))
+
+
+def test_a_hugging_face_tokenizer_is_built_only_when_text_is_encoded(tmp_path):
+    """SigLIP's text side: open_clip builds its tokenizer from Hugging Face (``transformers``),
+    which image-only work (feature caches, the image tower's export) must not need. A tiny model
+    with SigLIP's text configuration (its hf_tokenizer_name) loads and encodes images; encoding
+    text without transformers is exit 3 naming the extra."""
+    import importlib.util
+    import json
+
+    from transmiter_deploy.errors import DependencyError
+    from transmiter_deploy.features.models import register_architectures
+
+    config = {"embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
+              "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": 32000, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",
+                           "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 32, "heads": 2, "layers": 1,
+                           "no_causal_mask": True, "proj_bias": True, "pool_type": "last"}}
+    (tmp_path / "TM-Test-HF-Tokenizer.json").write_text(json.dumps(config))
+    register_architectures(tmp_path)
+    model = load_model(ModelSpec("TM-Test-HF-Tokenizer", init_seed=0))
+    assert model.encode_images(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+    if importlib.util.find_spec("transformers") is not None:
+        pytest.skip("transformers is installed: the refusal cannot be seen here")
+    with pytest.raises(DependencyError, match=r"^the tokenizer of TM-Test-HF-Tokenizer needs transformers, which is "
+                                              r"not installed \(pip install 'transmiter-deploy\[hf-tokenizers\]'\)$"):
+        model.encode_texts(["a photo of a cat"])

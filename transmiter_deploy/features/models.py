@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..artifacts import sha256_file
-from ..errors import InputError, IntegrityError
+from ..errors import DependencyError, InputError, IntegrityError
 
 
 def register_packaged_configs() -> None:
@@ -176,10 +176,35 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def tokenizer_for(name: str) -> Callable:
-    """The tokenizer registered with the architecture, else open_clip's."""
+    """The tokenizer registered with the architecture, else open_clip's, built when it is first
+    called (:class:`LazyTokenizer`)."""
     if name in _TOKENIZERS:
         return _TOKENIZERS[name]()
-    return open_clip.get_tokenizer(name)
+    return LazyTokenizer(name)
+
+
+class LazyTokenizer:
+    """open_clip's tokenizer of a model, built on its first call: building SigLIP's imports
+    ``transformers`` and reads the Hugging Face cache, and image-only work (``transmiter cache``,
+    an export's image tower) never encodes text, so it must not need either. A missing package is
+    DependencyError (exit 3) naming what to install."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.built: Callable | None = None
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.built is None:
+            try:
+                self.built = open_clip.get_tokenizer(self.name)
+            except ImportError as exc:
+                missing = getattr(exc, "name", None) or str(exc)
+                raise DependencyError(f"the tokenizer of {self.name} needs {missing}, which is not installed "
+                                      f"({HF_TOKENIZERS_INSTALL})") from exc
+        return self.built(texts)
+
+
+HF_TOKENIZERS_INSTALL = "pip install 'transmiter-deploy[hf-tokenizers]'"
 
 
 def _weights_source(spec: ModelSpec) -> tuple[str | None, ModelIdentity]:
