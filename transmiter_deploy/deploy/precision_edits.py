@@ -92,7 +92,10 @@ def _drop_graph(staging: Path, name: str) -> str:
 
 
 @dataclass
-class _Rewrite:
+class Rewrite:
+    """What a rewrite's block fills: the new directory, and the manifest body and parity report
+    written into it when the block ends."""
+
     staging: Path
     body: dict[str, Any]  # the manifest without its format tag, versions and date
     parity: dict[str, Any]
@@ -100,7 +103,7 @@ class _Rewrite:
 
 @contextmanager
 def rewritten(export_dir: Path, target: Precision, manifest_format: tuple[str, int] = (FORMAT, FORMAT_VERSION)
-              ) -> Iterator[_Rewrite]:
+              ) -> Iterator[Rewrite]:
     """A new version of a verified export (or of another directory with a manifest and a
     ``parity.json``: ``manifest_format``, e.g. a bank's backbone export) without ``target``'s files,
     checks, gate, calibration record and fp32-node record, replacing the old one atomically when
@@ -118,7 +121,7 @@ def rewritten(export_dir: Path, target: Precision, manifest_format: tuple[str, i
     with atomic_directory(export_dir, MANIFEST) as staging:
         for name in [*body["files"], "parity.json"]:
             link_or_copy(export_dir / name, staging / name, copy=is_external_data(body["files"].get(name)))
-        rewrite = _Rewrite(staging, body, parity)
+        rewrite = Rewrite(staging, body, parity)
         yield rewrite
         write_json(staging / "parity.json", rewrite.parity)
         write_manifest(staging / MANIFEST, manifest_name, version, rewrite.body)
