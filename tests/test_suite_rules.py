@@ -83,3 +83,17 @@ def test_cpp_tests_run_last_and_wait_for_the_builds_beside_them(request, tmp_pat
     status.unlink()  # a job that ended without writing its status
     with pytest.raises(pytest.fail.Exception, match="without a status"):
         cpp_builds.wait_for_builds()
+
+
+def test_ctest_and_pytest_emulate_the_same_aarch64_cpu():
+    """ctest (CMake's emulator) and tests/cpp (their launcher) run the aarch64 programs on the same
+    emulated CPU: its instruction set decides which ONNX Runtime kernels run, and so the figures."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(TESTS / "cpp"))
+    from cpp_builds import QEMU_CPU
+
+    toolchain = (TESTS.parent / "cpp" / "cmake" / "aarch64-linux-gnu.cmake").read_text()
+    (chosen,) = re.findall(r"set\(TRANSMITER_QEMU_AARCH64_CPU (\S+)\)", toolchain)
+    assert chosen == QEMU_CPU and "-cpu ${TRANSMITER_QEMU_AARCH64_CPU}" in toolchain

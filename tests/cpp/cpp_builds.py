@@ -4,7 +4,7 @@
 is installed (`make cpp-aarch64`, cpp/README.md), for aarch64 (release, and ASan+UBSan), and names
 each build's directory in an environment variable. A build whose variable is unset is skipped
 with that reason; one whose variable is set but whose program is missing fails. An aarch64 build
-on an x86-64 machine runs under qemu-user (`qemu-aarch64 -L SYSROOT`), so every test
+on an x86-64 machine runs under qemu-user (`qemu-aarch64 -cpu neoverse-n1 -L SYSROOT`), so every test
 parameterised over the builds checks the cross-built binaries against the same Python reference
 as the native ones.
 """
@@ -26,6 +26,9 @@ SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSaniti
 # ONNX Runtime's cpuinfo reads /proc/cpuinfo, which under qemu-user is the x86-64 host's, and
 # warns once on stderr that it knows no such Arm vendor. Dropped before the one-line checks.
 EMULATION_NOISE = ("onnxruntime cpuid_info warning: Unknown CPU vendor",)
+# The emulated aarch64 CPU, as cpp/cmake/aarch64-linux-gnu.cmake sets it for ctest (it says why:
+# qemu's default CPU has SVE, which ONNX Runtime uses and qemu emulates about 11x slower)
+QEMU_CPU = "neoverse-n1"
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def emulator(arch: str) -> tuple[str, ...]:
     if not qemu:
         pytest.fail(f"qemu-{arch} is not installed: the {arch} build cannot run here (make cpp-aarch64-deps)")
     sysroot = os.environ.get("TRANSMITER_AARCH64_SYSROOT", f"/usr/{arch}-linux-gnu")
-    return (qemu, "-L", sysroot)
+    return (qemu, "-cpu", QEMU_CPU, "-L", sysroot)
 
 
 def _running(pid: int) -> bool:
@@ -178,7 +181,7 @@ def builds(*names: str):
 @pytest.fixture
 def build_case(request) -> tuple[CppBuild, str]:
     """(build, case) for a test parameterised indirectly over chosen (build name, case) pairs:
-    every case natively, some under emulation (each emulated ONNX Runtime run costs ~8 s in qemu).
+    every case natively, some under emulation (each emulated ONNX Runtime run costs seconds in qemu).
     ``@pytest.mark.parametrize("build_case", PAIRS, indirect=True, ids=...)``."""
     name, case = request.param
     return cpp_build(name), case
