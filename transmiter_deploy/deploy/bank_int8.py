@@ -105,10 +105,15 @@ def candidate(quantised: onnx.ModelProto, kept: list[str], target: Precision) ->
     return graph
 
 
-def gate_task(backbone_fp32: Path, backbone: Graph, head: Path, images: GateImages, target: Precision) -> dict:
+def reference_logits(backbone_fp32: Path, head: Path, images: GateImages) -> np.ndarray:
+    """A task's fp32 logits on its gate images: its head on the fp32 backbone's features (what
+    every candidate of the task's gate is compared with)."""
+    return run_graph(head, run_graph(backbone_fp32, images.pixels))
+
+
+def gate_task(reference: np.ndarray, backbone: Graph, head: Path, images: GateImages, target: Precision) -> dict:
     """One task's gate: its head's logits on ``images`` through ``backbone`` (a candidate int8
-    backbone) against those through the fp32 backbone."""
-    reference = run_graph(head, run_graph(backbone_fp32, images.pixels))
+    backbone) against ``reference`` (:func:`reference_logits`)."""
     candidate_logits = run_graph(head, run_graph(backbone, images.pixels))
     return accuracy_gate(reference, candidate_logits, target, images)
 

@@ -29,8 +29,8 @@ from ..deploy import bank_int8, qdq_fallback
 from ..deploy.export_format import MANIFEST
 from ..deploy.gate import GateFailed
 from ..runtimes.base import GraphFile, GraphInMemory
-from ..runtimes.registry import PRECISIONS, Precision
-from .deployment_steps import gate_images
+from ..runtimes.registry import Precision
+from .deployment_steps import drop_unasked_calibrated, gate_images
 from .export_run import ExportRun, key_external_data
 from .report import ExportOutcome
 from .steps import tree_sha256
@@ -39,13 +39,8 @@ def drop_unasked(run: ExportRun, backbone_dir: Path) -> None:
     """Calibrated backbone graphs an earlier run added that this recipe no longer asks for leave
     the backbone export ``backbone_dir`` (and so the bank)."""
     from ..deploy.bank import BACKBONE_FORMAT, FORMAT_VERSION
-    from ..deploy.precision_edits import remove_precision
 
-    for name, entry in PRECISIONS.items():
-        if (entry.needs_calibration and name not in run.precisions
-                and remove_precision(backbone_dir, entry, (BACKBONE_FORMAT, FORMAT_VERSION))):
-            run.log(f"removed the {name} graphs from {backbone_dir} (the recipe no longer asks for {name})")
-            run.steps.forget(f"backbone-{name}")
+    drop_unasked_calibrated(run, backbone_dir, "backbone-{}", (BACKBONE_FORMAT, FORMAT_VERSION))
 
 
 class BankCalibration:
@@ -61,7 +56,9 @@ class BankCalibration:
         self.settings = run.recipe.export.calibration
         self.where = self.backbone_dir.with_name(f"{self.backbone_dir.name}-{target.name}")
         self.ranking_file = self.backbone_dir.with_name(f"{self.backbone_dir.name}-{target.name}-ranking.json")
-        self.gate_sets: dict[str, object] = {}  # each task's gate images, read once, when a gate runs
+        # each task's gate images and fp32 logits on them, computed once, when its first gate runs
+        self.gate_sets: dict[str, tuple] = {}
+        self.sample = None  # the calibration sample, drawn once, when a step needs it
 
     # ---- quantising ----------------------------------------------------------------------------
 
@@ -73,12 +70,15 @@ class BankCalibration:
         calibrating tasks' training images less the images each task holds out for its gate."""
         from ..deploy.calibration import CalibrationSource, held_out_count, sample_across
 
-        settings = self.settings
-        sources = ([CalibrationSource(settings.data)] if settings.data is not None else
-                   [CalibrationSource(t.splits["train"], t.task.name,
-                                      exclude=0 if "test" in t.splits else held_out_count(t.splits["train"]))
-                    for t in self.calibrating()])
-        return sample_across(self.run.models["target"], sources, settings.images, settings.minimum, settings.seed)
+        if self.sample is None:
+            settings = self.settings
+            sources = ([CalibrationSource(settings.data)] if settings.data is not None else
+                       [CalibrationSource(t.splits["train"], t.task.name,
+                                          exclude=0 if "test" in t.splits else held_out_count(t.splits["train"]))
+                        for t in self.calibrating()])
+            self.sample = sample_across(self.run.models["target"], sources, settings.images, settings.minimum,
+                                        settings.seed)
+        return self.sample
 
     def quantise(self) -> str:
         from ..deploy.bank import read_backbone
@@ -114,10 +114,13 @@ class BankCalibration:
         record_file = task.root / "gates" / f"{self.target.name}-keep{size}.json"
 
         def work() -> None:
+            head = self.heads[task.task.name][0]
             if task.task.name not in self.gate_sets:
-                self.gate_sets[task.task.name] = gate_images(task)[0]
-            record = bank_int8.gate_task(self.backbone_dir / "backbone.onnx", graph(), self.heads[task.task.name][0],
-                                         self.gate_sets[task.task.name], self.target)
+                images = gate_images(task)[0]
+                self.gate_sets[task.task.name] = images, bank_int8.reference_logits(
+                    self.backbone_dir / "backbone.onnx", head, images)
+            images, reference = self.gate_sets[task.task.name]
+            record = bank_int8.gate_task(reference, graph(), head, images, self.target)
             record_file.parent.mkdir(parents=True, exist_ok=True)
             write_json(record_file, {"task": task.task.name, **record})
 

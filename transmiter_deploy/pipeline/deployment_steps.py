@@ -14,7 +14,7 @@ import numpy as np
 from ..artifacts import MANIFESTS, read_json, write_json
 from ..errors import DependencyError, InputError
 from ..runtimes.base import GraphFile, InputSpec, Runner, RunSettings
-from ..runtimes.registry import RUNTIMES
+from ..runtimes.registry import PRECISIONS, RUNTIMES
 from .export_run import ExportRun
 
 ENGINES_DIR = "engines"
@@ -25,6 +25,23 @@ def pixel_graphs(run: ExportRun) -> list[str]:
     """The exported pixels -> outputs graphs, one per precision (and a bank's backbone graphs)."""
     files = read_json(run.onnx_dir / MANIFESTS["export"], "export manifest")["files"]
     return sorted(name for name in files if name.startswith(("model", "backbone")) and name.endswith(".onnx"))
+
+
+def drop_unasked_calibrated(run: ExportRun, directory: Path, step: str,
+                            manifest_format: tuple[str, int] | None = None) -> list[str]:
+    """Calibrated graphs an earlier run added to ``directory`` (an export, or a bank's backbone
+    export: ``manifest_format``) that this recipe no longer asks for leave it, and the step that
+    added them (``step``, formatted with the precision's name) is forgotten; returns their names."""
+    from ..deploy.precision_edits import remove_precision
+
+    removed = []
+    for name, entry in PRECISIONS.items():
+        if (entry.needs_calibration and name not in run.precisions
+                and remove_precision(directory, entry, *([manifest_format] if manifest_format else []))):
+            run.log(f"removed the {name} graphs from {directory} (the recipe no longer asks for {name})")
+            run.steps.forget(step.format(name))
+            removed.append(name)
+    return removed
 
 
 def gate_images(run: ExportRun):

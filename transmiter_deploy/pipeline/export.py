@@ -19,7 +19,7 @@ import torch
 
 from ..artifacts import MANIFESTS, atomic_directory, load_tensors, read_json, save_tensors, write_json
 from ..runtimes.registry import PRECISIONS, reference_runtime
-from .deployment_steps import engine_steps, gate_images, pixel_graphs, validation_step
+from .deployment_steps import drop_unasked_calibrated, engine_steps, gate_images, pixel_graphs, validation_step
 from .export_run import REFERENCES, ExportRun, Models, key_external_data, model_specs, running_export
 from .recipe import Recipe
 from .report import ExportOutcome
@@ -80,14 +80,10 @@ def _onnx(run: ExportRun) -> None:
 
 
 def _drop_unasked(run: ExportRun) -> None:
-    """Calibrated graphs an earlier run added that this recipe no longer asks for leave the export."""
-    from ..deploy.precision_edits import remove_precision
-
-    for name, entry in PRECISIONS.items():
-        if entry.needs_calibration and name not in run.precisions and remove_precision(run.onnx_dir, entry):
-            run.log(f"removed the {name} graphs from {run.onnx_dir} (the recipe no longer asks for {name})")
-            (run.out / "gates" / f"{name}.json").unlink(missing_ok=True)
-            run.steps.forget(f"onnx-{name}")
+    """Calibrated graphs an earlier run added that this recipe no longer asks for leave the
+    export, with their gate's record."""
+    for name in drop_unasked_calibrated(run, run.onnx_dir, "onnx-{}"):
+        (run.out / "gates" / f"{name}.json").unlink(missing_ok=True)
 
 
 def _references(run: ExportRun):
