@@ -235,10 +235,11 @@ def _replace_in_two_renames(staging: Path, final: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def read_consistently(directory: Path, read: Callable[[], T], attempts: int = 5) -> T:
+def read_consistently(directory: Path, read: Callable[[], T], attempts: int = 20) -> T:
     """``read()`` of the artifact at ``directory``, repeated if a writer replaced the artifact
-    while it was being read (its directory's inode changed) and the read failed part-way: the
-    caller gets the old artifact or the new one whole, never an error made of the two."""
+    while it was being read (its directory's identity changed) and the read failed part-way: the
+    caller gets the old artifact or the new one whole, never an error made of the two. A writer
+    that keeps replacing is waited out for up to ``attempts`` reads."""
     directory = Path(directory)
     for attempt in range(attempts):
         before = _identity(directory)
@@ -247,16 +248,20 @@ def read_consistently(directory: Path, read: Callable[[], T], attempts: int = 5)
         except (InputError, OSError):
             if attempt == attempts - 1 or _identity(directory) == before:
                 raise
-            time.sleep(0.01 * (attempt + 1))
+            time.sleep(min(0.005 * (attempt + 1), 0.05))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _identity(directory: Path) -> tuple[int, int] | None:
+def _identity(directory: Path) -> tuple[int, int, int] | None:
+    """Which directory is at ``directory`` now. The inode number alone is not enough: ext4 gives
+    a directory made after another was removed the freed number at once, so an artifact replaced
+    twice during one read can sit at the same number it started with; the inode's change time
+    tells the two apart."""
     try:
         status = os.stat(directory)
     except OSError:
         return None
-    return status.st_dev, status.st_ino
+    return status.st_dev, status.st_ino, status.st_ctime_ns
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from cli_process import CliProcess
 from hostile_support import extract_args, leftovers
-from transmiter_deploy.artifacts import atomic_directory, read_json, write_json
+from transmiter_deploy.artifacts import atomic_directory, read_consistently, read_json, write_json
+from transmiter_deploy.errors import IntegrityError
 from transmiter_deploy.features.cache import load_cache
 
 ROUNDS = 3
@@ -89,6 +90,27 @@ def test_readers_during_replacements_read_the_old_or_the_new_cache_whole(flow, t
             thread.join()
     assert failures == [], failures[:3]
     assert reads[0] > 0
+
+
+def test_a_read_torn_by_two_replacements_is_retried_even_where_the_inode_number_comes_back(tmp_path):
+    # ext4 hands the inode number of a removed directory to the next one made, so an artifact
+    # replaced twice during one read can sit at the number it had when the read began
+    out = tmp_path / "artifact"
+    out.mkdir()
+    (out / "marker.json").write_text("{}")
+    calls = []
+
+    def torn_then_whole():
+        calls.append(out.stat().st_ino)
+        if len(calls) == 1:
+            for _ in range(2):
+                with atomic_directory(out, "marker.json") as staging:
+                    (staging / "marker.json").write_text("{}")
+            raise IntegrityError("a manifest of one version, a shard of the next")
+        return "whole"
+
+    assert read_consistently(out, torn_then_whole) == "whole"
+    assert len(calls) == 2
 
 
 def test_concurrent_json_writers_never_leave_a_torn_file(tmp_path):
