@@ -35,7 +35,8 @@ def make_image_folder(root: Path, per_class: int = 3, classes: dict = COLOURS) -
 # on 2 cores): a test that uses one, directly or through another fixture, is marked ``cluster`` or
 # ``demo_exports`` (left out of ``make test-fast``, run by ``make test``).
 MARKED_FIXTURES = {"cluster": {"ray_local_cluster"},
-                   "demo_exports": {"demo_export", "demo_bank_export", "demo_int8_export", "demo_external_export"}}
+                   "demo_exports": {"demo_export", "demo_bank_export", "demo_int8_export", "demo_external_export",
+                                    "family_exports"}}
 
 
 CPP_TESTS = Path(__file__).parent / "cpp"
@@ -333,3 +334,46 @@ def polygraphy_validate(graph: Path) -> None:
                      shape=[d.dim_value if d.HasField("dim_value") else 2 for d in value.type.tensor_type.shape.dim])
     results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(graph)))], data_loader=DataLoader(input_metadata=metadata))
     assert Comparator.validate(results, check_inf=True, check_nan=True), f"{graph}: Polygraphy's validation failed"
+
+
+# The family matrix (tests/test_families.py, tests/cpp/test_cpp_families.py): one tiny random
+# configuration per open_clip image-tower family (transmiter_deploy/model_configs/TM-Tiny-*.json),
+# chained in a ring so that each family is the source of one export and the target of the next.
+FAMILIES = ("TM-Tiny-ViT", "TM-Tiny-RN", "TM-Tiny-ConvNeXt", "TM-Tiny-EVA02", "TM-Tiny-SigLIP", "TM-Tiny-SigLIP2",
+            "TM-Tiny-MobileCLIP")
+FAMILY_PAIRS = tuple((FAMILIES[i], FAMILIES[(i + 1) % len(FAMILIES)]) for i in range(len(FAMILIES)))
+FAMILY_RECIPE = """\
+name: family-{index}
+source: {{name: {source}, init_seed: 0}}
+finetuned: {{name: {source}, init_seed: 1}}
+target: {{name: {target}, init_seed: 2}}
+data: {{demo_task: colours-tinted, train_per_class: 8, test_per_class: 4}}
+head: {{logit_width: 32}}
+extraction: {{epochs: 1}}
+plus: {{shots: 2, epochs: 1}}
+export: {{precisions: [fp32, fp16, int8], batch: {{min: 1, opt: 4, max: 8}}, calibration: {{images: 32, minimum: 16}}}}
+runtimes: [pytorch, onnxruntime]
+"""
+
+
+def family_pair_id(pair: tuple[str, str]) -> str:
+    return "{}-to-{}".format(*(name.removeprefix("TM-Tiny-") for name in pair))
+
+
+@pytest.fixture(scope="session")
+def family_exports(tmp_path_factory):
+    """``export(pair) -> (status, out)``: the ring's export of ``pair`` through ``transmiter export``
+    (the CLI's ``main``), run once per session and shared by the matrix's Python and C++ tests."""
+    from transmiter_deploy.cli import main
+
+    done: dict[tuple[str, str], tuple[int, Path]] = {}
+
+    def export(pair: tuple[str, str]) -> tuple[int, Path]:
+        if pair not in done:
+            root = tmp_path_factory.mktemp(family_pair_id(pair))
+            recipe = root / "recipe.yaml"
+            recipe.write_text(FAMILY_RECIPE.format(index=FAMILY_PAIRS.index(pair), source=pair[0], target=pair[1]))
+            done[pair] = (main(["--quiet", "export", str(recipe), "--out", str(root / "out")]), root / "out")
+        return done[pair]
+
+    return export

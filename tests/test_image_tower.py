@@ -53,12 +53,15 @@ def test_a_hugging_face_tokenizer_is_built_only_when_text_is_encoded(tmp_path):
     """SigLIP's text side: open_clip builds its tokenizer from Hugging Face (``transformers``),
     which image-only work (feature caches, the image tower's export) must not need. A tiny model
     with SigLIP's text configuration (its hf_tokenizer_name) loads and encodes images; encoding
-    text without transformers is exit 3 naming the extra."""
+    text without transformers is exit 3 naming the extra for a model of real weights (here a
+    checkpoint), and a stand-in tokenizer, said so, for a model of random weights."""
     import importlib.util
     import json
 
+    from safetensors.torch import save_file
+
     from transmiter_deploy.errors import DependencyError
-    from transmiter_deploy.features.models import register_architectures
+    from transmiter_deploy.features.models import register_architectures, stand_in_description
 
     config = {"embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
               "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
@@ -69,8 +72,14 @@ def test_a_hugging_face_tokenizer_is_built_only_when_text_is_encoded(tmp_path):
     register_architectures(tmp_path)
     model = load_model(ModelSpec("TM-Test-HF-Tokenizer", init_seed=0))
     assert model.encode_images(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+    assert stand_in_description(model.tokenizer) is None  # nothing built yet
     if importlib.util.find_spec("transformers") is not None:
         pytest.skip("transformers is installed: the refusal cannot be seen here")
+    assert model.encode_texts(["a photo of a cat"]).shape == (1, 32)
+    assert stand_in_description(model.tokenizer).endswith(
+        "open_clip's tokenizer of TM-Test-HF-Tokenizer needs transformers, which is not installed")
+    save_file({key: value.contiguous() for key, value in model.model.state_dict().items()}, tmp_path / "real.safetensors")
+    real = load_model(ModelSpec("TM-Test-HF-Tokenizer", checkpoint=tmp_path / "real.safetensors"))
     with pytest.raises(DependencyError, match=r"^the tokenizer of TM-Test-HF-Tokenizer needs transformers, which is "
                                               r"not installed \(pip install 'transmiter-deploy\[hf-tokenizers\]'\)$"):
-        model.encode_texts(["a photo of a cat"])
+        real.encode_texts(["a photo of a cat"])

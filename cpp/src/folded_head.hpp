@@ -33,7 +33,7 @@ class FoldedHead {
   };
 
   std::int64_t d_ = 0, latent_ = 0, hidden_ = 0, k_ = 0;
-  double dof_ = 1, eps_ = 1e-6, alpha_ = 1, ln_eps_ = 1e-5, normalise_eps_ = 1e-12;
+  double dof_ = 1, eps_ = 1e-6, alpha_ = 1, ln_eps_ = 1e-5, normalise_eps_ = 1e-12, logit_bias_ = 0;
   bool probabilities_ = false;
   std::string sigma_mode_;
   std::vector<float> mean_, push_, pull_, gram_;

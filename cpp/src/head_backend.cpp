@@ -178,6 +178,10 @@ FoldedHead::FoldedHead(const std::vector<std::uint8_t>& buffer, const std::strin
   alpha_ = detail::parse_double(meta(file, "alpha", where), where + " alpha");
   ln_eps_ = detail::parse_double(meta(file, "layer_norm_eps", where), where + " layer_norm_eps");
   normalise_eps_ = detail::parse_double(meta(file, "normalise_eps", where), where + " normalise_eps");
+  // SigLIP's logit bias, written only where it is not 0 (transmiter_deploy/deploy/head_weights.py)
+  if (auto bias = file.metadata.find("logit_bias"); bias != file.metadata.end()) {
+    logit_bias_ = detail::parse_double(bias->second, where + " logit_bias");
+  }
   if (!(eps_ > 0) || !(ln_eps_ > 0) || !(normalise_eps_ > 0)) input_error(where + ": eps values must be positive");
   sigma_mode_ = meta(file, "sigma_mode", where);
   if (sigma_mode_ != "norm" && sigma_mode_ != "gram") input_error(where + ": sigma_mode must be 'norm' or 'gram'");
@@ -252,7 +256,7 @@ Tensor FoldedHead::classify(const Tensor& batch) {
     } else {
       for (std::int64_t j = 0; j < latent_; ++j) squares += double(latent[b * latent_ + j]) * latent[b * latent_ + j];
     }
-    mu[b] = static_cast<float>(m);
+    mu[b] = static_cast<float>(m + logit_bias_);
     sigma[b] = static_cast<float>(std::sqrt(std::max(squares, 0.0) / dof_));
     const float scale = sigma[b] + static_cast<float>(eps_);
     for (std::int64_t j = 0; j < latent_; ++j) latent[b * latent_ + j] /= scale;

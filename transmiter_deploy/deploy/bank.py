@@ -47,6 +47,7 @@ from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, head_logits_numpy, write_head_safetensors
 from .onnx_export import ExportSettings, check_tower_memory
 from .parity import FP32_LOGIT_ATOL, Checks, graph_runner, run_graph, run_graph_outputs, tolerance_criterion
+from .reparameterise import for_inference
 from .precision_edits import convert_graph
 from .trace import export_graph, to_onnx
 
@@ -136,9 +137,10 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
     PyTorch on ``pixels``; returns the manifest."""
     reduced = _reduced(settings)
     check_tower_memory(model, settings)
-    module = Backbone(model.model.visual)
-    with torch.no_grad():
-        features = module(pixels).numpy()
+    with torch.no_grad():  # the reference: the tower as trained; the graph: its inference form
+        features = Backbone(model.model.visual)(pixels).numpy()
+    visual, reparameterised = for_inference(model.model.visual)
+    module = Backbone(visual)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, MANIFEST) as staging:
         start = time.perf_counter()
@@ -165,6 +167,7 @@ def export_backbone(model: LoadedModel, out_dir: Path, pixels: torch.Tensor, set
             "files": _graph_files(staging, files), "graphs": _graphs_by_precision(files, "backbone"),
             "output": FEATURES, "preprocess": model.preprocess_config, "feature_dim": int(features.shape[1]),
             "target_model": model.identity.to_dict(), "opset": settings.opset,
+            "image_tower": {"reparameterised_modules": reparameterised},
             "macs": count_macs(graph_structure(staging / "backbone.onnx"))["total"]})
     log(f"exported {', '.join(files)} to {out_dir} in {time.perf_counter() - start:.1f} s")
     return read_json(out_dir / MANIFEST, "backbone manifest")

@@ -4,7 +4,7 @@ The straightforward deployed head computes all C logits ``l = H f`` and then
 runs the adapter. Mean-centring and the push are linear, so they fold into
 the head (docs/method.md, "Deployment algebra"):
 
-    h = H^T 1 / C            mu = h . f
+    h = H^T 1 / C            mu = h . f + b      (b: SigLIP's logit bias, else 0)
     H_c = H - 1 h^T          l - mu = H_c f
     M = H_c^T W^T (d x D)    x = (f M) / (sigma + eps)
     sigma^2 = f^T (H_c^T H_c) f / (C - 1)     or, when W is square orthogonal,
@@ -47,18 +47,24 @@ class Statistics(nn.Module):
     Returns ``(x, mu, sigma)`` with ``x = (f M) / (sigma + eps)``.
     """
 
-    def __init__(self, mean_vector: torch.Tensor, gram: torch.Tensor | None, dof: int, eps: float) -> None:
+    def __init__(self, mean_vector: torch.Tensor, gram: torch.Tensor | None, dof: int, eps: float,
+                 logit_bias: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("mean_vector", mean_vector)  # (d, 1)
         self.register_buffer("gram", gram)  # (d, d) or None for the norm shortcut
         self.dof = dof  # C - 1: the unbiased std over the C logits
         self.eps = eps
+        # SigLIP's bias shifts every logit alike: it moves the mean and nothing else (sigma, the
+        # standardised latent), so it is added to mu alone; CLIP's 0 adds no node to the graph
+        self.logit_bias = float(logit_bias)
 
     def forward(self, features: torch.Tensor, pushed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Computed in the buffers' precision (fp32) whatever the GEMMs around use:
         # sums of squares of ~100-sized logits overflow fp16.
         features, pushed = features.to(self.mean_vector.dtype), pushed.to(self.mean_vector.dtype)
         mu = features @ self.mean_vector
+        if self.logit_bias:
+            mu = mu + self.logit_bias
         if self.gram is None:
             sum_squares = (pushed * pushed).sum(dim=-1, keepdim=True)
         else:
@@ -99,7 +105,8 @@ class FoldedHead(nn.Module):
         self.register_buffer("push", (centred.T @ basis.T).to(dtype))  # M (d x D)
         self.register_buffer("pull", basis[:, : config.num_task_classes].contiguous().to(dtype))  # (D x K)
         gram = (centred.T @ centred).to(dtype) if self.sigma_mode == "gram" else None
-        self.stats = Statistics(mean_vector.to(dtype).unsqueeze(1), gram, config.logit_width - 1, config.eps)
+        self.stats = Statistics(mean_vector.to(dtype).unsqueeze(1), gram, config.logit_width - 1, config.eps,
+                                head.logit_bias)
         self.blocks = copy.deepcopy(artifact.adapter.blocks).to(dtype)
         self.destandardise = Destandardise()
         self.num_task_classes = config.num_task_classes
@@ -119,11 +126,12 @@ class UnfoldedHead(nn.Module):
         super().__init__()
         check_adapter_head(artifact, head, "head")
         self.register_buffer("weight", head.weight.clone())
+        self.logit_bias = head.logit_bias
         self.adapter = copy.deepcopy(artifact.adapter)
         self.eval()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.adapter.task_logits(features @ self.weight.T)
+        return self.adapter.task_logits(features @ self.weight.T + self.logit_bias)
 
 
 class ZeroShotTaskHead(nn.Module):
@@ -133,10 +141,12 @@ class ZeroShotTaskHead(nn.Module):
     def __init__(self, head: ZeroShotHead) -> None:
         super().__init__()
         self.register_buffer("weight", head.weight[: head.num_task_classes].clone())
+        self.logit_bias = head.logit_bias
         self.eval()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features @ self.weight.T
+        logits = features @ self.weight.T
+        return logits + self.logit_bias if self.logit_bias else logits
 
 
 class Normalise(nn.Module):

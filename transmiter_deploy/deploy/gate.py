@@ -34,6 +34,9 @@ class GateImages:
     num_base: int | None = None
     description: str = "test images"
     agreement: float | None = None  # the recipe's stricter criterion: top-1 agreement at least this
+    # why accuracy means nothing here (a target of random weights scores chance, and its near-tied
+    # logits flip either way under int8): the criteria are reported, only finite outputs required
+    advisory: str | None = None
 
 
 class GateFailed(VerificationError):
@@ -57,10 +60,14 @@ def accuracy_gate(reference: np.ndarray, candidate: np.ndarray, target: Precisio
     if bound is not None:
         criteria.insert(0, {"criterion": f"top-1 agreement >= {bound:.1%}", "value": result["top1_agreement"],
                             "passed": result["finite"] and result["top1_agreement"] >= bound})
-    return {"precision": target.name, "images": images.description, "samples": int(reference.shape[0]),
-            "labelled": images.labels is not None, "max_abs": result["max_abs"],
-            "top1_agreement": result["top1_agreement"], "accuracy": accuracy, "criteria": criteria,
-            "passed": result["finite"] and all(c["passed"] for c in criteria)}
+    met = all(c["passed"] for c in criteria)
+    record = {"precision": target.name, "images": images.description, "samples": int(reference.shape[0]),
+              "labelled": images.labels is not None, "max_abs": result["max_abs"],
+              "top1_agreement": result["top1_agreement"], "accuracy": accuracy, "criteria": criteria,
+              "passed": result["finite"] and (met or images.advisory is not None)}
+    if images.advisory is not None:
+        record.update(advisory=images.advisory, criteria_met=met)
+    return record
 
 
 def accuracy_criteria(fp32: dict, candidate: dict, target: Precision) -> list[dict]:

@@ -57,10 +57,31 @@ def count_macs_file(path: Path, batch: int = 1) -> dict[str, int]:
     return count_macs(graph_structure(Path(path)), batch)
 
 
+def _costed_shapes_known(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> bool:
+    return all(shapes.get(name) and None not in shapes[name]
+               for node in model.graph.node if node.op_type in COSTED_OPS
+               for name in (node.output[0], node.input[0], node.input[1]))
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Shapes from ONNX Runtime's symbolic shape inference, or none where it fails. onnx's own
+    inference does not propagate values through ``Where``, so a shape built as ``expand(B, -1,
+    -1)`` stays unknown (SigLIP's attention pool expands its latent query that way); the symbolic
+    one evaluates such shape arithmetic."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return _shapes(SymbolicShapeInference.infer_shapes(model, auto_merge=True))
+    except Exception:  # noqa: BLE001 - a third-party inference that may fail on any op; the caller reports
+        return {}
+
+
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> dict[str, int]:
     """MACs per component, e.g. ``{"backbone": ..., "head+adapter": ..., "total": ...}``."""
     inferred = _with_fixed_batch(model, batch)
     shapes = _shapes(inferred)
+    if not _costed_shapes_known(inferred, shapes):
+        shapes.update({name: dims for name, dims in _symbolic_shapes(inferred).items() if None not in dims})
     totals: dict[str, int] = defaultdict(int)
     for node in inferred.graph.node:
         if node.op_type not in COSTED_OPS:

@@ -11,7 +11,7 @@ width, ``H = mlp_ratio * D``, ``K`` task classes):
 =========================  ========  ==============================================
 name                       shape     role
 =========================  ========  ==============================================
-``mean_vector``            (d,)      ``mu = f . mean_vector``
+``mean_vector``            (d,)      ``mu = f . mean_vector + logit_bias``
 ``push``                   (d, D)    ``x = f push / (sigma + eps)``
 ``gram``                   (d, d)    only when ``sigma_mode`` is ``gram``
 ``pull``                   (D, K)    task columns of the tied basis
@@ -24,7 +24,8 @@ name                       shape     role
 =========================  ========  ==============================================
 
 The scalars are in the safetensors ``__metadata__`` (strings; floats written
-with ``repr`` so they round-trip exactly). The input is the image feature,
+with ``repr`` so they round-trip exactly); ``logit_bias`` (SigLIP's) is there only where it is
+not 0, and a reader without it takes 0. The input is the image feature,
 raw or L2-normalised: runtimes L2-normalise it first (``f / max(||f||, 1e-12)``,
 as ``model.onnx`` does to the backbone output; ``head.onnx`` expects features
 already normalised).
@@ -89,6 +90,8 @@ def head_tensors(folded: FoldedHead) -> tuple[dict[str, torch.Tensor], dict[str,
         "normalise_eps": repr(NORMALISE_EPS),
         "output": "logits",
     }
+    if folded.stats.logit_bias:
+        metadata["logit_bias"] = repr(float(folded.stats.logit_bias))
     return tensors, metadata
 
 
@@ -127,7 +130,7 @@ def head_logits_numpy(path: Path, features: np.ndarray, expected_sha256: str | N
     if vanishing.size:
         raise InputError(f"feature row {int(vanishing[0])} has zero norm and cannot be L2-normalised")
     f = f / np.maximum(norms, float(meta["normalise_eps"]))
-    mu = f @ tensors["mean_vector"][:, None]
+    mu = f @ tensors["mean_vector"][:, None] + float(meta.get("logit_bias", "0.0"))
     pushed = f @ tensors["push"]
     if meta["sigma_mode"] == "gram":
         sum_squares = ((f @ tensors["gram"]) * f).sum(axis=1, keepdims=True)

@@ -55,6 +55,7 @@ from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, HEAD_FORMAT, HEAD_FORMAT_VERSION, head_logits_numpy, write_head_safetensors
 from .parity import FP32_LOGIT_ATOL, Checks, References, graph_runner, run_graph
 from .precision_edits import add_precision, convert_precision
+from .reparameterise import for_inference
 from .trace import DEFAULT_OPSET, export_graph, to_onnx
 
 
@@ -143,16 +144,18 @@ class _Modules:
     fused_outputs: np.ndarray
     head_logits: np.ndarray
     unfolded_outputs: np.ndarray
+    reparameterised: int  # modules of the image tower folded into their inference form before tracing
 
 
 def _modules(model: LoadedModel, head: ZeroShotHead, artifact: AdapterArtifact, pixels: torch.Tensor,
              settings: ExportSettings) -> _Modules:
     folded = FoldedHead(head, artifact, settings.sigma_mode)
     unfolded = UnfoldedHead(head, artifact)
-    fused = DeployedClassifier(model.model.visual, folded, softmax=settings.softmax)
+    visual, reparameterised = for_inference(model.model.visual)
+    fused = DeployedClassifier(visual, folded, softmax=settings.softmax)
     with torch.no_grad():
-        # The backbone runs once; the PyTorch references are composed from its
-        # features independently of DeployedClassifier, which the export traces.
+        # The backbone runs once, as trained (not reparameterised); the PyTorch references are
+        # composed from its features independently of DeployedClassifier, which the export traces.
         features = torch.nn.functional.normalize(model.model.visual(pixels).float(), dim=-1)
         head_logits, unfolded_logits = folded(features), unfolded(features)
         if settings.softmax:
@@ -160,7 +163,7 @@ def _modules(model: LoadedModel, head: ZeroShotHead, artifact: AdapterArtifact, 
         else:
             fused_outputs = head_logits
     return _Modules(fused, folded, unfolded, features, fused_outputs.numpy(), head_logits.numpy(),
-                    unfolded_logits.numpy())
+                    unfolded_logits.numpy(), reparameterised)
 
 
 def _verify_fp32(staging: Path, parts: _Modules, pixels: torch.Tensor, checks: Checks) -> None:
@@ -211,6 +214,7 @@ def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, he
         "class_names": artifact.class_names,
         "preprocess": model.preprocess_config,
         "feature_dim": int(parts.features.shape[1]),
+        "image_tower": {"reparameterised_modules": parts.reparameterised},
         "opset": settings.opset,
         "fp32_nodes_in_fp16_graphs": list(FP32_NODES),
         "source_model": artifact.source_model.to_dict(),
@@ -219,6 +223,7 @@ def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, he
                     "sigma_mode": parts.folded.sigma_mode, "provenance": artifact.provenance},
         "head_sha256": head.weights_sha256,
         "adapter_sha256": artifact.weights_sha256,
+        **({"stand_in_tokenizer": head.stand_in_tokenizer} if head.stand_in_tokenizer else {}),
     })
 
 

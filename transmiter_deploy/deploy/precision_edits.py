@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from ..artifacts import atomic_directory, read_json, read_manifest, write_json, write_manifest
+from ..errors import InputError
 from ..host import release_freed_memory
 from ..runtimes.base import GraphFile, GraphInMemory
 from ..runtimes.compare import compare_outputs, within_tolerance
@@ -41,12 +42,19 @@ def convert_graph(directory: Path, stem: str, target: Precision, inputs: dict[st
     statistic nodes kept fp32), saved beside it (external data by ``external_data_threshold``,
     whatever the fp32 graph had): by its ``file_converter`` where it has one (the converted graph
     never in memory whole), else saved from the converter's graph; returns the new file's name."""
-    if target.file_converter is not None:
-        resolve(target.file_converter)(directory / f"{stem}.onnx", directory / target.graph_name(stem), inputs,
-                                       FP32_NODES, external_data_threshold)
-        return target.graph_name(stem)
-    convert: Callable = resolve(target.converter)
-    converted = convert(directory / f"{stem}.onnx", inputs, FP32_NODES)
+    try:
+        if target.file_converter is not None:
+            resolve(target.file_converter)(directory / f"{stem}.onnx", directory / target.graph_name(stem), inputs,
+                                           FP32_NODES, external_data_threshold)
+            return target.graph_name(stem)
+        convert: Callable = resolve(target.converter)
+        converted = convert(directory / f"{stem}.onnx", inputs, FP32_NODES)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        # a converter that writes a graph onnx refuses: an operator pattern of this architecture the
+        # conversion does not handle yet (one line, exit 2, not the library's traceback)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"the {target.name} conversion of {stem}.onnx makes an invalid graph, an operator "
+                         f"pattern of this architecture it does not handle yet: {first}") from exc
     if target.qdq:
         check_qdq_scales(converted, f"{target.graph_name(stem)} as converted")
     save_graph(converted, directory / target.graph_name(stem), external_data_threshold)

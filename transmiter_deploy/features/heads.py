@@ -2,7 +2,8 @@
 
 Row c is the L2-normalised mean of the normalised text embeddings of class c
 over the prompt templates, times the model's ``exp(logit_scale)``; logits are
-``features @ weight.T``. Rows 0..K-1 are the task classes (in the dataset's
+``features @ weight.T + logit_bias``, the bias being SigLIP's learnt scalar (0 for CLIP's
+families; docs/method.md says why the adapter is blind to it). Rows 0..K-1 are the task classes (in the dataset's
 order), rows K..C-1 the auxiliary classes (see :mod:`.vocabulary`).
 """
 
@@ -29,7 +30,7 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError, IntegrityError
-from .models import LoadedModel, ModelIdentity
+from .models import LoadedModel, ModelIdentity, stand_in_description
 from .templates import validate_templates
 
 FORMAT = "transmiter-deploy/head"
@@ -47,6 +48,8 @@ class ZeroShotHead:
     templates: tuple[str, ...]
     logit_scale: float
     weights_sha256: str | None = None  # set when loaded from disk, for provenance
+    logit_bias: float = 0.0  # added to every logit (SigLIP); 0 for CLIP's families
+    stand_in_tokenizer: str | None = None  # set when the text was tokenized by a stand-in
 
     @property
     def num_task_classes(self) -> int:
@@ -62,7 +65,7 @@ class ZeroShotHead:
                 f"features have width {features.shape[-1]} but the head of {self.model.describe()} "
                 f"expects {self.weight.shape[1]}"
             )
-        return features.float() @ self.weight.T
+        return features.float() @ self.weight.T + self.logit_bias
 
 
 def check_unique(names: list[str], what: str) -> None:
@@ -105,6 +108,8 @@ def build_head(
         model=model.identity,
         templates=tuple(templates),
         logit_scale=model.logit_scale,
+        logit_bias=model.logit_bias,
+        stand_in_tokenizer=stand_in_description(model.tokenizer),
     )
 
 
@@ -122,6 +127,8 @@ def save_head(head: ZeroShotHead, out_dir: Path) -> Path:
                 "auxiliary_names": head.auxiliary_names,
                 "templates": list(head.templates),
                 "logit_scale": head.logit_scale,
+                "logit_bias": head.logit_bias,
+                **({"stand_in_tokenizer": head.stand_in_tokenizer} if head.stand_in_tokenizer else {}),
                 "shape": list(head.weight.shape),
                 "files": {WEIGHTS: {"sha256": digest}},
             },
@@ -148,6 +155,12 @@ def _load_head(path: Path) -> ZeroShotHead:
     require_string_lists(manifest, ("class_names", "auxiliary_names", "templates"), where)
     if isinstance(manifest["logit_scale"], bool) or not math.isfinite(manifest["logit_scale"]):
         raise IntegrityError(f"{where}: logit_scale must be a finite number, got {manifest['logit_scale']!r}")
+    bias = manifest.get("logit_bias", 0.0)  # heads written before SigLIP support have none: 0
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+        raise IntegrityError(f"{where}: logit_bias must be a finite number, got {bias!r}")
+    stand_in = manifest.get("stand_in_tokenizer")
+    if stand_in is not None and not isinstance(stand_in, str):
+        raise IntegrityError(f"{where}: stand_in_tokenizer must be a string, got {stand_in!r}")
     digest = recorded_sha256(manifest, WEIGHTS, where)
     tensors = load_tensors(path / WEIGHTS, digest, "head weights")
     weight = tensors.get("weight")
@@ -162,4 +175,6 @@ def _load_head(path: Path) -> ZeroShotHead:
         templates=tuple(manifest["templates"]),
         logit_scale=float(manifest["logit_scale"]),
         weights_sha256=digest,
+        logit_bias=float(bias),
+        stand_in_tokenizer=stand_in,
     )

@@ -9,6 +9,7 @@ cache from one model can never be combined with the head of another.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import tempfile
@@ -25,15 +26,18 @@ from torch import nn
 
 from ..artifacts import sha256_file
 from ..errors import DependencyError, InputError, IntegrityError
+from .tiny_towers import register_tiny_timm_towers
 
 
 def register_packaged_configs() -> None:
     """Make the architectures shipped in ``model_configs/`` known to open_clip.
 
-    They are small real open_clip architectures (tiny ViT and ModifiedResNet
-    towers) used by the tests and smoke runs; open_clip itself ships none
-    that small.
+    They are small real open_clip architectures used by the tests and smoke runs, one per family
+    whose image tower takes its own code path (ViT, ModifiedResNet, and the timm-built EVA02,
+    ConvNeXt, SigLIP, SigLIP2 and MobileCLIP of :mod:`.tiny_towers`); open_clip itself ships
+    none that small.
     """
+    register_tiny_timm_towers()
     register_architectures(Path(str(resources.files("transmiter_deploy").joinpath("model_configs"))))
 
 
@@ -148,6 +152,12 @@ class LoadedModel:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
 
+    @property
+    def logit_bias(self) -> float:
+        """SigLIP's learnt logit bias (logits = scale * cos + bias); 0 for CLIP's families."""
+        bias = getattr(self.model, "logit_bias", None)
+        return 0.0 if bias is None else float(bias.detach().reshape(-1)[0])
+
 
 def known_models() -> list[str]:
     register_packaged_configs()
@@ -175,33 +185,87 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(previous)
 
 
-def tokenizer_for(name: str) -> Callable:
+def tokenizer_for(name: str, random_weights: bool = False) -> Callable:
     """The tokenizer registered with the architecture, else open_clip's, built when it is first
-    called (:class:`LazyTokenizer`)."""
+    called (:class:`LazyTokenizer`); ``random_weights`` allows a :class:`StandInTokenizer` where
+    open_clip's cannot be built offline."""
     if name in _TOKENIZERS:
         return _TOKENIZERS[name]()
-    return LazyTokenizer(name)
+    return LazyTokenizer(name, stand_in_allowed=random_weights)
 
 
 class LazyTokenizer:
     """open_clip's tokenizer of a model, built on its first call: building SigLIP's imports
     ``transformers`` and reads the Hugging Face cache, and image-only work (``transmiter cache``,
     an export's image tower) never encodes text, so it must not need either. A missing package is
-    DependencyError (exit 3) naming what to install."""
+    DependencyError (exit 3) naming what to install, a tokenizer missing from the offline cache
+    InputError; a model of random weights (shapes and speed only, no meaning in its text tower)
+    gets a :class:`StandInTokenizer` instead, and :attr:`stand_in` says why."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, stand_in_allowed: bool = False) -> None:
         self.name = name
+        self.stand_in_allowed = stand_in_allowed
         self.built: Callable | None = None
+        self.stand_in: str | None = None  # what tokenizes instead of open_clip's, and why
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if self.built is None:
-            try:
-                self.built = open_clip.get_tokenizer(self.name)
-            except ImportError as exc:
-                missing = getattr(exc, "name", None) or str(exc)
-                raise DependencyError(f"the tokenizer of {self.name} needs {missing}, which is not installed "
-                                      f"({HF_TOKENIZERS_INSTALL})") from exc
+            self.built = self._build()
         return self.built(texts)
+
+    def _build(self) -> Callable:
+        try:
+            return open_clip.get_tokenizer(self.name)
+        except ImportError as exc:
+            missing = getattr(exc, "name", None) or str(exc)
+            problem = f"needs {missing}, which is not installed"
+            if not self.stand_in_allowed:
+                raise DependencyError(f"the tokenizer of {self.name} {problem} ({HF_TOKENIZERS_INSTALL})") from exc
+        except (OSError, ValueError) as exc:  # Hugging Face: not in the cache and the hub unreachable
+            problem = f"could not be loaded ({_first_line(exc)})"
+            if not self.stand_in_allowed:
+                raise InputError(f"the tokenizer of {self.name} {problem}; with HF_HUB_OFFLINE=1 it must be "
+                                 "in the Hugging Face cache") from exc
+        text_cfg = (open_clip.get_model_config(self.name) or {}).get("text_cfg", {})
+        stand_in = StandInTokenizer(int(text_cfg.get("vocab_size", 49408)), int(text_cfg.get("context_length", 77)))
+        self.stand_in = f"{stand_in.describe()}: open_clip's tokenizer of {self.name} {problem}"
+        return stand_in
+
+
+class StandInTokenizer:
+    """Texts to token ids for a text tower of random weights whose own tokenizer is unavailable:
+    each word hashed (sha256) to an id in [1, vocab_size - 2], then vocab_size - 1 as the end
+    token (the largest id, where CLIP-style towers that pool at the argmax token look), padded
+    with 0 to the context length. Deterministic across processes; meaningless as language, which
+    a random-weight model's text tower is anyway."""
+
+    def __init__(self, vocab_size: int, context_length: int) -> None:
+        if vocab_size < 3 or context_length < 2:
+            raise InputError(f"a stand-in tokenizer needs a vocabulary of 3+ and a context of 2+, "
+                             f"got {vocab_size} and {context_length}")
+        self.vocab_size, self.context_length = vocab_size, context_length
+
+    def describe(self) -> str:
+        return f"stand-in tokenizer (hashed words, vocabulary {self.vocab_size}, context {self.context_length})"
+
+    def __call__(self, texts: list[str] | str) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            words = [1 + int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
+                     % (self.vocab_size - 2) for word in text.lower().split()][: self.context_length - 1]
+            ids[row, : len(words) + 1] = torch.tensor(words + [self.vocab_size - 1])
+        return ids
+
+
+def stand_in_description(tokenizer: Callable) -> str | None:
+    """What a model's texts were tokenized by when it was not the model's own tokenizer."""
+    return getattr(tokenizer, "stand_in", None)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 HF_TOKENIZERS_INSTALL = "pip install 'transmiter-deploy[hf-tokenizers]'"
@@ -351,7 +415,7 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
     return LoadedModel(
         model=model,
         preprocess=preprocess,
-        tokenizer=tokenizer_for(spec.name),
+        tokenizer=tokenizer_for(spec.name, random_weights=identity.init_seed is not None),
         identity=identity,
         preprocess_config=_preprocess_config(model.visual),
     )

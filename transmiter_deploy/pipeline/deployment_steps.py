@@ -52,15 +52,18 @@ def gate_images(run: ExportRun):
     from ..features.datasets import open_dataset
 
     model, agreement = run.models["target"], run.recipe.export.calibration.agreement
+    advisory = (f"advisory: the target {model.identity.describe()} has random weights, whose accuracy is "
+                "chance; the criteria are reported, finite outputs required"
+                if model.identity.init_seed is not None else None)
     if "test" in run.splits:
         records = open_dataset(run.splits["test"], run.classes).records
         labels = np.array([record.label for record in records])
         return GateImages(preprocess_records(model, records).numpy(), labels, run.task.data.base_classes,
-                          "test images", agreement), 0
+                          "test images", agreement, advisory), 0
     pixels = held_out(model, run.splits["train"], run.recipe.export.calibration.seed)
     return GateImages(pixels.numpy(), None, description=f"{len(pixels)} held-out training images (agreement "
                                                         "only: the recipe has no test images)",
-                      agreement=agreement), len(pixels)
+                      agreement=agreement, advisory=advisory), len(pixels)
 
 
 def engine_steps(run: ExportRun) -> list[str]:

@@ -36,6 +36,7 @@ def run_export(recipe: Recipe, out_dir: Path, force: bool = False, progress: boo
         run.model_keys = run.models.model_keys
         outcome.accuracy = task_steps(run)
         outcome.teacher_check = run.teacher_check
+        outcome.stand_in_tokenizers = run.stand_in_tokenizers()
         _onnx(run)
         outcome.export_dir = run.onnx_dir
         _drop_unasked(run)

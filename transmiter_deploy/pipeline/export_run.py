@@ -122,6 +122,12 @@ class ExportRun:
 
         return load_head(self.root / "heads" / tag)
 
+    def stand_in_tokenizers(self) -> dict[str, str]:
+        """Head role -> the stand-in tokenizer it was built with (random-weight text towers whose
+        own tokenizer is unavailable offline), for the heads this run has."""
+        heads = {tag: self.head(tag) for tag in ("source", "teacher", "target") if (self.root / "heads" / tag).is_dir()}
+        return {tag: head.stand_in_tokenizer for tag, head in heads.items() if head.stand_in_tokenizer}
+
     @property
     def teacher_kind(self) -> str:
         from .teachers import teacher_kind

@@ -25,6 +25,8 @@ class ExportOutcome:
     gates: list[dict] = field(default_factory=list)  # calibrated precisions: their accuracy gates
     teacher_check: dict | None = None  # will transfer help? (pipeline/teacher_check.py)
     task_teacher_check: dict[str, dict] = field(default_factory=dict)  # a bank: per task
+    # head role (source, teacher, target) -> the stand-in tokenizer its text was encoded with, and why
+    stand_in_tokenizers: dict[str, str] = field(default_factory=dict)
 
     def teacher_warnings(self) -> list[str]:
         """The teacher check's warnings, one per task that has one."""
@@ -43,12 +45,15 @@ def write_report(recipe: Recipe, outcome: ExportOutcome) -> None:
         "task_accuracy": outcome.task_accuracy, "parity": parity,
         "validation": outcome.validation, "validation_skipped": outcome.validation_skipped,
         "gates": outcome.gates, "teacher_check": outcome.teacher_check,
-        "task_teacher_check": outcome.task_teacher_check,
+        "task_teacher_check": outcome.task_teacher_check, "stand_in_tokenizers": outcome.stand_in_tokenizers,
     }
     write_json(out / "report.json", payload)
     lines = [f"# Export report: {recipe.name}", "", f"Recipe: `{recipe.path}`. Artifacts: `{outcome.export_dir}`.", ""]
     lines += [f"**Warning: {warning}**" for warning in outcome.teacher_warnings()]
     lines += [""] if outcome.teacher_warnings() else []
+    lines += [f"Note: the {role} head's class names were tokenized by a {description} (random weights: shapes "
+              "and speed only)." for role, description in outcome.stand_in_tokenizers.items()]
+    lines += [""] if outcome.stand_in_tokenizers else []
     if outcome.teacher_check:
         lines += _teacher_check_lines("## Teacher check: will transfer help?", outcome.teacher_check)
     for task, check in outcome.task_teacher_check.items():
@@ -127,8 +132,10 @@ def _gate_lines(gate: dict) -> list[str]:
     """One calibrated precision's gate: its accuracy beside fp32's, each criterion, the verdict."""
     name = gate["precision"]
     task = f", task {gate['task']}" if gate.get("task") else ""  # a bank gates every task
-    lines = [f"## {name} accuracy gate{task} ({gate['images']}, {gate['samples']} images): "
-             f"{'pass' if gate['passed'] else 'FAIL: the ' + name + ' graphs were not added'}", ""]
+    verdict = "pass" if gate["passed"] else f"FAIL: the {name} graphs were not added"
+    if gate.get("advisory"):
+        verdict += f" (criteria {'met' if gate['criteria_met'] else 'not met'}; {gate['advisory']})"
+    lines = [f"## {name} accuracy gate{task} ({gate['images']}, {gate['samples']} images): {verdict}", ""]
     if gate["accuracy"]:
         cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         lines += ["| graph | base | novel | HM | all |", "| --- | ---: | ---: | ---: | ---: |"]

@@ -73,10 +73,12 @@ class TeacherClassifier(nn.Module):
         super().__init__()
         self.visual = model.model.visual
         self.register_buffer("weight", head.weight[: head.num_task_classes].detach().clone().float())
+        self.logit_bias = head.logit_bias
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         features = nn.functional.normalize(self.visual(pixels).float(), dim=-1)
-        return features @ self.weight.t()
+        logits = features @ self.weight.t()
+        return logits + self.logit_bias if self.logit_bias else logits
 
 
 def export_onnx_teacher(teacher: CheckpointTeacher, out: Path, opset: int = 17) -> float:

@@ -128,6 +128,7 @@ def _rewrite(fp32_path: Path, calibration: dict[str, np.ndarray], fp32_nodes: tu
              if any(re.match(pattern, node.name) for pattern in fp32_nodes)}
     blocked = named | out_of_range_nodes(structure, data_dir, calibration)
     blocked |= {node.name for node in structure.graph.node if node.op_type in float16.DEFAULT_OP_BLOCK_LIST}
+    blocked |= shape_arithmetic_nodes(structure)
     _split_shared_initializers(structure, blocked)
     # onnxslim can leave two value_info entries for one tensor, and the rewrite retypes only the
     # first: shape inference (run by the rewrite) lists each tensor once
@@ -146,6 +147,32 @@ def _rewrite(fp32_path: Path, calibration: dict[str, np.ndarray], fp32_nodes: tu
             raise InputError(f"{fp32_path} cannot be converted to fp16: {str(exc).splitlines()[0]}") from exc
     _restore_fp32_outputs(converted, fp32_outputs)
     return converted, data_dir
+
+
+SHAPE_SOURCES = ("Shape", "Size")
+
+
+def shape_arithmetic_nodes(model: onnx.ModelProto) -> set[str]:
+    """The nodes that compute from tensor shapes (and constants) alone, never from the data: kept
+    fp32. The converter retypes such a node's float constant to fp16 but not the ``Cast(to=float)``
+    of a shape that meets it, which leaves a node with mixed input types (a graph onnx's checker
+    refuses); PyTorch's attention scale ``1 / sqrt(head_dim)``, computed from the query's shape
+    where the shape is not static (MobileCLIP's attention), is one. Blocked, they stay fp32 and
+    the converter casts their result where it meets fp16 data."""
+    data = {value.name for value in model.graph.input}
+    from_shapes: set[str] = set()
+    shape_nodes: set[str] = set()
+    for node in model.graph.node:  # topological order (onnx requires it)
+        if node.op_type in SHAPE_SOURCES:
+            from_shapes.update(node.output)
+            continue
+        inputs = [name for name in node.input if name]
+        if any(name in data for name in inputs):
+            data.update(node.output)
+        elif any(name in from_shapes for name in inputs):
+            from_shapes.update(node.output)
+            shape_nodes.add(node.name)
+    return shape_nodes
 
 
 def _finish(converted: onnx.ModelProto) -> None:
