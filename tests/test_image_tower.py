@@ -22,7 +22,8 @@ def _same_tower(spec: ModelSpec) -> None:
     assert alone.model.visual.training is False
 
 
-@pytest.mark.parametrize("name,seed", [("TM-Tiny-ViT", 3), ("TM-Tiny-RN", 1)])
+@pytest.mark.parametrize("name,seed", [("TM-Tiny-ViT", 3), ("TM-Tiny-RN", 1), ("TM-Tiny-SigLIP2", 2),
+                                       ("TM-Tiny-EVA02", 0), ("TM-Tiny-ConvNeXt", 0), ("TM-Tiny-MobileCLIP", 0)])
 def test_random_weights_match_the_whole_models_image_tower(name, seed):
     _same_tower(ModelSpec(name, init_seed=seed))
 

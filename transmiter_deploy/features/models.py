@@ -341,9 +341,10 @@ def load_image_tower(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
     which reads the whole file: the text tower is built, then dropped."""
     pretrained, identity = _weights_source(spec)
     config = open_clip.get_model_config(spec.name)
-    tower_alone = (config is not None and "timm_model_name" not in config.get("vision_cfg", {})
-                   and (pretrained is None or spec.checkpoint is not None))
-    if not tower_alone:  # a pretrained tag, or a timm image tower: open_clip's loader, then the text tower dropped
+    # timm-built towers too (EVA02, ConvNeXt, SigLIP, MobileCLIP): CLIP and CustomTextCLIP build the
+    # image tower first, with the same builder (tests/test_image_tower.py compares them)
+    tower_alone = config is not None and (pretrained is None or spec.checkpoint is not None)
+    if not tower_alone:  # a pretrained tag: open_clip's loader, then the text tower dropped
         whole = load_model(spec, device)
         whole.model = ImageTower(whole.model.visual, whole.model.logit_scale)
         whole.tokenizer = _no_tokenizer
