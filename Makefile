@@ -88,10 +88,15 @@ PHASE := bash scripts/phase.sh
 CPP_BUILD_TARGETS = cpp cpp-asan-build $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-build)
 CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-ctest)
 
+# pytest's worker processes (pytest-xdist): each test file runs whole on one worker, so module
+# fixtures are made once; the session's exports are made once per run whichever worker needs them
+# first (tests/conftest.py: made_once). 0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test:
 	@$(PHASE) venv $(MAKE) --no-print-directory install
 	@MAKE="$(MAKE)" CPP_BUILD_TARGETS="$(CPP_BUILD_TARGETS)" CPP_CTEST_TARGETS="$(CPP_CTEST_TARGETS)" \
-	    bash scripts/test_suite.sh env $(CPP_TEST_ENV) $(PY) -m pytest -q --durations=25
+	    bash scripts/test_suite.sh env $(CPP_TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # The development loop: no C++ builds, no live servers or clusters, no demo exports, no slow cases
 # (markers in pyproject.toml, set in tests/conftest.py); make test stays the full suite.

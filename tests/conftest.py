@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import hashlib
+import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -93,6 +99,63 @@ def assert_unchanged(root: Path, before: dict[str, str], fixture: str) -> None:
     assert not changed, f"a test changed the session fixture {fixture}: {changed[:10]}"
 
 
+@contextmanager
+def made_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
+    """``(directory, first)`` of a session fixture's work, shared by the run's processes: under
+    pytest-xdist (``make test`` runs two workers) each worker has its own session, and the
+    fixtures' exports would be made once per worker. The directory sits in the run's common
+    temporary root; a file lock lets the first worker to come make it (``first``: True) while the
+    others wait, then find it made (a failed making leaves it to the next one). Without xdist the
+    only process is the first."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(parents=True, exist_ok=True)
+    directory, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        first = not done.exists()
+        if first:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+        yield directory, first
+        if first:
+            done.write_text("made\n")
+
+
+def save_outcome(outcome, path: Path) -> None:
+    """An export's outcome as JSON, for the workers that did not run it (:func:`made_once`)."""
+    path.write_text(json.dumps(dataclasses.asdict(outcome), default=str))
+
+
+def load_outcome(path: Path):
+    """What :func:`save_outcome` wrote, as the ExportOutcome the run returned."""
+    from transmiter_deploy.pipeline.report import ExportOutcome
+    from transmiter_deploy.pipeline.steps import StepRecord
+
+    fields = json.loads(path.read_text())
+    fields["steps"] = [StepRecord(**step) for step in fields["steps"]]
+    fields["out_dir"] = Path(fields["out_dir"])
+    fields["export_dir"] = Path(fields["export_dir"]) if fields["export_dir"] else None
+    return ExportOutcome(**fields)
+
+
+def export_once(tmp_path_factory, name: str, recipe_text: str, prepare=None):
+    """``(recipe, outcome)`` of ``recipe_text`` exported into ``<shared>/<name>/out`` once per run
+    (:func:`made_once`); ``prepare(directory)`` first fills the directory (a copied export)."""
+    from transmiter_deploy.pipeline.export import run_export
+    from transmiter_deploy.pipeline.recipe import load_recipe
+
+    with made_once(tmp_path_factory, name) as (directory, first):
+        path = directory / "recipe.yaml"
+        if first:
+            if prepare is not None:
+                prepare(directory)
+            path.write_text(recipe_text)
+            outcome = run_export(load_recipe(path), directory / "out", progress=False, log=lambda _: None)
+            save_outcome(outcome, directory / "outcome.json")
+    return load_recipe(path), load_outcome(directory / "outcome.json")
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
@@ -146,19 +209,12 @@ export: {precisions: [fp32, fp16], batch: {min: 1, opt: 4, max: 8}}
 
 @pytest.fixture(scope="session")
 def demo_export(tmp_path_factory):
-    """``(recipe, outcome)`` of the small demo recipe, exported once per session.
+    """``(recipe, outcome)`` of the small demo recipe, exported once per run (:func:`export_once`).
 
-    Shared by the export-pipeline tests and the C++ runtime tests (tests/cpp/); tests that
-    re-run the export into it leave a complete, valid export behind.
+    Shared by the export-pipeline tests and the C++ runtime tests (tests/cpp/); tests read it and
+    write elsewhere (:func:`copy_export`, :func:`copy_tree`).
     """
-    from transmiter_deploy.pipeline.export import run_export
-    from transmiter_deploy.pipeline.recipe import load_recipe
-
-    tmp_path = tmp_path_factory.mktemp("demo-export")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(SMALL_DEMO)
-    recipe = load_recipe(path)
-    outcome = run_export(recipe, tmp_path / "out", progress=False, log=lambda _: None)
+    recipe, outcome = export_once(tmp_path_factory, "demo-export", SMALL_DEMO)
     before = tree_digest(outcome.out_dir)
     yield recipe, outcome
     assert_unchanged(outcome.out_dir, before, "demo_export")
@@ -198,18 +254,19 @@ def bank_recipe_text(extra_tasks: str = "") -> str:
 
 @pytest.fixture(scope="session")
 def demo_bank_export(tmp_path_factory) -> Path:
-    """The ``--out`` directory of the small two-task bank, exported once per session (the bank
-    is ``<out>/onnx``); tests that change it work on a copy (:func:`copy_tree`)."""
+    """The ``--out`` directory of the small two-task bank, exported once per run (the bank
+    is ``<out>/onnx``; :func:`made_once`); tests that change it work on a copy (:func:`copy_tree`)."""
     from transmiter_deploy.pipeline.bank_export import run_bank_export
     from transmiter_deploy.pipeline.recipe import load_recipe
 
-    tmp_path = tmp_path_factory.mktemp("demo-bank")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(SMALL_BANK)
-    run_bank_export(load_recipe(path), tmp_path / "out", progress=False, log=lambda _: None)
-    before = tree_digest(tmp_path / "out")
-    yield tmp_path / "out"
-    assert_unchanged(tmp_path / "out", before, "demo_bank_export")
+    with made_once(tmp_path_factory, "demo-bank") as (directory, first):
+        if first:
+            (directory / "recipe.yaml").write_text(SMALL_BANK)
+            run_bank_export(load_recipe(directory / "recipe.yaml"), directory / "out", progress=False,
+                            log=lambda _: None)
+    before = tree_digest(directory / "out")
+    yield directory / "out"
+    assert_unchanged(directory / "out", before, "demo_bank_export")
 
 
 def copy_tree(source: Path, target: Path) -> Path:
@@ -238,22 +295,21 @@ def copy_export(demo_export, tmp_path: Path, recipe_text: str = SMALL_DEMO_INT8)
 
 @pytest.fixture(scope="session")
 def demo_int8_export(demo_export, tmp_path_factory):
-    """``(out, outcome)`` of the small demo export with int8 added."""
-    from transmiter_deploy.pipeline.export import run_export
-    from transmiter_deploy.pipeline.recipe import load_recipe
-
-    path, out = copy_export(demo_export, tmp_path_factory.mktemp("int8"))
-    return out, run_export(load_recipe(path), out, progress=False, log=lambda _: None)
+    """``(out, outcome)`` of the small demo export with int8 added (once per run)."""
+    _, outcome = export_once(tmp_path_factory, "int8", SMALL_DEMO_INT8,
+                             lambda directory: shutil.copytree(demo_export[1].out_dir, directory / "out"))
+    return outcome.out_dir, outcome
 
 
 @pytest.fixture(scope="session")
 def flow(tmp_path_factory) -> Path:
     """The hostile cases' tiny workspace (tests/hostile/hostile_support.py): caches, heads and
-    adapters of the tiny towers, and their ``images``, made once through the CLI."""
+    adapters of the tiny towers, and their ``images``, made once per run through the CLI."""
     from hostile.hostile_support import make_flow
 
-    root = tmp_path_factory.mktemp("hostile-flow")
-    make_flow(root, make_image_folder(root / "images", per_class=4))
+    with made_once(tmp_path_factory, "hostile-flow") as (root, first):
+        if first:
+            make_flow(root, make_image_folder(root / "images", per_class=4))
     before = tree_digest(root)
     yield root
     assert_unchanged(root, before, "flow")
@@ -266,22 +322,16 @@ SMALL_DEMO_EXTERNAL = SMALL_DEMO.replace("export: {", "export: {external_data_th
 
 @pytest.fixture(scope="session")
 def demo_external_export(demo_export, tmp_path_factory):
-    """``(recipe, outcome)`` of the small demo export re-run with ``external_data_threshold: 0``:
-    the session's finished export copied, so only the steps that write graphs run again.
+    """``(recipe, outcome)`` of the small demo export re-run with ``external_data_threshold: 0``
+    (once per run): the session's finished export copied, so only the steps that write graphs run
+    again. The copied inline graphs are kept in ``<out>/../inline-onnx`` first: they were made from
+    the very adapter and head files the re-run reads."""
 
-    The copied inline graphs are kept in ``<out>/../inline-onnx`` first: they were made from the
-    very adapter and head files the re-run reads. (``demo_export`` itself may have been exported
-    again by then, by tests that retrain into it, and retraining is reproducible only to float32
-    rounding.)"""
-    import shutil
+    def prepare(directory: Path) -> None:
+        shutil.copytree(demo_export[1].out_dir, directory / "out")
+        shutil.copytree(directory / "out" / "onnx", directory / "inline-onnx")
 
-    from transmiter_deploy.pipeline.export import run_export
-    from transmiter_deploy.pipeline.recipe import load_recipe
-
-    path, out = copy_export(demo_export, tmp_path_factory.mktemp("external"), SMALL_DEMO_EXTERNAL)
-    shutil.copytree(out / "onnx", out.parent / "inline-onnx")
-    recipe = load_recipe(path)
-    return recipe, run_export(recipe, out, progress=False, log=lambda _: None)
+    return export_once(tmp_path_factory, "external", SMALL_DEMO_EXTERNAL, prepare)
 
 
 def damage_external_data(directory: Path, case: str, graph: str = "model.onnx", other: str = "model_fp16.onnx") -> None:
@@ -363,17 +413,22 @@ def family_pair_id(pair: tuple[str, str]) -> str:
 @pytest.fixture(scope="session")
 def family_exports(tmp_path_factory):
     """``export(pair) -> (status, out)``: the ring's export of ``pair`` through ``transmiter export``
-    (the CLI's ``main``), run once per session and shared by the matrix's Python and C++ tests."""
+    (the CLI's ``main``), run once per run (:func:`made_once`) and shared by the matrix's Python and
+    C++ tests."""
     from transmiter_deploy.cli import main
 
     done: dict[tuple[str, str], tuple[int, Path]] = {}
 
     def export(pair: tuple[str, str]) -> tuple[int, Path]:
         if pair not in done:
-            root = tmp_path_factory.mktemp(family_pair_id(pair))
-            recipe = root / "recipe.yaml"
-            recipe.write_text(FAMILY_RECIPE.format(index=FAMILY_PAIRS.index(pair), source=pair[0], target=pair[1]))
-            done[pair] = (main(["--quiet", "export", str(recipe), "--out", str(root / "out")]), root / "out")
+            with made_once(tmp_path_factory, f"family-{family_pair_id(pair)}") as (root, first):
+                if first:
+                    recipe = root / "recipe.yaml"
+                    recipe.write_text(FAMILY_RECIPE.format(index=FAMILY_PAIRS.index(pair), source=pair[0],
+                                                           target=pair[1]))
+                    status = main(["--quiet", "export", str(recipe), "--out", str(root / "out")])
+                    (root / "status").write_text(str(status))
+            done[pair] = (int((root / "status").read_text()), root / "out")
         return done[pair]
 
     return export

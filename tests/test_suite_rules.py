@@ -52,6 +52,29 @@ def test_the_cli_runs_as_a_new_interpreter_only_in_the_console_script_test():
     assert found == [], "run the CLI through main() in the test, or in a child of tests/cli_process.py"
 
 
+def test_session_fixtures_that_export_are_made_once_per_run_whichever_worker_needs_them():
+    """make test runs two pytest-xdist workers, each with its own session: a session fixture that
+    runs an export (or the CLI) makes it through conftest.made_once / export_once, or each worker
+    would make it again."""
+    import ast
+
+    tree = ast.parse((TESTS / "conftest.py").read_text())
+    exporting = {"run_export", "run_bank_export", "make_flow", "main"}
+    sharing = {"made_once", "export_once"}
+    checked = []
+    for function in (node for node in tree.body if isinstance(node, ast.FunctionDef)):
+        session = any(isinstance(d, ast.Call) and any(k.arg == "scope" and getattr(k.value, "value", None) == "session"
+                                                      for k in d.keywords) for d in function.decorator_list)
+        if not session:
+            continue
+        called = {getattr(call.func, "id", getattr(call.func, "attr", None))
+                  for call in ast.walk(function) if isinstance(call, ast.Call)}
+        if called & (exporting | sharing) or "copy_export" in called:
+            checked.append(function.name)
+            assert called & sharing, f"session fixture {function.name} exports without conftest.made_once"
+    assert {"demo_export", "demo_bank_export", "flow", "family_exports"} <= set(checked), checked
+
+
 def test_cpp_tests_run_last_and_wait_for_the_builds_beside_them(request, tmp_path, monkeypatch):
     """make test builds the C++ runtime beside pytest (scripts/test_suite.sh): tests/cpp come last
     (the tests marked cluster just before them), their build fixtures wait for the builds' status, and
