@@ -90,13 +90,16 @@ CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-
 
 # pytest's worker processes (pytest-xdist): each test file runs whole on one worker, so module
 # fixtures are made once; the session's exports are made once per run whichever worker needs them
-# first (tests/conftest.py: made_once). 0 runs the suite in one process.
+# first (tests/conftest.py: made_once). 0 runs the suite in one process. --no-loadscope-reorder
+# keeps the files in the suite's order (tests/cpp last, conftest.run_order): xdist's default sends
+# the files with the most tests first, and tests/cpp then held a worker waiting 250 s for the
+# C++ builds beside pytest.
 TEST_WORKERS ?= 2
 
 test:
 	@$(PHASE) venv $(MAKE) --no-print-directory install
 	@MAKE="$(MAKE)" CPP_BUILD_TARGETS="$(CPP_BUILD_TARGETS)" CPP_CTEST_TARGETS="$(CPP_CTEST_TARGETS)" \
-	    bash scripts/test_suite.sh env $(CPP_TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	    bash scripts/test_suite.sh env $(CPP_TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The development loop: no C++ builds, no live servers or clusters, no demo exports, no slow cases
 # (markers in pyproject.toml, set in tests/conftest.py); make test stays the full suite.
