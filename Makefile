@@ -88,13 +88,16 @@ PHASE := bash scripts/phase.sh
 CPP_BUILD_TARGETS = cpp cpp-asan-build $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-build)
 CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-ctest)
 
-# pytest's worker processes (pytest-xdist): each test file runs whole on one worker, so module
-# fixtures are made once; the session's exports are made once per run whichever worker needs them
-# first (tests/conftest.py: made_once). 0 runs the suite in one process. --no-loadscope-reorder
-# keeps the files in the suite's order (tests/cpp last, conftest.run_order): xdist's default sends
-# the files with the most tests first, and tests/cpp then held a worker waiting 250 s for the
-# C++ builds beside pytest.
-TEST_WORKERS ?= 2
+# pytest's worker processes (pytest-xdist; 0: one process, the default). With workers each test file
+# runs whole on one of them (module fixtures made once) in the suite's order (--no-loadscope-reorder:
+# tests/cpp last, conftest.run_order), and the session's exports are made once per run, by whichever
+# worker needs them first (tests/conftest.py: made_once). On this project's 2-core machine two workers
+# do not pay: the C++ builds already use the second core beside pytest, and measured on a clean clone
+# pytest took 616 s with two workers (xdist's default order: tests/cpp first, a worker waiting 250 s
+# for the builds) and 718 s in the suite's order (the Ray and Triton tests beside each other and the
+# builds: a tritonserver start timed out), against 605 s in one process. Machines with more cores:
+# make test TEST_WORKERS=4.
+TEST_WORKERS ?= 0
 
 test:
 	@$(PHASE) venv $(MAKE) --no-print-directory install

@@ -102,7 +102,7 @@ def assert_unchanged(root: Path, before: dict[str, str], fixture: str) -> None:
 @contextmanager
 def made_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
     """``(directory, first)`` of a session fixture's work, shared by the run's processes: under
-    pytest-xdist (``make test`` runs two workers) each worker has its own session, and the
+    pytest-xdist (``make test TEST_WORKERS=N``) each worker has its own session, and the
     fixtures' exports would be made once per worker. The directory sits in the run's common
     temporary root; a file lock lets the first worker to come make it (``first``: True) while the
     others wait, then find it made (a failed making leaves it to the next one). Without xdist the

@@ -53,7 +53,7 @@ def test_the_cli_runs_as_a_new_interpreter_only_in_the_console_script_test():
 
 
 def test_session_fixtures_that_export_are_made_once_per_run_whichever_worker_needs_them():
-    """make test runs two pytest-xdist workers, each with its own session: a session fixture that
+    """make test TEST_WORKERS=N runs pytest-xdist workers, each with its own session: a session fixture that
     runs an export (or the CLI) makes it through conftest.made_once / export_once, or each worker
     would make it again."""
     import ast
