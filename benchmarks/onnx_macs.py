@@ -43,7 +43,7 @@ def main() -> int:
             report = export_deployment(model, head, artifact, f"{out}/export", parity_pixels(model, None, args.samples),
                                        ExportSettings(precisions=("fp32", "fp16") if args.fp16 else ("fp32",),
                                                       calibration_images=args.calibration_images), log=lambda _line: None)
-        print(f"== {name} (random weights; d = {model.model.visual.output_dim}, C = D = {args.width}, "
+        print(f"== {name} (random weights; d = {model.feature_dim}, C = D = {args.width}, "
               f"K = {args.classes}), export + verification {time.perf_counter() - start:.1f} s")
         print(format_report(report))
         results[name] = {"macs": report.macs, "checks": report.parity["checks"], "timings": report.timings}

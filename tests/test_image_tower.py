@@ -19,6 +19,7 @@ def _same_tower(spec: ModelSpec) -> None:
     assert float(alone.model.logit_scale) == float(whole.model.logit_scale.detach())
     pixels = torch.rand(2, 3, *whole.preprocess_config["image_size"], generator=torch.Generator().manual_seed(0))
     assert torch.equal(alone.encode_images(pixels), whole.encode_images(pixels))
+    assert alone.feature_dim == whole.feature_dim == alone.encode_images(pixels).shape[1]  # timm towers too
     assert alone.model.visual.training is False
 
 

@@ -101,7 +101,7 @@ def build_graphs(settings, work_dir: Path, log: Callable[[str], None] = print) -
     """The backbone graph and max(N) head graphs of ``settings`` (a ``bank.BankSettings``),
     cached under ``<work>/bank-graphs``."""
     model = load_model(ModelSpec(settings.model, init_seed=settings.seed))
-    d = int(model.model.visual.output_dim)
+    d = model.feature_dim
     size = tuple(int(v) for v in model.preprocess_config["image_size"])
     folder = Path(work_dir) / GRAPHS_DIR
     backbone_module = Backbone(model.model.visual)

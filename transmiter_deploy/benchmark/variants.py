@@ -106,7 +106,7 @@ class TargetGroup:
 def synthetic_head(model: LoadedModel, rows: int, classes: int, seed: int) -> ZeroShotHead:
     """A head shaped like a real one: unit rows times CLIP's logit scale of 100."""
     generator = torch.Generator().manual_seed(seed)
-    d = model.model.visual.output_dim
+    d = model.feature_dim
     weight = torch.nn.functional.normalize(torch.randn(rows, d, generator=generator), dim=1) * 100.0
     names = [f"class {i}" for i in range(rows)]
     return ZeroShotHead(weight, names[:classes], names[classes:], model.identity, ("{}",), 100.0)
@@ -144,7 +144,7 @@ def build_group(target: str, pair_names: list[str], seed: int = 0, precisions: t
     model = load_model(ModelSpec(target, init_seed=seed))
     head, artifact = synthetic_head_and_adapter(model, width, classes, seed)
     size = tuple(model.preprocess_config["image_size"])
-    group = TargetGroup(target, list(pair_names), size, int(model.model.visual.output_dim), width, classes)
+    group = TargetGroup(target, list(pair_names), size, model.feature_dim, width, classes)
     visual = model.model.visual
     tag = f"{target}-C{width}-K{classes}-s{seed}"
     backbone = Part(_classifier(model, classes, seed), f"{target}-K{classes}-s{seed}-backbone")

@@ -153,6 +153,15 @@ class LoadedModel:
         return float(self.model.logit_scale.detach().exp())
 
     @property
+    def feature_dim(self) -> int:
+        """The width of the image features: open_clip's ``embed_dim``, which every image tower
+        projects to (its own towers say it as ``output_dim``; timm-built ones do not)."""
+        output = getattr(self.model.visual, "output_dim", None)
+        if output is not None:
+            return int(output)
+        return int(open_clip.get_model_config(self.identity.name)["embed_dim"])
+
+    @property
     def logit_bias(self) -> float:
         """SigLIP's learnt logit bias (logits = scale * cos + bias); 0 for CLIP's families."""
         bias = getattr(self.model, "logit_bias", None)
