@@ -148,6 +148,22 @@ def test_mobileclip_is_reparameterised_before_tracing_and_computes_what_the_trai
     assert for_inference(plain) == (plain, 0)
 
 
+def test_macs_of_a_siglip_tower_are_counted_from_its_structure_alone(tmp_path):
+    """SigLIP's attention pool leaves onnx's shape inference an open dimension (its query expanded
+    through Where); the symbolic inference that fills it must work on a graph read without its
+    external data too, as graphs past 2 GiB are counted (ViT-gopt-16-SigLIP2 was not)."""
+    from transmiter_deploy.deploy.graph_cost import count_macs_file
+    from transmiter_deploy.deploy.trace import export_graph
+
+    tower = load_image_tower(ModelSpec("TM-Tiny-SigLIP")).model.visual
+    pixels = torch.randn(2, 3, 32, 32)
+    export_graph(tower, pixels, "pixel_values", "features", 17, "tiny SigLIP", tmp_path / "inline.onnx")
+    export_graph(tower, pixels, "pixel_values", "features", 17, "tiny SigLIP", tmp_path / "external.onnx", 0)
+    assert (tmp_path / "external.onnx.data").exists()
+    inline = count_macs_file(tmp_path / "inline.onnx")["total"]
+    assert inline > 0 and count_macs_file(tmp_path / "external.onnx")["total"] == inline
+
+
 def test_every_family_of_the_matrix_is_a_packaged_architecture():
     from transmiter_deploy.features.models import known_models
 
