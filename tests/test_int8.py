@@ -256,3 +256,38 @@ def test_a_recipe_that_drops_int8_takes_its_graphs_out_of_the_export(int8_export
     assert outcome.gates == [] and all(row["graph"] != "model_int8.onnx" for row in outcome.validation)
     parity = json.loads((copy / "onnx" / "parity.json").read_text())
     assert not [name for name in parity["checks"] if "int8" in name] and "int8" not in parity.get("gates", {})
+
+
+def test_biases_computed_in_the_graph_are_said_in_one_line_not_one_warning_each(tmp_path, caplog, capfd):
+    """A graph onnxslim could not simplify keeps Conv biases computed by nodes; ONNX Runtime's
+    quantizer warns once per such bias on the root logger (157 lines on MobileCLIP-S1): one line."""
+    from onnx import TensorProto, helper
+
+    from transmiter_deploy.deploy.precisions.int8 import convert
+
+    rng = np.random.default_rng(0)
+    # 32 channels: ModelOpt leaves convolutions of few channels unquantised
+    weights = [numpy_helper.from_array(rng.standard_normal((32, 3 if i == 0 else 32, 3, 3)).astype(np.float32), f"w{i}")
+               for i in range(3)]
+    biases = [numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), f"b{i}") for i in range(3)]
+    nodes, previous = [], "pixel_values"
+    for i in range(3):  # each bias passed through an Identity: computed, not an initialiser
+        nodes += [helper.make_node("Identity", [f"b{i}"], [f"computed_b{i}"], name=f"bias{i}"),
+                  helper.make_node("Conv", [previous, f"w{i}", f"computed_b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        previous = f"r{i}"
+    graph = helper.make_graph(nodes, "computed-biases",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["batch", 32, 16, 16])],
+                              weights + biases)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "model.onnx")
+    calibration = {"pixel_values": rng.standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    with caplog.at_level("WARNING"):
+        quantised = convert(tmp_path / "model.onnx", calibration, ())
+    assert sum(node.op_type == "QuantizeLinear" for node in quantised.graph.node) > 0
+    said = [record.getMessage() for record in caplog.records]
+    assert not any(message.startswith("Expected bias") for message in said), said
+    assert sum("biases of model.onnx are computed in the graph" in message for message in said) == 1, said
+    assert "Expected bias" not in capfd.readouterr().err
