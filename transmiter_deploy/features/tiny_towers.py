@@ -38,8 +38,8 @@ def register_tiny_timm_towers() -> None:
             continue
 
         def build(pretrained: bool = False, _family: str = family, _shrunk: dict = shrunk, **kwargs):
-            # open_clip's own arguments (pooling, classes, drop rates) win over nothing: the
-            # shrinking arguments are size only, so both sets apply
+            # open_clip's arguments (pooling, classes, drop rates) join the shrinking ones, which
+            # name sizes only; where both name one, open_clip's wins
             return timm.create_model(_family, pretrained=False, **dict(_shrunk, **kwargs))
 
         build.__name__ = name
