@@ -70,15 +70,13 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     one evaluates such shape arithmetic."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    from ..runtimes.onnx_files import external_weights_as_inputs
+
     # a graph read without its external data (count_macs_file, graphs past 2 GiB): the inference
     # would read each initialiser's values; the external ones become inputs of their shape instead
     structure = onnx.ModelProto()
     structure.CopyFrom(model)
-    external = [t for t in structure.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    inline = [t for t in structure.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
-    del structure.graph.initializer[:]
-    structure.graph.initializer.extend(inline)
-    structure.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    external_weights_as_inputs(structure)
     try:
         return _shapes(SymbolicShapeInference.infer_shapes(structure, auto_merge=True))
     except Exception:  # noqa: BLE001 - a third-party inference that may fail on any op; the caller reports

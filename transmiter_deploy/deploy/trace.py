@@ -22,7 +22,7 @@ import torch
 
 from ..errors import WRITE_ERRNOS, InputError, write_failure
 from ..host import release_freed_memory
-from ..runtimes.onnx_files import check_full, save_graph, weights_apart
+from ..runtimes.onnx_files import check_full, external_weights_as_inputs, save_graph, weights_apart
 
 DEFAULT_OPSET = 17
 
@@ -118,13 +118,8 @@ def _slim_structure(structure: onnx.ModelProto, slim: Callable) -> onnx.ModelPro
     around them holds whatever their values are; the shape arithmetic it exists to fold uses small
     tensors, which stay in the graph. (The exporter's own constant folding has already folded the
     weights' transposes.)"""
-    weights = [tensor for tensor in structure.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL]
+    weights = external_weights_as_inputs(structure)
     names = {tensor.name for tensor in weights}
-    kept = [tensor for tensor in structure.graph.initializer if tensor.name not in names]
-    del structure.graph.initializer[:]
-    structure.graph.initializer.extend(kept)
-    structure.graph.input.extend(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-                                 for tensor in weights)
     slimmed = slim(structure)
     used = {name for node in slimmed.graph.node for name in node.input}
     inputs = [value for value in slimmed.graph.input if value.name not in names]

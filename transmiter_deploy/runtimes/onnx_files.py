@@ -95,6 +95,20 @@ def external_data_locations(model: Any) -> list[str]:
     return sorted(locations)
 
 
+def external_weights_as_inputs(structure: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Move ``structure``'s external initialisers (the weights, values not loaded) to graph inputs
+    of their shape, in place, and return them: for graph tools that would read every
+    initialiser's values (onnxslim, ONNX Runtime's symbolic shape inference) where only shapes
+    matter. The small tensors held in the graph stay initialisers."""
+    external = [tensor for tensor in structure.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [tensor for tensor in structure.graph.initializer if tensor.data_location != onnx.TensorProto.EXTERNAL]
+    del structure.graph.initializer[:]
+    structure.graph.initializer.extend(inline)
+    structure.graph.input.extend(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                                 for tensor in external)
+    return external
+
+
 def graph_structure(path: Path) -> Any:
     """An ONNX graph's structure without its external data (nodes, I/O and tensor shapes: what
     inspecting a graph needs, at the memory of the graph file alone)."""
