@@ -81,22 +81,22 @@ CPP_TEST_ENV = TRANSMITER_CPP_BUILD=$(abspath $(CPP_BUILD)) TRANSMITER_CPP_ASAN_
 CPP_TARGETS = cpp cpp-asan $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64)
 
 # make test: the whole suite in timed phases (scripts/phase.sh prints each phase's wall and CPU seconds, and CI's
-# summary reads them from PHASE_LOG); make test lists pytest's 25 slowest tests. The C++ builds and
-# their ctest run beside pytest, which runs tests/cpp last and waits for them there
-# (scripts/test_suite.sh says why; their output goes to build/cpp-builds.log).
+# summary reads them from PHASE_LOG); make test lists pytest's 25 slowest tests. pytest runs every test outside
+# tests/cpp while, on the other core, the C++ builds, their ctest and then tests/cpp in a pytest process of their
+# own run beside it (scripts/test_suite.sh says why; their output goes to build/cpp-builds.log and
+# build/cpp-tests.log, printed at the end).
 PHASE := bash scripts/phase.sh
 CPP_BUILD_TARGETS = cpp cpp-asan-build $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-build)
 CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-ctest)
 
-# pytest's worker processes (pytest-xdist; 0: one process, the default). With workers each test file
-# runs whole on one of them (module fixtures made once) in the suite's order (--no-loadscope-reorder:
-# tests/cpp last, conftest.run_order), and the session's exports are made once per run, by whichever
-# worker needs them first (tests/conftest.py: made_once). On this project's 2-core machine two workers
-# do not pay: the C++ builds already use the second core beside pytest, and measured on a clean clone
-# pytest took 616 s with two workers (xdist's default order: tests/cpp first, a worker waiting 250 s
-# for the builds) and 718 s in the suite's order (the Ray and Triton tests beside each other and the
-# builds: a tritonserver start timed out), against 605 s in one process. Machines with more cores:
-# make test TEST_WORKERS=4.
+# pytest's worker processes (pytest-xdist; 0: one process, the default) for the tests outside tests/cpp. With
+# workers each test file runs whole on one of them (module fixtures made once) in the suite's order
+# (--no-loadscope-reorder: the cluster tests last, conftest.run_order), and the session's exports are made once
+# per run, by whichever process needs them first (tests/conftest.py: made_once). On this project's 2-core
+# machine two workers do not pay: the C++ builds and tests/cpp already use the second core beside pytest, and
+# measured on a clean clone (stop 37, tests/cpp still in the same process) pytest took 616 s with two workers
+# and 718 s in the suite's order (the Ray and Triton tests beside each other and the builds: a tritonserver
+# start timed out), against 605 s in one process. Machines with more cores: make test TEST_WORKERS=4.
 TEST_WORKERS ?= 0
 
 test:

@@ -45,9 +45,6 @@ MARKED_FIXTURES = {"cluster": {"ray_local_cluster"},
                                     "family_exports"}}
 
 
-CPP_TESTS = Path(__file__).parent / "cpp"
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -59,12 +56,10 @@ def pytest_collection_modifyitems(config, items):
 
 def run_order(item) -> int:
     """Where a test runs (a stable sort: every other order is kept). make test builds the C++ runtime
-    beside the other tests (scripts/test_suite.sh): tests/cpp come last and wait for the builds, and
-    the tests marked ``cluster`` (a live Ray cluster or Triton server) just before them, when the
-    builds have most likely ended: a Ray cluster's processes are the tests most slowed by compilers
-    on the same two cores."""
-    if CPP_TESTS in Path(item.path).parents:
-        return 2
+    beside the tests (scripts/test_suite.sh): the tests marked ``cluster`` (a live Ray cluster or
+    Triton server) run last, when the builds have most likely ended: a Ray cluster's processes are
+    the tests most slowed by compilers on the same two cores. (tests/cpp run in a pytest process of
+    their own there, after the builds.)"""
     return 1 if item.get_closest_marker("cluster") else 0
 
 
@@ -99,16 +94,26 @@ def assert_unchanged(root: Path, before: dict[str, str], fixture: str) -> None:
     assert not changed, f"a test changed the session fixture {fixture}: {changed[:10]}"
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """Where the run's pytest processes share their session fixtures' work: the directory that
+    make test names in TRANSMITER_TEST_SHARED (scripts/test_suite.sh runs tests/cpp in a second
+    process beside the others), else the common temporary root of pytest-xdist's workers
+    (``make test TEST_WORKERS=N``), else this process's own."""
+    named = os.environ.get("TRANSMITER_TEST_SHARED")
+    if named:
+        return Path(named)
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+
+
 @contextmanager
 def made_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
-    """``(directory, first)`` of a session fixture's work, shared by the run's processes: under
-    pytest-xdist (``make test TEST_WORKERS=N``) each worker has its own session, and the
-    fixtures' exports would be made once per worker. The directory sits in the run's common
-    temporary root; a file lock lets the first worker to come make it (``first``: True) while the
-    others wait, then find it made (a failed making leaves it to the next one). Without xdist the
-    only process is the first."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    """``(directory, first)`` of a session fixture's work, shared by the run's processes (each has
+    its own session, and would make the fixtures' exports again). The directory sits in
+    :func:`shared_root`; a file lock lets the first process to come make it (``first``: True) while
+    the others wait, then find it made (a failed making leaves it to the next one). With one
+    process it is the first."""
+    root = shared_root(tmp_path_factory)
     root.mkdir(parents=True, exist_ok=True)
     directory, done = root / name, root / f"{name}.done"
     with open(root / f"{name}.lock", "w") as lock:

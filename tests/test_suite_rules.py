@@ -75,37 +75,51 @@ def test_session_fixtures_that_export_are_made_once_per_run_whichever_worker_nee
     assert {"demo_export", "demo_bank_export", "flow", "family_exports"} <= set(checked), checked
 
 
-def test_cpp_tests_run_last_and_wait_for_the_builds_beside_them(request, tmp_path, monkeypatch):
-    """make test builds the C++ runtime beside pytest (scripts/test_suite.sh): tests/cpp come last
-    (the tests marked cluster just before them), their build fixtures wait for the builds' status, and
-    a failed or killed build fails them."""
-    import importlib
-    import subprocess
-
-    import pytest
-
+def test_cluster_tests_run_last(request):
+    """make test builds the C++ runtime beside pytest (scripts/test_suite.sh): the tests marked
+    cluster (a live Ray cluster or Triton server) come after the others, when the builds are most
+    likely done."""
     from conftest import run_order
 
-    # the tests marked cluster after the others, tests/cpp after them
     order = [run_order(item) for item in request.session.items]
     assert order == sorted(order)
-    assert [TESTS / "cpp" in Path(item.path).parents for item in request.session.items] == [rank == 2 for rank in order]
-    monkeypatch.syspath_prepend(str(TESTS / "cpp"))
-    cpp_builds = importlib.import_module("cpp_builds")
-    status = tmp_path / "status"
-    # a builds job that is still running, then writes its exit status
-    job = subprocess.Popen(["sh", "-c", f"sleep 1; echo 0 > {status}.tmp && mv {status}.tmp {status}"])
-    monkeypatch.setenv("TRANSMITER_CPP_BUILDS_STATUS", str(status))
-    monkeypatch.setenv("TRANSMITER_CPP_BUILDS_PID", str(job.pid))
-    cpp_builds.wait_for_builds()
-    assert status.read_text().strip() == "0"
-    job.wait()
-    status.write_text("2\n")
-    with pytest.raises(pytest.fail.Exception, match=r"failed \(exit 2\)"):
-        cpp_builds.wait_for_builds()
-    status.unlink()  # a job that ended without writing its status
-    with pytest.raises(pytest.fail.Exception, match="without a status"):
-        cpp_builds.wait_for_builds()
+    assert [rank == 1 for rank in order] == [item.get_closest_marker("cluster") is not None
+                                             for item in request.session.items]
+
+
+def test_the_runs_processes_make_a_shared_fixture_once_and_wait_for_it(tmp_path, tmp_path_factory, monkeypatch):
+    """make test runs tests/cpp in a second pytest process beside the others (scripts/test_suite.sh),
+    and both need the session's exports: in the directory TRANSMITER_TEST_SHARED names, the first
+    to come makes one while the second waits on the lock, then finds it made."""
+    import threading
+    import time
+
+    from conftest import made_once
+
+    monkeypatch.setenv("TRANSMITER_TEST_SHARED", str(tmp_path / "shared"))
+    inside, seen = threading.Event(), {}
+
+    def maker():
+        with made_once(tmp_path_factory, "export") as (directory, first):
+            (directory / "model.onnx").write_text("made by the first")
+            inside.set()
+            time.sleep(0.5)
+            seen["maker"] = (first, time.monotonic())
+
+    def reader():
+        inside.wait()
+        with made_once(tmp_path_factory, "export") as (directory, first):
+            seen["reader"] = (first, time.monotonic(), (directory / "model.onnx").read_text())
+
+    threads = [threading.Thread(target=maker), threading.Thread(target=reader)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen["maker"][0] is True and seen["reader"][0] is False
+    assert seen["reader"][1] >= seen["maker"][1], "the second entered before the first had made it"
+    assert seen["reader"][2] == "made by the first"
+    assert (tmp_path / "shared" / "export.done").exists()
 
 
 def test_ctest_and_pytest_emulate_the_same_aarch64_cpu():

@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,38 +85,11 @@ def emulator(arch: str) -> tuple[str, ...]:
     return (qemu, "-cpu", QEMU_CPU, "-L", sysroot)
 
 
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (one that ended and was not yet waited for)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def wait_for_builds() -> None:
-    """Where make test builds the C++ runtime beside pytest (scripts/test_suite.sh), wait until its
-    builds and ctest have ended, and fail every C++ test if they failed. Nothing to wait for when
-    TRANSMITER_CPP_BUILDS_STATUS is unset (the builds were made before pytest started)."""
-    status_file = os.environ.get("TRANSMITER_CPP_BUILDS_STATUS")
-    if not status_file:
-        return
-    status, job = Path(status_file), os.environ.get("TRANSMITER_CPP_BUILDS_PID")
-    while not status.exists():
-        if job and not _running(int(job)) and not status.exists():
-            pytest.fail("the C++ builds' job ended without a status (killed?): see build/cpp-builds.log")
-        time.sleep(1.0)
-    code = status.read_text().strip()
-    if code != "0":
-        pytest.fail(f"the C++ builds or their ctest failed (exit {code}): see build/cpp-builds.log")
-
-
 def cpp_build(name: str) -> CppBuild:
     spec = BUILDS[name]
     root = os.environ.get(spec.variable)
     if not root:
         pytest.skip(f"{spec.variable} is not set: the C++ runtime's {name} build is built and tested by `make test`")
-    wait_for_builds()
     directory = Path(root)
     if not (directory / "transmiter_infer").is_file():
         pytest.fail(f"{spec.variable}={root} but {directory / 'transmiter_infer'} was not built")
