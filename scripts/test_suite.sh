@@ -2,7 +2,7 @@
 # test_suite.sh PYTEST_COMMAND...: make test's build, ctest and pytest phases, on both cores.
 #
 # Two jobs side by side. In the foreground, pytest runs every test outside tests/cpp. In the
-# background, at a lower priority, the C++ builds, their ctest, then a second pytest process for
+# background, at a lower priority (all three), the C++ builds, their ctest, then a second pytest process for
 # tests/cpp (whose tests run the built programs). Why: pytest keeps about one of the machine's two
 # cores busy (cpu 472 s in 479 s of pytest, stop 37's clean-clone CI), and the builds and ctest
 # took 241 s of the other; the C++ tests (95 s) ran after everything else in the same process,
@@ -34,7 +34,7 @@ set -m
         nice -n 10 bash scripts/phase.sh "ctest (beside pytest)" "$MAKE" --no-print-directory $CPP_CTEST_TARGETS
     then
         echo 0 > "$status_dir/built"
-        bash scripts/phase.sh "pytest tests/cpp (beside pytest)" "$@" tests/cpp > "$tests_log" 2>&1
+        nice -n 10 bash scripts/phase.sh "pytest tests/cpp (beside pytest)" "$@" tests/cpp > "$tests_log" 2>&1
         echo $? > "$status_dir/tested"
     else
         echo $? > "$status_dir/built"
