@@ -4,7 +4,7 @@
 # Two jobs side by side. In the foreground, pytest runs every test outside tests/cpp. In the
 # background, at a lower priority (all three), the C++ builds, their ctest, then a second pytest process for
 # tests/cpp (whose tests run the built programs). Why: pytest keeps about one of the machine's two
-# cores busy (cpu 472 s in 479 s of pytest, stop 37's clean-clone CI), and the builds and ctest
+# cores busy (cpu 472 s in 479 s of pytest in a clean-clone CI of cc62d5b), and the builds and ctest
 # took 241 s of the other; the C++ tests (95 s) ran after everything else in the same process,
 # while the second core sat idle. They now take that core once it is free.
 #

@@ -239,7 +239,9 @@ def test_bench_command_writes_results_report_and_plots(tmp_path, capsys):
 @pytest.mark.slow
 def test_reduced_precision_variants_are_converted_graphs_timed_on_graph_runtimes_only(tmp_path):
     group = build_group("TM-Demo-Target", ["demo"], precisions=("int8",))
-    for name in [n for n in group.variants if n not in ("backbone", "fused", "backbone@int8", "fused@int8")]:
+    # fused@int8 and the fp32 graph it is converted from (each conversion is a child process that
+    # imports the toolkit and calibrates: seconds)
+    for name in [n for n in group.variants if n not in ("fused", "fused@int8")]:
         del group.variants[name]
     paths, macs = export_graphs(group, tmp_path)
     graph = onnx.load(paths[group.variants["fused@int8"].parts[0].graph_key])
