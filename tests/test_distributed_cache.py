@@ -141,6 +141,30 @@ def test_corrupt_image_is_named_and_the_previous_cache_stays(ray_local_cluster, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]
 
 
+def counting_encoder(folder: Path) -> type[ImageEncoder]:
+    """The engine's encoder, except that each actor leaves a file named by its process id in
+    ``folder`` when it is built (made in a function, as :func:`dying_encoder`)."""
+
+    class CountingEncoder(ImageEncoder):
+        def __init__(self, *args):
+            (folder / str(os.getpid())).touch()
+            super().__init__(*args)
+
+    return CountingEncoder
+
+
+def test_no_more_actors_start_than_there_are_batches(ray_local_cluster, demo_source_spec, tmp_path):
+    """Two workers asked for, one batch of images: one actor loads the model, not two."""
+    dataset = open_dataset(make_image_folder(tmp_path / "images", per_class=2))
+    actors = tmp_path / "actors"
+    actors.mkdir()
+    build_cache_ray(demo_source_spec, dataset, tmp_path / "ray", RayCacheSettings(workers=2), batch_size=64,
+                    progress=False, encoder_class=counting_encoder(actors))
+    assert len(list(actors.iterdir())) == 1
+    build_cache(load_model(demo_source_spec), dataset, tmp_path / "local", batch_size=64, progress=False)
+    assert_same_cache(tmp_path / "ray", tmp_path / "local")
+
+
 def test_a_model_a_worker_cannot_load_comes_back_as_its_one_line_error(ray_local_cluster, tmp_path):
     """A checkpoint present where the driver runs but not on a worker's node: the encoder (built
     here as Ray builds it in an actor) answers every batch with the loader's message, which the

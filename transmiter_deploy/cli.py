@@ -130,7 +130,7 @@ def _read_class_file(path: Path) -> list[str]:
               help="local: this process (a DataLoader); ray: a Ray cluster (extra [distributed]), same cache.")
 @click.option("--workers", type=click.IntRange(0, None),
               help="local: DataLoader worker processes (default 0); ray: encoding actors, one model each "
-                   "(default: one per CPU of the cluster, or per --gpus-per-worker GPUs).")
+                   "(default: one per CPU of the cluster, or per --gpus-per-worker GPUs; at most one per batch).")
 @click.option("--address", help="--engine ray: the cluster's HOST:PORT or auto (default: start a local cluster).")
 @click.option("--gpus-per-worker", type=click.FloatRange(0, None), default=0, show_default=True,
               help="--engine ray: GPUs each encoding actor gets (fractions share a GPU).")

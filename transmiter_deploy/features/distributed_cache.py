@@ -369,10 +369,13 @@ def build_cache_ray(
         # the driver reads the model's identity and preprocessing; the actors load their own copies
         model = load_model(spec)
         architecture = architecture_config(spec.name)
-        workers = settings.workers or _default_workers(ray, settings)
+        batches = max(1, -(-len(dataset) // batch_size))
+        # no more actors than batches: one with no batch to encode would only load the model (seconds
+        # each, and Ray warns that the pool cannot be used)
+        workers = min(settings.workers or _default_workers(ray, settings), batches)
         images = ray.data.from_items(
             [{"index": index, "path": str(record.path)} for index, record in enumerate(dataset.records)],
-            override_num_blocks=max(1, min(len(dataset) // batch_size + 1, 4 * workers)),
+            override_num_blocks=min(batches, 4 * workers),
         )
         pixel_shape = (3, *model.preprocess_config["image_size"])
         decoded = images.map_batches(_decode_batch, fn_kwargs={"preprocess": model.preprocess, "pixel_shape": pixel_shape},
