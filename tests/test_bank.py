@@ -289,3 +289,38 @@ def test_a_softmax_bank_has_logits_and_probabilities_per_task(demo_bank_export, 
         logits = outputs[f"logits_{task}"]
         expected = np.exp(logits - logits.max(axis=1, keepdims=True))
         assert np.allclose(outputs[f"probs_{task}"], expected / expected.sum(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_a_banks_report_names_the_stand_in_tokenizer_of_each_tasks_heads(tmp_path):
+    """A random-weight target whose own tokenizer is not at hand (a SigLIP without transformers)
+    gets a stand-in tokenizer, and the bank's report says so per task, as a single export's does."""
+    text = """\
+name: stand-in-bank
+source: {name: TM-Tiny-ViT, init_seed: 0}
+target: {name: TM-Tiny-SigLIP, init_seed: 2}
+data: {train_per_class: 4, test_per_class: 2}
+head: {logit_width: 32}
+extraction: {epochs: 1}
+plus: {enabled: false}
+tasks:
+  - name: colours
+    finetuned: {name: TM-Tiny-ViT, init_seed: 1}
+    data: {demo_task: colours-tinted}
+export: {precisions: [fp32], batch: {min: 1, opt: 2, max: 4}}
+runtimes: [onnxruntime]
+"""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # the project does not install it: the stand-in is used and recorded
+        pass
+    else:
+        pytest.skip("transformers is installed: the SigLIP tokenizer is its own, no stand-in")
+    from transmiter_deploy.pipeline.bank_export import run_bank_export
+
+    outcome = run_bank_export(load_recipe(_write(tmp_path, text)), tmp_path / "out", progress=False,
+                              log=lambda _: None)
+    assert set(outcome.stand_in_tokenizers) == {"colours target"}
+    assert "stand-in tokenizer" in outcome.stand_in_tokenizers["colours target"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Note: the colours target head's class names were tokenized by a stand-in tokenizer" in report
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["stand_in_tokenizers"] == outcome.stand_in_tokenizers

@@ -51,6 +51,8 @@ def run_bank_export(recipe: Recipe, out_dir: Path, force: bool = False, progress
             if accuracy:
                 outcome.task_accuracy[task.name] = accuracy
             outcome.task_teacher_check[task.name] = run.teacher_check
+            outcome.stand_in_tokenizers.update({f"{task.name} {role}": description for role, description
+                                                in run.stand_in_tokenizers().items()})
             head_keys[task.name] = _head_export(run)
             task_runs.append(run)
         shared.models, shared.model_keys = models, task_runs[0].model_keys

@@ -25,7 +25,8 @@ class ExportOutcome:
     gates: list[dict] = field(default_factory=list)  # calibrated precisions: their accuracy gates
     teacher_check: dict | None = None  # will transfer help? (pipeline/teacher_check.py)
     task_teacher_check: dict[str, dict] = field(default_factory=dict)  # a bank: per task
-    # head role (source, teacher, target) -> the stand-in tokenizer its text was encoded with, and why
+    # head role (source, teacher, target; a bank's as "<task> <role>") -> the stand-in tokenizer its
+    # text was encoded with, and why
     stand_in_tokenizers: dict[str, str] = field(default_factory=dict)
 
     def teacher_warnings(self) -> list[str]:
