@@ -291,9 +291,11 @@ def test_a_softmax_bank_has_logits_and_probabilities_per_task(demo_bank_export, 
         assert np.allclose(outputs[f"probs_{task}"], expected / expected.sum(axis=1, keepdims=True), atol=1e-6)
 
 
-def test_a_banks_report_names_the_stand_in_tokenizer_of_each_tasks_heads(tmp_path):
+def test_a_banks_report_names_the_stand_in_tokenizer_of_each_tasks_heads(tmp_path, monkeypatch):
     """A random-weight target whose own tokenizer is not at hand (a SigLIP without transformers)
-    gets a stand-in tokenizer, and the bank's report says so per task, as a single export's does."""
+    gets a stand-in tokenizer, and the bank's report says so per task, as a single export's does.
+    Once its own tokenizer can be built, a re-run makes that head again (its step keys on the
+    stand-in) and the note is gone."""
     text = """\
 name: stand-in-bank
 source: {name: TM-Tiny-ViT, init_seed: 0}
@@ -324,3 +326,17 @@ runtimes: [onnxruntime]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Note: the colours target head's class names were tokenized by a stand-in tokenizer" in report
     assert json.loads((tmp_path / "out" / "report.json").read_text())["stand_in_tokenizers"] == outcome.stand_in_tokenizers
+    # transformers installed since: open_clip now builds the model's own tokenizer (one of the
+    # model's vocabulary and context, like SigLIP's)
+    import open_clip
+
+    from transmiter_deploy.features.models import StandInTokenizer
+
+    text_cfg = open_clip.get_model_config("TM-Tiny-SigLIP")["text_cfg"]
+    own = StandInTokenizer(text_cfg["vocab_size"], text_cfg["context_length"])
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name, **_: own)
+    again = run_bank_export(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out", progress=False,
+                            log=lambda _: None)
+    ran = {step.name for step in again.steps if step.status == "ran"}
+    assert "colours.head-target" in ran and "colours.head-source" not in ran
+    assert again.stand_in_tokenizers == {} and "Note:" not in (tmp_path / "out" / "report.md").read_text()

@@ -218,9 +218,13 @@ class LazyTokenizer:
         self.stand_in: str | None = None  # what tokenizes instead of open_clip's, and why
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
+        return self.build()(texts)
+
+    def build(self) -> Callable:
+        """The tokenizer itself (open_clip's, or the stand-in), built on the first call."""
         if self.built is None:
             self.built = self._build()
-        return self.built(texts)
+        return self.built
 
     def _build(self) -> Callable:
         try:
@@ -270,6 +274,19 @@ class StandInTokenizer:
 def stand_in_description(tokenizer: Callable) -> str | None:
     """What a model's texts were tokenized by when it was not the model's own tokenizer."""
     return getattr(tokenizer, "stand_in", None)
+
+
+def stand_in_tokenizer_of(spec: ModelSpec) -> str | None:
+    """What :func:`stand_in_description` will say of ``spec``'s tokenizer, without loading the
+    model: None for weights of meaning (pretrained, a checkpoint), which never get a stand-in, and
+    for random weights whose own tokenizer can be built here. A step that encodes the model's texts
+    keys on it, so that its output is made again once the own tokenizer can be built."""
+    if spec.pretrained or spec.checkpoint is not None:
+        return None
+    tokenizer = tokenizer_for(spec.name, random_weights=True)
+    if isinstance(tokenizer, LazyTokenizer):
+        tokenizer.build()
+    return stand_in_description(tokenizer)
 
 
 def _first_line(exc: BaseException) -> str:

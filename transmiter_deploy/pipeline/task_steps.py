@@ -134,6 +134,7 @@ def _teacher_logits(run: ExportRun, split: str, where: Path) -> None:
 def _heads(run: ExportRun) -> None:
     """Zero-shot heads over the task classes (+ auxiliary classes for source and target)."""
     from ..features.heads import build_head, save_head
+    from ..features.models import stand_in_tokenizer_of
     from ..features.vocabulary import select_auxiliary
 
     head_recipe = run.task.head
@@ -147,9 +148,10 @@ def _heads(run: ExportRun) -> None:
     for tag in ("source", "teacher", "target") if run.teacher_kind == "checkpoint" else ("source", "target"):
         where = run.root / "heads" / tag
         names = [] if tag == "teacher" else auxiliary
+        stand_in = stand_in_tokenizer_of(run.models.specs[tag])
         run.head_keys[tag] = run.steps.run(
             f"head-{tag}", {"model": run.model_keys[tag], "classes": run.classes, "auxiliary": names,
-                            "templates": templates},
+                            "templates": templates, **({"stand_in_tokenizer": stand_in} if stand_in else {})},
             [where / MANIFESTS["head"]],
             lambda tag=tag, where=where, names=names: save_head(
                 build_head(run.models[tag], run.classes, names, templates, progress=run.progress), where))
