@@ -89,7 +89,7 @@ PHASE := bash scripts/phase.sh
 CPP_BUILD_TARGETS = cpp cpp-asan-build $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-build)
 CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-aarch64-ctest)
 
-# pytest's worker processes (pytest-xdist; 0: one process, the default) for the tests outside tests/cpp. With
+# pytest's worker processes (pytest-xdist; 0: one process, the default) in each of make test's two pytest runs. With
 # workers each test file runs whole on one of them (module fixtures made once) in the suite's order
 # (--no-loadscope-reorder: the cluster tests last, conftest.run_order), and the session's exports are made once
 # per run, by whichever process needs them first (tests/conftest.py: made_once). On this project's 2-core
