@@ -244,11 +244,13 @@ def served(single, bank, tmp_path_factory):
     began = time.monotonic()
     server = triton_server.TritonServer(repositories, root / "work", explicit=True, models=["*"]).start()
     timing = {"start_s": time.monotonic() - began}
+    assert server.shm_regions(), "the Python backend's shared memory does not carry the server's own prefix"
     server.grow = (grow, repositories[3])  # the growing bank and its repository
     yield server, timing
     began = time.monotonic()
     server.stop()
     timing["stop_s"] = time.monotonic() - began
+    assert server.shm_regions() == []
     log = server.log.read_text(errors="replace")
     crashes = [line for line in log.splitlines() if any(
         sign in line for sign in ("is not healthy", "terminate called", "Traceback", "Segmentation fault", "core dumped"))]
@@ -456,3 +458,44 @@ def test_a_task_added_live_loads_without_reloading_the_backbone(served, single, 
     every = infer(server, "grpc", "grow_images", {"image": encoded(images)})
     assert sorted(every) == ["logits_colours_tinted", "logits_textures_foggy", "logits_tinted"]
     assert_same_scores({k: v for k, v in every.items() if k != "logits_tinted"}, expected["bank"]["outputs"])
+
+
+@pytest.mark.cluster  # starts a live server
+def test_a_server_that_dies_leaves_no_shared_memory_behind(single, tmp_path):
+    """A tritonserver killed (as a crash ends it: no unloading) leaves its Python-backend regions in
+    /dev/shm; stopping it removes them, and its stub processes."""
+    import os
+    import signal
+
+    reason = triton_server.unavailable()
+    if reason:
+        pytest.skip(reason)
+    write(single, tmp_path / "repository", name="demo")
+    server = triton_server.TritonServer([tmp_path / "repository"], tmp_path / "work").start()
+    process = server.process
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        left = server.shm_regions()
+        assert left, "nothing was left to remove"
+    finally:
+        server.stop()
+    assert server.shm_regions() == [] and not any(region.exists() for region in left)
+    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
+    while live_group_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert live_group_members(process.pid) == [], "the server's stub processes outlived it"
+
+
+def live_group_members(group: int) -> list[int]:
+    """The processes of process group ``group`` that are alive (zombies, dead and waiting to be
+    reaped by whoever adopted them, are not)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
+        except (OSError, ValueError):
+            continue  # ended while being read
+        if int(pgrp) == group and state != "Z":
+            members.append(int(stat.parent.name))
+    return members

@@ -21,7 +21,11 @@ any Triton would:
 A stop is SIGTERM: Triton finishes in-flight requests and unloads every model within its exit
 timeout (Triton's default, 30 s: Python-backend models take seconds to unload, and a server that
 exits on the timeout leaves their shared-memory regions in /dev/shm). A client left open holds
-the stop for the whole timeout: close every client.
+the stop for the whole timeout: close every client. Each server names its Python-backend
+shared-memory regions with a prefix of its own (``shm-region-prefix-name``), so that what a server
+that died or was killed leaves in /dev/shm (1 MiB or more per model instance; seen: Triton 2.51's
+Python backend aborting with ``boost::interprocess::lock_exception`` while loading models on a
+loaded 2-core machine) is found and removed when it is stopped, and no other server's regions are.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+import uuid
 import venv
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +132,15 @@ def prepare_environment(install: TritonInstall, work: Path) -> dict[str, str]:
             "LD_LIBRARY_PATH": os.pathsep.join(p for p in libraries if p)}
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL to the process group of ``pid`` (the server's own session: start_new_session), if any
+    of it is left."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct loopback ports free now (bound to port 0 together, then released)."""
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
@@ -155,6 +169,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.http_port = self.grpc_port = 0
         self.log = self.work / "tritonserver.log"
+        self.shm_prefix = f"transmiter_triton_{uuid.uuid4().hex[:12]}_"
 
     @property
     def http_url(self) -> str:
@@ -170,7 +185,8 @@ class TritonServer:
                    f"--http-address={LOOPBACK}", f"--http-port={self.http_port}",
                    f"--grpc-address={LOOPBACK}", f"--grpc-port={self.grpc_port}",
                    "--allow-metrics=false", "--allow-gpu-metrics=false", "--disable-auto-complete-config",
-                   f"--exit-timeout-secs={self.exit_timeout}"]
+                   f"--exit-timeout-secs={self.exit_timeout}",
+                   f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
         if self.explicit:
             command += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]
         return command
@@ -220,16 +236,27 @@ class TritonServer:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to the server's process group (its stub processes with it) if it
-        has not exited within its exit timeout and a margin."""
+        has not exited within its exit timeout and a margin; a server that had already ended (it
+        died) has its stub processes killed. Then the server's shared-memory regions left in
+        /dev/shm are removed."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=self.exit_timeout + 20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: start_new_session above
-            process.wait()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=self.exit_timeout + 20)
+            except subprocess.TimeoutExpired:
+                _kill_group(process.pid)
+                process.wait()
+        else:
+            _kill_group(process.pid)
+        for region in self.shm_regions():
+            region.unlink(missing_ok=True)
+
+    def shm_regions(self) -> list[Path]:
+        """This server's Python-backend shared-memory regions in /dev/shm."""
+        return sorted(Path("/dev/shm").glob(f"{self.shm_prefix}*"))
 
     def __enter__(self) -> "TritonServer":
         return self.start()
