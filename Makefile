@@ -93,10 +93,12 @@ CPP_CTEST_TARGETS = cpp-asan-ctest $(if $(filter ON,$(CPP_AARCH64_ENABLED)),cpp-
 # workers each test file runs whole on one of them (module fixtures made once) in the suite's order
 # (--no-loadscope-reorder: the cluster tests last, conftest.run_order), and the session's exports are made once
 # per run, by whichever process needs them first (tests/conftest.py: made_once). On this project's 2-core
-# machine two workers do not pay: the C++ builds and tests/cpp already use the second core beside pytest, and
+# machine the default stays one: the C++ builds and tests/cpp already use the second core beside pytest, and
 # measured on a clean clone (stop 37, tests/cpp still in the same process) pytest took 616 s with two workers
 # and 718 s in the suite's order (the Ray and Triton tests beside each other and the builds: a tritonserver
-# start timed out), against 605 s in one process. Machines with more cores: make test TEST_WORKERS=4.
+# start timed out), against 605 s in one process; with tests/cpp in their own process (stop 38, builds already
+# made) two workers beside it made the tritonserver of tests/test_triton.py abort while loading its models
+# (boost::interprocess::lock_exception in Triton's Python backend). Machines with more cores: make test TEST_WORKERS=4.
 TEST_WORKERS ?= 0
 
 test:
