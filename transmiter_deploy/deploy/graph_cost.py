@@ -73,10 +73,13 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     from ..runtimes.onnx_files import external_weights_as_inputs
 
     # a graph read without its external data (count_macs_file, graphs past 2 GiB): the inference
-    # would read each initialiser's values; the external ones become inputs of their shape instead
-    structure = onnx.ModelProto()
-    structure.CopyFrom(model)
-    external_weights_as_inputs(structure)
+    # would read each initialiser's values; the external ones become inputs of their shape instead,
+    # in a copy (a graph whose weights are inline is not copied: the inference copies it itself)
+    structure = model
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer):
+        structure = onnx.ModelProto()
+        structure.CopyFrom(model)
+        external_weights_as_inputs(structure)
     try:
         return _shapes(SymbolicShapeInference.infer_shapes(structure, auto_merge=True))
     except Exception:  # noqa: BLE001 - a third-party inference that may fail on any op; the caller reports
