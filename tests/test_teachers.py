@@ -467,12 +467,21 @@ def test_the_verdict_is_taken_on_the_first_labelled_set_the_teacher_has_logits_o
     sets = {"few-shot": {"labels": labels, "teacher": None, "teacher_unavailable": "no rows", "target": wrong,
                          "transmiter": right},
             "test": {"labels": labels, "teacher": right, "target": right, "transmiter": right}}
-    tie = teacher_check(sets, num_base=2)  # not better is not enough: a tie warns
-    assert tie["decided_on"] == "test" and tie["transfer_likely_helps"] is False
-    assert "teacher 100.0% vs target zero-shot 100.0% on the base classes of the 6 test images" in tie["warning"]
+    tie = teacher_check(sets, num_base=2)  # a tie on 4 base-class images decides nothing
+    assert tie["decided_on"] == "test" and tie["transfer_likely_helps"] is None and tie["warning"] is None
+    assert tie["summary"].startswith("cannot tell with 4 images whether transfer helps (teacher 100.0% vs target "
+                                     "zero-shot 100.0% on the base classes of the 6 test images; difference [")
     assert tie["sets"][0]["rows"][0]["note"] == "not available: no rows"
-    sets["test"]["target"] = wrong
-    assert teacher_check(sets, num_base=2)["transfer_likely_helps"] is True
+    sets["test"]["target"] = wrong  # 4 of 4 base images mended: the interval is above 0
+    helps = teacher_check(sets, num_base=2)
+    assert helps["transfer_likely_helps"] is True and helps["difference"]["low"] > 0
+    sets["test"]["target"], sets["test"]["teacher"] = right, wrong  # 4 of 4 broken: below 0
+    hurts = teacher_check(sets, num_base=2)
+    assert hurts["transfer_likely_helps"] is False and hurts["difference"]["high"] < 0
+    assert "transfer is unlikely to help" in hurts["warning"]
+    few = {"test": {**sets["test"], "labels": labels[:1], "teacher": right[:1], "target": wrong[:1],
+                    "transmiter": right[:1]}}
+    assert teacher_check(few, num_base=2)["summary"].startswith("cannot tell with 1 image whether")
     unlabelled = {"few-shot": {**sets["few-shot"], "labels": torch.full((6,), -1)}}
     none = teacher_check(unlabelled, num_base=2)
     assert none["decided_on"] is None and none["warning"] is None and "not available" in none["summary"]

@@ -7,15 +7,11 @@ novel accuracy likewise on novel classes; HM = 2 B N / (B + N).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import InputError
-
-
-def num_base_classes(num_classes: int) -> int:
-    return math.ceil(num_classes / 2)
+# defined where torch is not needed (method/comparison.py imports numpy only)
+from .comparison import harmonic_mean, num_base_classes  # noqa: F401
 
 
 def subset_accuracy(logits: torch.Tensor, labels: torch.Tensor, classes: range) -> tuple[float | None, int]:
@@ -26,13 +22,6 @@ def subset_accuracy(logits: torch.Tensor, labels: torch.Tensor, classes: range) 
         return None, 0
     predicted = logits[members][:, classes.start : classes.stop].argmax(dim=1) + classes.start
     return 100.0 * float((predicted == labels[members]).float().mean()), count
-
-
-def harmonic_mean(base: float | None, novel: float | None) -> float | None:
-    if base is None or novel is None:
-        return None
-    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
-
 
 def base_to_novel(logits: torch.Tensor, labels: torch.Tensor, num_base: int | None = None) -> dict:
     """``{"base", "novel", "hm", "all", "num_base_samples", "num_novel_samples"}`` from task logits (N, K)."""
