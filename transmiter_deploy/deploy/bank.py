@@ -41,7 +41,7 @@ from ..runtimes.compare import compare_outputs, within_tolerance
 from ..runtimes.onnx_files import (check_full, check_graph_files, graph_entries, graph_structure, io_contract,
                                    is_external_data, link_or_copy, probes_batched, save_graph)
 from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, precision_from_manifest
-from .export_format import FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, MANIFEST
+from .export_format import FORMAT as EXPORT_FORMAT, FORMAT_VERSION as EXPORT_FORMAT_VERSION, LINEAGE, MANIFEST
 from .fusion import FoldedHead, Normalise
 from .graph_cost import count_macs
 from .head_weights import HEAD_FILE, head_logits_numpy, write_head_safetensors
@@ -469,11 +469,13 @@ def _verify_bank(staging: Path, backbone: Part, tasks: list[BankTask], graphs: d
 
 
 def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax: bool = False,
-                  log: Callable[[str], None] = print, external_data_threshold: int | None = None) -> Bank:
+                  log: Callable[[str], None] = print, external_data_threshold: int | None = None,
+                  lineage: dict[str, Any] | None = None) -> Bank:
     """Write the bank directory atomically: the parts' files linked in byte for byte (external
     data files copied with their graphs, see onnx_files.link_or_copy), the fused graph of every precision the backbone has (external
     data by ``external_data_threshold``, onnx_files.save_graph), the manifest; checked before it
-    replaces the previous bank (which stays as it was on any failure)."""
+    replaces the previous bank (which stays as it was on any failure). ``lineage``: what an upgrade
+    made the bank from (deploy/export_format.py), recorded in its manifest."""
     if not tasks:
         raise InputError("a bank needs at least one task")
     seen: set[str] = set()
@@ -530,7 +532,7 @@ def assemble_bank(out_dir: Path, backbone: Part, tasks: list[BankTask], softmax:
                          **{key: b[key] for key in CALIBRATION_RECORDS if b.get(key)}},
             "tasks": task_records, "output": "probabilities" if softmax else "logits", "softmax": softmax,
             "preprocess": b["preprocess"], "feature_dim": b["feature_dim"], "target_model": b["target_model"],
-            "opset": b["opset"]})
+            "opset": b["opset"], **({LINEAGE: lineage} if lineage else {})})
     log(f"assembled the bank of {len(tasks)} task(s) ({', '.join(t.name for t in tasks)}) in {out_dir} "
         f"in {time.perf_counter() - start:.1f} s")
     return read_bank(out_dir, verify=False)  # the parts were verified when read, then linked in
@@ -631,7 +633,7 @@ def add_task(bank_dir: Path, name: str, head_dir: Path, log: Callable[[str], Non
     if name in bank.task_names:
         raise InputError(f"bank {bank_dir} already has a task '{name}' (remove it first)")
     return assemble_bank(bank_dir, bank.backbone, [*bank.tasks, BankTask(name, read_head(head_dir))],
-                         bool(bank.manifest.get("softmax")), log)
+                         bool(bank.manifest.get("softmax")), log, lineage=bank.manifest.get(LINEAGE))
 
 
 def remove_task(bank_dir: Path, name: str, log: Callable[[str], None] = print) -> Bank:
@@ -642,4 +644,4 @@ def remove_task(bank_dir: Path, name: str, log: Callable[[str], None] = print) -
     if len(bank.tasks) == 1:
         raise InputError(f"'{name}' is the only task of {bank_dir}; a bank needs at least one")
     return assemble_bank(bank_dir, bank.backbone, [t for t in bank.tasks if t.name != name],
-                         bool(bank.manifest.get("softmax")), log)
+                         bool(bank.manifest.get("softmax")), log, lineage=bank.manifest.get(LINEAGE))

@@ -47,7 +47,7 @@ from ..runtimes.onnx_files import (graph_entries, graph_structure, io_contract, 
                                    resolve_external_data_threshold, save_graph)
 from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION, Precision, default_precisions, precision
 from .calibration import Calibration
-from .export_format import FORMAT, FORMAT_VERSION, MANIFEST
+from .export_format import FORMAT, FORMAT_VERSION, LINEAGE, MANIFEST
 from .export_memory import check_export_memory
 from .fusion import FP32_NODES, DeployedClassifier, FoldedHead, UnfoldedHead
 from .gate import GateImages
@@ -72,6 +72,8 @@ class ExportSettings:
     # Graphs whose tensors pass this many bytes are written with external data (save_graph);
     # None: the TRANSMITER_EXTERNAL_DATA_THRESHOLD environment variable, else just under 2 GiB.
     external_data_threshold: int | None = None
+    # what an upgrade made this export from (deploy/export_format.py), recorded in the manifest
+    lineage: dict | None = None
 
     def __post_init__(self) -> None:
         resolve_external_data_threshold(self.external_data_threshold)  # refuses a bad value, naming it
@@ -224,6 +226,7 @@ def _write_manifest(staging: Path, files: dict[str, str], model: LoadedModel, he
         "head_sha256": head.weights_sha256,
         "adapter_sha256": artifact.weights_sha256,
         **({"stand_in_tokenizer": head.stand_in_tokenizer} if head.stand_in_tokenizer else {}),
+        **({LINEAGE: settings.lineage} if settings.lineage else {}),
     })
 
 

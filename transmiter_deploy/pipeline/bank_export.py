@@ -23,7 +23,7 @@ from ..deploy.gate import GateFailed
 from ..runtimes.registry import PRECISIONS, reference_runtime
 from .bank_calibration import BankCalibration, drop_unasked
 from .deployment_steps import engine_steps, validation_step
-from .export_run import ExportRun, Models, key_external_data, model_specs, running_export
+from .export_run import ExportRun, Models, key_external_data, key_lineage, model_specs, running_export
 from .recipe import Recipe
 from .report import ExportOutcome
 from .task_steps import task_steps
@@ -134,13 +134,14 @@ def _assemble(run: ExportRun, backbone_key: str, calibrated_keys: dict[str, str]
         tasks = [BankTask(task.name, read_head(run.out / TASKS_DIR / task.name / HEAD_EXPORT_DIR))
                  for task in run.recipe.tasks]
         assemble_bank(run.onnx_dir, read_backbone(run.out / BACKBONE_DIR), tasks, run.recipe.export.softmax, run.log,
-                      _threshold(run))
+                      _threshold(run), lineage=run.lineage)
 
     inputs = {"backbone": backbone_key, "heads": [[name, key] for name, key in head_keys.items()],
               "softmax": run.recipe.export.softmax}
     if calibrated_keys:  # keyed as before where the bank has no calibrated graph
         inputs["calibrated"] = calibrated_keys
     key_external_data(inputs, _threshold(run))
+    key_lineage(inputs, run.lineage)
     run.keys["onnx"] = run.steps.run("bank", inputs, [run.onnx_dir / MANIFESTS["export"]], work)
 
 

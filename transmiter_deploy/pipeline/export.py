@@ -20,7 +20,7 @@ import torch
 from ..artifacts import MANIFESTS, atomic_directory, load_tensors, read_json, save_tensors, write_json
 from ..runtimes.registry import PRECISIONS, reference_runtime
 from .deployment_steps import drop_unasked_calibrated, engine_steps, gate_images, pixel_graphs, validation_step
-from .export_run import REFERENCES, ExportRun, Models, key_external_data, model_specs, running_export
+from .export_run import REFERENCES, ExportRun, Models, key_external_data, key_lineage, model_specs, running_export
 from .recipe import Recipe
 from .report import ExportOutcome
 from .steps import tree_sha256
@@ -64,7 +64,7 @@ def _onnx(run: ExportRun) -> None:
         report = export_deployment(run.models["target"], run.head("target"), run.adapter(run.final_stage), run.onnx_dir,
                                    parity_pixels(run.models["target"], run.parity_images(), count=16),
                                    ExportSettings(opset=export.opset, softmax=export.softmax, precisions=precisions,
-                                                  external_data_threshold=threshold),
+                                                  external_data_threshold=threshold, lineage=run.lineage),
                                    log=run.log)
         with atomic_directory(run.out / REFERENCES, "references.json") as staging:
             digest = save_tensors(staging / "parity.safetensors", {
@@ -76,6 +76,7 @@ def _onnx(run: ExportRun) -> None:
               "opset": export.opset, "softmax": export.softmax, "precisions": list(precisions),
               "images": run.split_keys.get("test") or run.split_keys["train"]}
     key_external_data(inputs, threshold)
+    key_lineage(inputs, run.lineage)
     run.keys["onnx"] = run.steps.run("onnx", inputs, [run.onnx_dir / MANIFESTS["export"],
                                                       run.out / REFERENCES / "references.json"], work)
 

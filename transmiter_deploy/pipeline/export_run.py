@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..artifacts import sha256_file
+from ..artifacts import read_json, sha256_file
 from ..errors import DependencyError
 from ..method.device import resolve_device
 from ..runtimes.registry import PRECISIONS
@@ -23,6 +23,9 @@ from .report import ExportOutcome, write_report
 from .steps import Steps, exclusive, remove_stale_staging, step_key
 
 REFERENCES = "references"  # the onnx step's PyTorch outputs on the parity images, read by validate
+# written by `transmiter upgrade` (pipeline/upgrade.py) before it runs the export: the export it was
+# made from, which the deployable manifest records (deploy/export_format.py's Lineage)
+LINEAGE_FILE = "lineage.json"
 
 
 def model_specs(recipe: Recipe, task: TaskRecipe | None = None) -> dict[str, Any]:
@@ -98,6 +101,7 @@ class ExportRun:
     precomputed: dict | None = None  # a precomputed-logits teacher matched to every split, once
     device: Any = field(default=None, init=False)  # where extraction and TransMiter+ train (recipe.device)
     precisions: tuple[str, ...] = ()  # the recipe's, less those skipped here
+    lineage: dict | None = None  # what an upgrade made this export from (LINEAGE_FILE), for the manifest
 
     def __post_init__(self) -> None:
         self.task = self.task or self.recipe.tasks[0]
@@ -173,6 +177,21 @@ def export_precisions(run: ExportRun) -> tuple[str, ...]:
     return tuple(chosen)
 
 
+def read_lineage(out: Path) -> dict | None:
+    """The lineage an upgrade wrote into ``out`` (None for an export no upgrade made)."""
+    from ..deploy.export_format import Lineage
+
+    path = out / LINEAGE_FILE
+    return Lineage.from_dict(read_json(path, "lineage"), str(path)).to_dict() if path.is_file() else None
+
+
+def key_lineage(inputs: dict, lineage: dict | None) -> None:
+    """A step that writes the deployable manifest is keyed by the lineage it records, where there
+    is one (exports no upgrade made keep their keys)."""
+    if lineage is not None:
+        inputs["lineage"] = lineage
+
+
 def key_external_data(inputs: dict, threshold: int) -> None:
     """A step that writes graphs is keyed by the external-data threshold (it decides the files
     written) when it is not the default: a changed threshold redoes the step, and exports made
@@ -189,11 +208,16 @@ def running_export(recipe: Recipe, out_dir: Path, force: bool, progress: bool,
     """The frame of an export: ``out_dir`` locked for this run, stale staging from a killed run
     removed, the run state (its precisions: the recipe's that can be made here, the others
     reported as skipped or, when they must not be skipped, stopping the run here) and the outcome;
-    when the block ends without error, the steps are recorded in it and the report written."""
+    when the block ends without error, the steps are recorded in it and the report written. The
+    resolved recipe is recorded in ``out`` first (pipeline/recipe_record.py: what an upgrade reruns)."""
+    from .recipe_record import write_recipe_record
+
     out = Path(out_dir)
     with exclusive(out):
         remove_stale_staging(out, log)
         run = ExportRun(recipe, out, Steps(out, force, log), progress, log)
+        write_recipe_record(recipe, out)
+        run.lineage = read_lineage(out)
         outcome = ExportOutcome(out)
         run.precisions = export_precisions(run)
         yield run, outcome

@@ -12,6 +12,7 @@ defaults, is documented in ``docs/recipes.md``; ``export/recipes/`` holds exampl
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import types
@@ -199,13 +200,14 @@ class Recipe:
 class _Reader:
     """Builds the dataclasses from YAML mappings, naming the key of any mistake."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, where: str | None = None) -> None:
         self.path = path
+        self.where = where or f"recipe {path}"  # what a message names first
         # absolute: a path resolved against it names the same file after a change of directory
         self.base = path.absolute().parent
 
     def fail(self, key: str, problem: str) -> RecipeError:
-        return RecipeError(f"recipe {self.path}: {key}: {problem}")
+        return RecipeError(f"{self.where}: {key}: {problem}")
 
     def section(self, cls: type, raw: Any, key: str, nested: dict[str, type] | None = None) -> Any:
         if raw is None:
@@ -414,6 +416,16 @@ def load_recipe(path: Path, check_files: bool = True) -> Recipe:
     recipe = Recipe(**values)
     _check_semantics(recipe, reader, check_files)
     return recipe
+
+
+def with_target(recipe: Recipe, target: ModelRef, where: str) -> Recipe:
+    """``recipe`` with another target, checked as a recipe's own target is (the close model names
+    of an unknown one, a missing checkpoint); messages begin with ``where``."""
+    from .. import demo  # noqa: F401  (registers the demo world's architectures)
+    from ..features.models import known_models
+
+    _check_model(target, "target", known_models(), _Reader(recipe.path, where), check_files=True)
+    return dataclasses.replace(recipe, target=target)
 
 
 def _tasks(raw: dict, reader: _Reader) -> tuple[TaskRecipe, ...]:

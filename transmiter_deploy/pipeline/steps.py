@@ -24,10 +24,16 @@ from ..artifacts import read_json, sha256_file, write_json
 from ..errors import InputError
 
 
+# a step record's field naming the export its outputs were copied from (pipeline/upgrade.py)
+REUSED_FROM = "reused_from"
+
+
 @dataclass
 class StepRecord:
     name: str
-    status: str  # "ran" | "skipped" (unchanged) | "unavailable" (needs what this host lacks) | "failed"
+    # "ran" | "skipped" (unchanged) | "reused" (unchanged: its outputs came from the export an upgrade
+    # started from, pipeline/upgrade.py) | "unavailable" (needs what this host lacks) | "failed"
+    status: str
     seconds: float
     detail: str = ""
 
@@ -63,6 +69,11 @@ class Steps:
             except InputError:
                 previous = {}
             if previous.get("key") == key:
+                origin = previous.get(REUSED_FROM)
+                if isinstance(origin, str):
+                    self.done.append(StepRecord(name, "reused", 0.0, f"outputs reused from {origin}, sha256 verified"))
+                    self.log(f"[reuse] {name} (from {origin})")
+                    return key
                 self.done.append(StepRecord(name, "skipped", 0.0,
                                             f"inputs unchanged (took {previous.get('seconds', 0.0):.1f} s when it ran)"))
                 self.log(f"[skip] {name} (inputs unchanged)")
