@@ -22,7 +22,10 @@ ALLOWED = {
     "serving": {"ground", "method", "features", "runtimes", "deploy", "serving"},
     "pipeline": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline"},
     "benchmark": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline", "serving", "benchmark"},
-    "cli": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline", "serving", "benchmark", "cli"},
+    "upgrade": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline", "serving", "benchmark",
+                "upgrade"},
+    "cli": {"ground", "method", "features", "runtimes", "deploy", "demo", "pipeline", "serving", "benchmark", "upgrade",
+            "cli"},
 }
 
 

@@ -19,7 +19,9 @@ import click
 from . import __version__
 from .errors import EXIT_CODES, WRITE_ERRNOS, InputError, TransmiterError, one_line, write_failure
 from .method.device import DEVICE_HELP, resolve_device
+from .method.comparison import REQUIREMENTS, VerdictRules
 from .runtimes import registry
+from .upgrade.settings import LatencySettings
 
 _STATE = {"debug": False, "progress": True}
 
@@ -671,6 +673,52 @@ def triton_command(export_dir, out, backend, layout, name, precision, max_batch,
                             max_batch=max_batch, update=update)
     click.echo(f"wrote {out}: {len(plan.models)} models ({', '.join(m.name for m in plan.models)}); backend {backend}, "
                f"layout {layout}, {precision}, max_batch_size {plan.max_batch_size} ({plan.batch_source})")
+
+
+@cli.command("upgrade")
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--target", "target_name", required=True, metavar="NAME",
+              help="The new target (an open_clip model name, or a shipped demo model such as TM-Demo-Large).")
+@click.option("--pretrained", metavar="TAG", help="Its open_clip pretrained tag (read from the Hugging Face cache).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Its weights from a local checkpoint.")
+@click.option("--init-seed", type=int, help="Random weights (shapes and speed only).")
+@click.option("--demo-weights", metavar="NAME", help="A shipped demo model's weights (default for a demo model's name).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="The new export's directory (not the old export, nor inside it).")
+@click.option("--dry-run", is_flag=True, help="Print which steps are reused and which run, and why; write nothing.")
+@click.option("--margin", type=click.FloatRange(0, 1), default=VerdictRules.margin, show_default=True,
+              help="Not worse: the accuracy difference's 95% interval lies above -margin (a fraction).")
+@click.option("--max-negative-flips", type=click.FloatRange(0, 1), default=VerdictRules.max_negative_flips,
+              show_default=True, help="Worse: more than this share of the images right before and wrong after.")
+@click.option("--require", type=click.Choice(REQUIREMENTS), default=VerdictRules.require, show_default=True,
+              help="What every task's verdict must be for the upgrade to go ahead.")
+@click.option("--accept", multiple=True, metavar="TASK", help="A task whose verdict does not hold the upgrade (repeat).")
+@click.option("--latency-budget", type=click.FloatRange(0, None), default=LatencySettings.budget_s, show_default=True,
+              help="Seconds of interleaved old/new timing per batch size (0: no latency).")
+def upgrade_command(export_dir, target_name, pretrained, checkpoint, init_seed, demo_weights, out, dry_run, margin,
+                    max_negative_flips, require, accept, latency_budget):
+    """Move every task of EXPORT onto a new target in closed form and judge it against the old
+    one image by image (docs/upgrade.md). The source side is reused, only the target's steps run;
+    upgrade.md and upgrade.json go into the new export. Exit 4: a task holds the upgrade.
+
+    \b
+    Examples:
+      transmiter upgrade export/out/demo-bank --target TM-Demo-Large --out export/out/demo-bank-large --dry-run
+      transmiter upgrade export/out/demo-bank --target TM-Demo-Large --out export/out/demo-bank-large
+    """
+    from .upgrade.run import dry_run_lines, plan_upgrade, target_ref, upgrade_export
+
+    target = target_ref(target_name, pretrained, checkpoint, init_seed, demo_weights)
+    if dry_run:
+        for line in dry_run_lines(plan_upgrade(export_dir, target, out)):
+            click.echo(line)
+        return
+    report = upgrade_export(export_dir, target, out, VerdictRules(margin, max_negative_flips, require), tuple(accept),
+                            LatencySettings(budget_s=latency_budget) if latency_budget else LatencySettings(batches=()),
+                            progress=_progress(), log=lambda line: click.echo(line, err=True))
+    for line in report.summary():
+        click.echo(line)
+    click.echo(f"report:    {Path(out) / 'upgrade.md'}")
 
 
 @cli.command("build-engine")
