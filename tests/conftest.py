@@ -274,6 +274,30 @@ def demo_bank_export(tmp_path_factory) -> Path:
     assert_unchanged(directory / "out", before, "demo_bank_export")
 
 
+# What the suite upgrades the demo bank onto (docs/upgrade.md): a second target of the demo world.
+BANK_UPGRADE_TARGET = {"name": "TM-Demo-Target", "init_seed": 1}
+BANK_TASKS = ("colours_tinted", "textures_foggy")
+
+
+@pytest.fixture(scope="session")
+def demo_bank_upgrade(tmp_path_factory, demo_bank_export) -> Path:
+    """The small bank upgraded onto :data:`BANK_UPGRADE_TARGET` (generation 2), once per run, every
+    task accepted by name so that the upgrade goes ahead whatever its verdicts (tests/test_upgrade.py
+    checks them; tests/test_triton_generations.py serves it as the next version)."""
+    from transmiter_deploy.pipeline.recipe import ModelRef
+    from transmiter_deploy.upgrade.run import upgrade_export
+    from transmiter_deploy.upgrade.settings import LatencySettings
+
+    with made_once(tmp_path_factory, "demo-bank-upgrade") as (directory, first):
+        if first:
+            upgrade_export(demo_bank_export, ModelRef(**BANK_UPGRADE_TARGET), directory / "out", accept=BANK_TASKS,
+                           latency=LatencySettings(batches=(1,), budget_s=0.5, min_rounds=3), progress=False,
+                           log=lambda _: None)
+    before = tree_digest(directory / "out")
+    yield directory / "out"
+    assert_unchanged(directory / "out", before, "demo_bank_upgrade")
+
+
 def copy_tree(source: Path, target: Path) -> Path:
     """A copy that shares no inodes with ``source`` (hard-linked files are copied as separate files),
     so a test can change it without touching the session fixture."""

@@ -517,14 +517,14 @@ def _prefix(recipe: Recipe, task: TaskRecipe) -> str:
 
 
 def _check_model(ref: ModelRef, key: str, known: list[str], reader: _Reader, check_files: bool) -> None:
+    if ref.name not in known:  # first: an unknown name is the mistake whatever its weights
+        close = difflib.get_close_matches(ref.name, known, n=3)
+        raise reader.fail(f"{key}.name", f"open_clip does not know model '{ref.name}'"
+                          + (f" (close: {', '.join(close)})" if close else ""))
     chosen = [k for k in ("pretrained", "checkpoint", "demo_weights", "init_seed") if getattr(ref, k) is not None]
     if len(chosen) != 1:
         raise reader.fail(key, "give exactly one of pretrained, checkpoint, demo_weights, init_seed"
                           + (f" (got {', '.join(chosen)})" if chosen else ""))
-    if ref.name not in known:
-        close = difflib.get_close_matches(ref.name, known, n=3)
-        raise reader.fail(f"{key}.name", f"open_clip does not know model '{ref.name}'"
-                          + (f" (close: {', '.join(close)})" if close else ""))
     if check_files and ref.checkpoint is not None and not ref.checkpoint.is_file():
         raise reader.fail(f"{key}.checkpoint", f"file not found: {ref.checkpoint}")
     if ref.demo_weights is not None:

@@ -80,6 +80,7 @@ def graph_bytes(info) -> dict[str, int]:
 def cost(old_export: Path, new_export: Path, latency: LatencySettings) -> dict[str, Any]:
     """MACs per image, graph bytes per precision, and interleaved fp32 latency, old and new."""
     from ..deploy.graph_cost import count_macs_file
+    from ..features.models import ModelIdentity
     from ..runtimes.registry import REFERENCE_PRECISION
     from ..serving.deployment import read_export
 
@@ -87,7 +88,7 @@ def cost(old_export: Path, new_export: Path, latency: LatencySettings) -> dict[s
     record: dict[str, Any] = {
         side: {"macs_per_image": int(count_macs_file(info.graph(REFERENCE_PRECISION))["total"]),
                "graph_bytes": graph_bytes(info), "image_size": list(info.image_size),
-               "target_model": info.manifest.get("target_model")}
+               "target": ModelIdentity.from_dict(info.manifest["target_model"], str(info.directory)).describe()}
         for side, info in infos.items()}
     record["latency"] = _latency(infos, latency) if latency.enabled() else {"skipped": "not asked for"}
     return record

@@ -153,6 +153,8 @@ def upgrade_export(old: Path, target: ModelRef, new: Path, rules: VerdictRules =
                             for s in outcome.steps])
     write_report(report)
     if held:
+        for line in report.summary():
+            log(line)
         raise UpgradeHeld(f"upgrade held: {', '.join(f'{name} ({_verdict_of(tasks, name)})' for name in held)} "
                           f"below --require {rules.require}; the new export is in {plan.new} for inspection "
                           f"({REPORT_MD}); --accept TASK to go ahead")
@@ -214,8 +216,7 @@ def report_markdown(record: dict[str, Any]) -> str:
     lines += ["", *notes, "", "## Cost", ""]
     cost_record = record["cost"]
     lines += ["| | old | new |", "| --- | ---: | ---: |",
-              f"| target | {(cost_record['old'].get('target_model') or {}).get('name')} "
-              f"| {(cost_record['new'].get('target_model') or {}).get('name')} |",
+              f"| target | {cost_record['old']['target']} | {cost_record['new']['target']} |",
               f"| image size | {cost_record['old']['image_size']} | {cost_record['new']['image_size']} |",
               f"| MACs per image | {cost_record['old']['macs_per_image']:,} | {cost_record['new']['macs_per_image']:,} |"]
     for precision in cost_record["new"]["graph_bytes"]:
