@@ -527,3 +527,19 @@ def test_an_onnx_teachers_external_data_is_part_of_its_key(tmp_path):
     (tmp_path / "t.onnx.data").unlink()
     with pytest.raises(InputError, match="external data file t.onnx.data is missing"):
         teacher_key(ref)
+
+
+def test_an_upgrade_whose_teacher_file_is_gone_names_it_and_writes_nothing(logits_export, tmp_path, capsys):
+    """An upgrade reuses the teacher's logits, keyed (as the export keyed them) by the teacher's
+    files: a precomputed-logits file that is gone is named before anything is written."""
+    origin = logits_export.out_dir.parent
+    root = copy_tree(origin, tmp_path / "copy")
+    out = root / logits_export.out_dir.name
+    record = json.loads((out / "recipe.json").read_text())
+    record["finetuned"] = {key: value.replace(str(origin), str(root)) for key, value in record["finetuned"].items()}
+    (out / "recipe.json").write_text(json.dumps(record))
+    (root / "files" / "teacher.safetensors").unlink()
+    code, _, err = run_cli(["upgrade", str(out), "--target", "TM-Tiny-ViT", "--init-seed", "0",
+                            "--out", str(tmp_path / "new")], capsys)
+    assert code == 2 and "finetuned.logits: file not found" in err and "teacher.safetensors" in err, err
+    assert not (tmp_path / "new").exists()
