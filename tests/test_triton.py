@@ -220,6 +220,17 @@ def test_the_checks_see_what_the_protobuf_cannot(bank, tmp_path):
         path.write_text(edit(path.read_text()))
         with pytest.raises(InputError, match=refusal):
             check_repository(repository)
+    # -1 is any size (how a model serving two generations of other feature widths declares it); a
+    # tensor of another rank is still refused
+    for dims, accepted in (("dims: [ -1 ]", True), ("dims: [ 96, 1 ]", False)):
+        repository = copy_tree(original, tmp_path / f"wildcard-{accepted}")
+        path = repository / "transmiter_colours_tinted" / "config.pbtxt"
+        path.write_text(path.read_text().replace("dims: [ 96 ]", dims))
+        if accepted:
+            check_repository(repository)
+        else:
+            with pytest.raises(InputError, match="takes TYPE_FP32 \\[96, 1\\]"):
+                check_repository(repository)
 
 
 # ---------------------------------------------------------------------------- live: tritonserver

@@ -23,6 +23,10 @@ and :mod:`.triton_config`'s wiring checks) and moved into place in one exchange;
 ``transmiter-triton.json`` marks it as ours (with the sha256 of every file written), so a later
 run replaces it whole (or, with ``update``, changes only the models that changed, for a server
 that serves it) and any other non-empty directory is refused.
+
+Every model's files sit in the version folder of the export's generation (``1/`` for an export no
+upgrade made); an update from an export upgraded from the one the repository serves adds the new
+generation's folders beside the old ones and switches to it (:mod:`.triton_generations`).
 """
 
 from __future__ import annotations
@@ -36,15 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import atomic_directory, check_format, check_output_directory, read_json, sha256_file, utc_now, write_json
+from ..deploy.export_format import FIRST_GENERATION, generation_of
 from ..errors import InputError, IntegrityError
 from ..runtimes.registry import PRECISIONS, REFERENCE_PRECISION
-from . import triton_config
+from . import triton_config, triton_generations
 from .deployment import DEFAULT_BATCH, ExportInfo, read_export
-from .triton_config import DTYPES, VERSION, ModelSpec, Step, TensorSpec, check_name, config_text
+from .triton_config import (DTYPES, FORMAT, FORMAT_VERSION, MARKER, ModelSpec, Step, TensorSpec, check_name,
+                            config_text, serving_config)
+from .triton_generations import file_entry
 
-MARKER = "transmiter-triton.json"
-FORMAT = "transmiter-deploy/triton-repository"
-FORMAT_VERSION = 1
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 LAYOUTS = ("fused", "ensemble")
 IMAGE_INPUT = "image"  # the ensembles' input: one encoded image (PNG, JPEG, ...) per batch row
@@ -64,6 +68,7 @@ class RepositoryPlan:
     max_batch_size: int
     batch_source: str
     models: list[ModelSpec]
+    generation: int = FIRST_GENERATION  # the export's (its manifest's lineage): its models' version folder
 
     def model(self, name: str) -> ModelSpec:
         return next(model for model in self.models if model.name == name)
@@ -89,12 +94,16 @@ def plan_repository(export: Path, backend: str = "python", layout: str = "fused"
                          f"graph: use --layout fused")
     pixels_graph = info.graph(precision).name if layout == "fused" else info.backbone_graph(precision)
     batch, source, engine = _batch_limit(info, pixels_graph, backend, max_batch, require_engines)
-    plan = RepositoryPlan(info, backend, layout, name, precision, batch, source, [])
+    generation = generation_of(info.manifest, str(info.directory / "manifest.json"))
+    plan = RepositoryPlan(info, backend, layout, name, precision, batch, source, [], generation)
     plan.models.append(_preprocess_model(plan))
     if layout == "fused":
         plan.models += _fused_models(plan, pixels_graph, engine)
     else:
         plan.models += _ensemble_models(plan, pixels_graph, engine)
+    if generation != FIRST_GENERATION:
+        for model in plan.models:
+            triton_generations.with_version_parameters(model, MODEL_SOURCE)
     names = [model.name for model in plan.models]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
@@ -299,7 +308,8 @@ def check_plan(plan: RepositoryPlan) -> dict[str, Any]:
 
 def write_repository(export: Path, out: Path, backend: str = "python", layout: str = "fused",
                      name: str = "transmiter", precision: str = REFERENCE_PRECISION,
-                     max_batch: int | None = None, update: bool = False) -> RepositoryPlan:
+                     max_batch: int | None = None, update: bool = False,
+                     server: str | None = None) -> RepositoryPlan:
     """The Triton model repository of ``export`` written to ``out``, atomically (module doc).
 
     ``update``: an earlier repository of ours at ``out`` is changed model by model instead of
@@ -307,48 +317,70 @@ def write_repository(export: Path, out: Path, backend: str = "python", layout: s
     (Triton, under explicit model control, reloads a model whose folder it finds touched,
     modification or status-change times, whenever a load request reaches it, an ensemble's
     included), each changed or new model's folder is swapped in on its own, the models inside
-    ensembles first, and models no longer planned are taken out."""
+    ensembles first, and models no longer planned are taken out. From an export upgraded from
+    the one ``out`` serves (its manifest's lineage), the update adds the new generation's version
+    folders instead and switches to it; from any other export but the same one it is refused
+    (:func:`.triton_generations.update_repository`).
+
+    ``server`` (``HOST:PORT`` for gRPC, ``http://HOST:PORT`` for HTTP; with ``update``): the
+    Triton server, under explicit model control, that serves ``out``, sent the load requests
+    that apply the update live, then one check request per model that takes encoded images."""
     out = Path(out)
     earlier = _refuse_foreign_marker(out)
     check_output_directory(out, MARKER)
     plan = plan_repository(export, backend, layout, name, precision, max_batch)
+    if server is not None and not (update and earlier is not None):
+        raise InputError(f"--server applies to --update of a repository the server serves; {out} holds none of ours"
+                         if update else "--server applies to --update, --rollback and --prune")
     if update and earlier is not None:
-        _update_repository(out, plan, earlier)
+        triton_generations.update_repository(out, plan, earlier, server, write_all, update_models)
         return plan
     with atomic_directory(out, MARKER) as staging:
-        _write_all(staging, plan)
+        write_all(staging, plan)
     return plan
 
 
-def _write_all(root: Path, plan: RepositoryPlan) -> dict[str, Any]:
+def write_all(root: Path, plan: RepositoryPlan) -> dict[str, Any]:
     """Every model, the README, the checks and the record of ``plan`` written under ``root``."""
+    bases = {model.name: config_text(model) for model in plan.models}
     for model in plan.models:
-        _write_model(root, model)
+        _write_model(root, model, plan.generation, fresh_config(bases[model.name], model.kind, plan.generation))
     (root / "README.md").write_text(repository_readme(plan), encoding="utf-8")
     triton_config.check_repository(root)
-    files = {str(path.relative_to(root)): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-             for path in sorted(root.rglob("*")) if path.is_file()}
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": utc_now(),
-              "export": {"directory": str(plan.export.directory), "kind": plan.export.kind,
-                         "manifest_sha256": sha256_file(plan.export.directory / "manifest.json")},
+    files = {str(path.relative_to(root)): file_entry(path) for path in sorted(root.rglob("*")) if path.is_file()}
+    export = {"directory": str(plan.export.directory), "kind": plan.export.kind,
+              "manifest_sha256": sha256_file(plan.export.directory / "manifest.json")}
+    models = [model.name for model in plan.models]
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": utc_now(), "export": export,
               "backend": plan.backend, "layout": plan.layout, "name": plan.name, "precision": plan.precision,
               "max_batch_size": plan.max_batch_size, "max_batch_size_from": plan.batch_source,
-              "models": [model.name for model in plan.models], "files": files}
+              "models": models, "files": files, "generation": plan.generation,
+              "generations": {str(plan.generation): {"export": export, "models": models, "configs": bases}}}
     write_json(root / MARKER, record)
     return record
+
+
+def fresh_config(base: str, kind: str, generation: int) -> str:
+    """A model's config in a repository written whole: ``base`` itself for a first generation (the
+    only version folder is the latest; repositories of exports no upgrade made stay as they
+    were), otherwise pinned to its generation, as a repository holding several generations has it."""
+    if generation == FIRST_GENERATION:
+        return base
+    return serving_config(base, [generation], generation if kind == "ensemble" else None)
 
 
 def _model_files(files: dict[str, Any], model: str) -> dict[str, Any]:
     return {k: v.get("sha256") for k, v in files.items() if isinstance(v, dict) and k.startswith(f"{model}/")}
 
 
-def _update_repository(out: Path, plan: RepositoryPlan, earlier: dict[str, Any]) -> None:
-    """:func:`write_repository`'s ``update``: the whole new repository is written and checked
-    beside ``out`` first; only then are its changed models moved in, one folder each."""
+def update_models(out: Path, plan: RepositoryPlan, earlier: dict[str, Any]) -> tuple[list[ModelSpec], list[str]]:
+    """:func:`write_repository`'s ``update`` of a repository holding one generation, from the
+    same export: the whole new repository is written and checked beside ``out`` first; only then
+    are its changed models moved in, one folder each. The models changed and the names gone."""
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.update-", dir=out.parent))
     retired = staging / ".retired"
     try:
-        record = _write_all(staging / "new", plan)
+        record = write_all(staging / "new", plan)
         changed = [m for m in plan.models if _model_files(record["files"], m.name) != _model_files(earlier["files"], m.name)
                    or not (out / m.name).is_dir()]
         gone = [n for n in earlier.get("models", []) if isinstance(n, str) and n not in {m.name for m in plan.models}]
@@ -365,6 +397,7 @@ def _update_repository(out: Path, plan: RepositoryPlan, earlier: dict[str, Any])
         os.replace(staging / "new" / MARKER, out / MARKER)  # last: the record says what is there
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return changed, gone
 
 
 def _refuse_foreign_marker(out: Path) -> dict[str, Any] | None:
@@ -381,16 +414,16 @@ def _refuse_foreign_marker(out: Path) -> dict[str, Any] | None:
     return record if isinstance(record.get("files"), dict) else None
 
 
-def _write_model(root: Path, model: ModelSpec) -> None:
+def _write_model(root: Path, model: ModelSpec, version: int, config: str) -> None:
     directory = root / model.name
-    (directory / VERSION).mkdir(parents=True)
-    (directory / triton_config.CONFIG).write_text(config_text(model), encoding="utf-8")
+    (directory / str(version)).mkdir(parents=True)
+    (directory / triton_config.CONFIG).write_text(config, encoding="utf-8")
     for output in model.outputs:
         if output.labels is not None:
             (directory / output.label_file).write_text("".join(f"{label}\n" for label in output.labels),
                                                        encoding="utf-8")
     for relative, source in model.files.items():
-        target = directory / VERSION / relative
+        target = directory / str(version) / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(source, bytes):
             target.write_bytes(source)
@@ -406,7 +439,12 @@ def verify_repository(repository: Path) -> dict[str, Any]:
     check_format(record, FORMAT, FORMAT_VERSION, str(repository / MARKER))
     for relative, entry in record["files"].items():
         path = repository / relative
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        if path.is_file() and sha256_file(path) == entry["sha256"]:
+            continue
+        # a switch between generations rewrites configs before the record (the record is written
+        # last): a config that serves the record's generations as a switch writes them is theirs
+        if not (path.is_file() and path.name == triton_config.CONFIG
+                and triton_generations.config_from_record(path, record)):
             raise IntegrityError(f"{path} is missing or differs from {MARKER}")
     triton_config.check_repository(repository)
     return record
@@ -420,13 +458,16 @@ def repository_readme(plan: RepositoryPlan) -> str:
     python_note = ("Python-backend models import `transmiter_deploy` (its decoding, open_clip's transform, ONNX "
                    "Runtime): start `tritonserver` from an environment where `pip install 'transmiter-deploy[serve]'` "
                    "is installed (the Python backend runs the `python3` it finds first on `PATH`).")
+    generations = "" if plan.generation == FIRST_GENERATION else (
+        f"\nThis is generation {plan.generation} of the export: each generation's files sit in the version folder "
+        f"of its number and the configs say which versions are served (`transmiter triton --rollback`, `--prune`).\n")
     return f"""# Triton model repository of a TransMiter export
 
 Written by `transmiter triton` from `{plan.export.directory}` ({plan.export.kind} export, {plan.precision}),
 backend `{plan.backend}`, layout `{plan.layout}`. `max_batch_size` {plan.max_batch_size}: {plan.batch_source}.
 `transmiter-triton.json` records the sha256 of every file; `transmiter triton` replaces this directory
 whole when run again, or with `--update` only the models that changed (for a server serving it).
-
+{generations}
 | model | backend | inputs | outputs |
 | --- | --- | --- | --- |
 {rows}

@@ -7,7 +7,9 @@ would; it cannot see the wiring, so :func:`check_wiring` does: every ensemble st
 of the repository, each step's tensors exist on the model it names and connect (name, type and
 dims) to the ensemble's inputs or an earlier step's outputs, every ensemble output is produced,
 no ensemble batches more than a model inside it (Triton refuses that at load),
-and every label file has one line per class of its output.
+and every label file has one line per class of its output. :func:`check_repository` adds what
+needs the folders: each version a config serves has its folder and model file, and an ensemble
+step pinned to a version (generations: :mod:`.triton_generations`) names one its model serves.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import DependencyError, InputError
 
 CONFIG = "config.pbtxt"
-VERSION = "1"  # every model is written as version 1 (Triton's default policy serves the latest)
+MARKER = "transmiter-triton.json"  # the repository's record: ours, what it holds, every file's sha256
+FORMAT = "transmiter-deploy/triton-repository"
+FORMAT_VERSION = 1
+VERSION = "1"  # the version folder of an export's first generation (generation N is folder N)
 SERVE_EXTRA = "pip install 'transmiter-deploy[serve]'"
 
 # manifest dtypes -> Triton's
@@ -123,6 +128,40 @@ def config_text(spec: ModelSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def serving_config(base: str, versions: Sequence[int] | None = None, pin: int | None = None) -> str:
+    """``base`` (:func:`config_text`'s) serving ``versions`` (``version_policy { specific }``) with
+    its ensemble steps pinned to version ``pin``: the text forms a generation's config takes on
+    disk. None leaves Triton's defaults (the latest version; a step's latest), as ``base`` has them."""
+    lines = base.split("\n")
+    if pin is not None:
+        lines = [line.replace("model_version: -1", f"model_version: {int(pin)}")
+                 if line.strip() == "model_version: -1" else line for line in lines]
+    if versions is not None:
+        at = next(i for i, line in enumerate(lines) if line.startswith("max_batch_size:")) + 1
+        listed = ", ".join(str(int(v)) for v in sorted(set(versions)))
+        lines.insert(at, f"version_policy: {{ specific: {{ versions: [ {listed} ] }} }}")
+    return "\n".join(lines)
+
+
+def policy_of(config: Any) -> tuple[int, ...] | None:
+    """The versions a parsed config names in ``version_policy { specific }`` (None: no such policy)."""
+    if config.HasField("version_policy") and config.version_policy.WhichOneof("policy_choice") == "specific":
+        return tuple(sorted(config.version_policy.specific.versions))
+    return None
+
+
+def served_versions(config: Any, model_dir: Path) -> list[int]:
+    """The versions Triton loads for a parsed config from ``model_dir``'s numeric folders."""
+    specific = policy_of(config)
+    if specific is not None:
+        return list(specific)
+    folders = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if config.HasField("version_policy") and config.version_policy.WhichOneof("policy_choice") == "all":
+        return folders
+    count = config.version_policy.latest.num_versions if config.HasField("version_policy") else 1
+    return folders[-max(count, 1):] if folders else []
+
+
 def model_config_proto():
     """Triton's ModelConfig message class, or DependencyError naming the extra that installs it."""
     try:
@@ -162,23 +201,41 @@ def check_repository(repository: Path) -> dict[str, Any]:
     """Every config parsed by Triton's protobuf and the wiring checked; the parsed configs."""
     repository = Path(repository)
     configs = read_configs(repository)
+    served = {}
     for name, config in configs.items():
         where = str(repository / name / CONFIG)
-        if not (repository / name / VERSION).is_dir():
-            raise InputError(f"{where}: no version directory {VERSION}/")
-        _check_files(repository / name, config, where)
+        served[name] = served_versions(config, repository / name)
+        for version in served[name] or [VERSION]:
+            if not (repository / name / str(version)).is_dir():
+                raise InputError(f"{where}: no version directory {version}/")
+        _check_files(repository / name, config, where, served[name])
+    for name, config in configs.items():
         if config.platform == "ensemble":
+            where = str(repository / name / CONFIG)
             check_wiring(config, configs, where)
+            _check_pins(config, served, where)
     return configs
 
 
-def _check_files(model_dir: Path, config: Any, where: str) -> None:
-    """The model's file is in its version directory, and each label file has one line per class."""
+def _check_pins(ensemble: Any, served: dict[str, list[int]], where: str) -> None:
+    """A step pinned to a version names one its model serves (Triton refuses the ensemble's load
+    otherwise, and a refused ensemble is unloaded)."""
+    for index, step in enumerate(ensemble.ensemble_scheduling.step):
+        versions = served.get(step.model_name, [])
+        if step.model_version > 0 and step.model_version not in versions:
+            raise InputError(f"{where}: step {index} ({step.model_name}) is pinned to version {step.model_version}, "
+                             f"which that model does not serve (it serves {versions})")
+
+
+def _check_files(model_dir: Path, config: Any, where: str, versions: list[int]) -> None:
+    """The model's file is in each version directory it serves, and each label file has one line
+    per class."""
     if config.platform != "ensemble":
         filename = config.default_model_filename or {"python": "model.py", "onnxruntime": "model.onnx",
                                                      "tensorrt": "model.plan"}.get(config.backend, "")
-        if not (model_dir / VERSION / filename).is_file():
-            raise InputError(f"{where}: its model file {VERSION}/{filename} is missing")
+        for version in versions:
+            if not (model_dir / str(version) / filename).is_file():
+                raise InputError(f"{where}: its model file {version}/{filename} is missing")
     for output in config.output:
         if not output.label_filename:
             continue
@@ -216,7 +273,7 @@ def check_wiring(ensemble: Any, configs: dict[str, Any], where: str) -> None:
         for model_input, tensor in step.input_map.items():
             if tensor not in available:
                 raise InputError(f"{here}: reads '{tensor}', which no ensemble input or earlier step provides")
-            if available[tensor] != inputs[model_input]:
+            if not _compatible(available[tensor], inputs[model_input]):
                 raise InputError(f"{here}: '{tensor}' is {_describe(available[tensor])}, input '{model_input}' "
                                  f"takes {_describe(inputs[model_input])}")
         for model_output, tensor in step.output_map.items():
@@ -229,9 +286,15 @@ def check_wiring(ensemble: Any, configs: dict[str, Any], where: str) -> None:
     for name, described in _tensors(ensemble.output).items():
         if name not in written:
             raise InputError(f"{where}: output '{name}' is written by no step")
-        if available[name] != described:
+        if not _compatible(available[name], described):
             raise InputError(f"{where}: output '{name}' is declared {_describe(described)}, its step writes "
                              f"{_describe(available[name])}")
+
+
+def _compatible(a: tuple[int, tuple[int, ...]], b: tuple[int, tuple[int, ...]]) -> bool:
+    """One type and rank, each dim equal or -1 (any size) on either side: Triton's own rule for the
+    tensors an ensemble passes (a model serving two generations of other sizes declares -1 there)."""
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(x == y or -1 in (x, y) for x, y in zip(a[1], b[1]))
 
 
 def _describe(tensor: tuple[int, tuple[int, ...]]) -> str:
