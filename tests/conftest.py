@@ -274,8 +274,9 @@ def demo_bank_export(tmp_path_factory) -> Path:
     assert_unchanged(directory / "out", before, "demo_bank_export")
 
 
-# What the suite upgrades the demo bank onto (docs/upgrade.md): a second target of the demo world.
-BANK_UPGRADE_TARGET = {"name": "TM-Demo-Target", "init_seed": 1}
+# What the suite upgrades the demo bank onto (docs/upgrade.md): another architecture with another
+# image size (32 px against 48) and feature width (64 against 96), random weights.
+BANK_UPGRADE_TARGET = {"name": "TM-Tiny-ViT", "init_seed": 0}
 BANK_TASKS = ("colours_tinted", "textures_foggy")
 
 

@@ -126,9 +126,10 @@ def test_the_dry_run_prints_the_plan_and_writes_nothing(demo_export, tmp_path, c
     assert not (tmp_path / "new").exists()
 
 
-def test_an_interrupted_upgrade_leaves_the_old_export_and_continues(demo_export, tmp_path, monkeypatch):
-    """A failure in the ONNX step: the old export is as it was, the new one has what completed,
-    and the next run continues from there (the target's caches are not computed again)."""
+def test_an_interrupted_upgrade_leaves_the_old_export_and_continues(demo_export, tmp_path, monkeypatch, capsys):
+    """A library failing in the ONNX step (what no check anticipated): one line naming the step and
+    exit 1, no traceback; the old export is as it was, the new one has what completed, and the next
+    run continues from there (the target's caches are not computed again)."""
     import transmiter_deploy.deploy.onnx_export as onnx_export
 
     old = demo_export[1].out_dir
@@ -136,11 +137,15 @@ def test_an_interrupted_upgrade_leaves_the_old_export_and_continues(demo_export,
     new = tmp_path / "new"
 
     def broken(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+        raise RuntimeError("converter gave up")
 
     monkeypatch.setattr(onnx_export, "export_deployment", broken)
-    with pytest.raises(Exception, match="No space left"):
-        upgrade_export(old, TARGET, new, accept=("small-demo",), latency=QUICK, progress=False, log=lambda _: None)
+    code, _, err = run_cli(["upgrade", str(old), "--target", TARGET.name, "--init-seed", "0", "--out", str(new),
+                            "--latency-budget", "0"], capsys)
+    lines = err.strip().splitlines()  # the steps' log, then the one line
+    assert code == 1 and lines[-1] == ("transmiter: internal error in step onnx of transmiter upgrade: RuntimeError: "
+                                       "converter gave up (run with --debug for the traceback)")
+    assert "Traceback" not in err
     monkeypatch.undo()
     assert tree_digest(old) == before
     assert (new / "caches" / "target-test" / "cache.json").is_file() and not (new / "onnx").exists()
@@ -220,3 +225,28 @@ def test_one_worse_task_holds_the_bank_unless_it_is_accepted(demo_bank_export, d
         upgrade_export(old, target, again, accept=others, latency=LatencySettings(batches=()), progress=False,
                        log=lambda _: None)
     assert worse[0] in str(held.value) and all(f"{task} (" not in str(held.value) for task in others)
+
+
+@pytest.mark.parametrize("moment", ["[run ] onnx"])
+def test_an_upgrade_killed_at_any_moment_leaves_the_old_export_and_the_next_run_completes(demo_export, tmp_path,
+                                                                                         moment):
+    """SIGKILL (no handler runs) while a target step writes: the old export is byte for byte as it
+    was, nothing half-written is taken for done, and the same command completes the upgrade."""
+    from cli_process import CliProcess
+
+    old = demo_export[1].out_dir
+    before = tree_digest(old)
+    new = tmp_path / "new"
+    args = ["upgrade", old, "--target", TARGET.name, "--init-seed", "0", "--out", new, "--accept", "small-demo",
+            "--latency-budget", "0"]
+    child = CliProcess(args)
+    assert child.wait_for_stderr(moment, timeout=300), child.result(timeout=60).stderr
+    child.kill()
+    child.result(timeout=60)
+    assert tree_digest(old) == before
+    report = upgrade_export(old, TARGET, new, accept=("small-demo",), latency=LatencySettings(batches=()),
+                            progress=False, log=lambda _: None)
+    assert report.verdict == "go" and tree_digest(old) == before
+    statuses = {step["name"]: step["status"] for step in report.steps}
+    assert {name for name, status in statuses.items() if status == "reused"} == SOURCE_SIDE
+    assert statuses["onnx"] == "ran" and (new / "onnx" / "manifest.json").is_file()

@@ -3,7 +3,8 @@
 Every command reads and writes the artifacts of :mod:`transmiter_deploy`;
 all real work happens in the library. Errors the toolkit anticipates print
 one line on stderr and exit with a documented status (see ``errors.py``):
-2 bad input, 3 missing dependency or hardware, 4 verification failed.
+2 bad input, 3 missing dependency or hardware, 4 verification failed, 5 cannot
+write. Anything else is one line too, naming the step or command (exit 1).
 ``--debug`` adds the traceback.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, WRITE_ERRNOS, InputError, TransmiterError, one_line, write_failure
+from .errors import EXIT_CODES, STEP_ATTRIBUTE, WRITE_ERRNOS, InputError, TransmiterError, one_line, write_failure
 from .method.device import DEVICE_HELP, resolve_device
 from .method.comparison import REQUIREMENTS, VerdictRules
 from .runtimes import registry
@@ -645,7 +646,7 @@ def predict_command(export_dir, images, runtime_name, precision, tasks, topk, ba
 
 
 @cli.command("triton")
-@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.argument("export_dir", metavar="[EXPORT]", required=False, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Model repository to write (absent, empty, or an earlier one of ours: replaced whole).")
 @click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python", show_default=True,
@@ -658,21 +659,46 @@ def predict_command(export_dir, images, runtime_name, precision, tasks, topk, ba
 @click.option("--max-batch", type=click.IntRange(1, None),
               help="max_batch_size (default: the export's batch profile; at most the engine's for tensorrt).")
 @click.option("--update", is_flag=True,
-              help="Change an earlier repository of ours model by model, unchanged models untouched (a serving server).")
-def triton_command(export_dir, out, backend, layout, name, precision, max_batch, update):
-    """Write a Triton Inference Server model repository for EXPORT (docs/serving.md).
+              help="Change an earlier repository of ours model by model, unchanged models untouched (a serving "
+                   "server); from an export upgraded from the one it serves, add and switch to its generation.")
+@click.option("--server", metavar="HOST:PORT",
+              help="Apply --update, --rollback or --prune live on this Triton server (explicit model control; gRPC, "
+                   "or http://HOST:PORT).")
+@click.option("--rollback", is_flag=True, help="Make the generation before the current one of --out current again.")
+@click.option("--prune", is_flag=True, help="Remove the generations of --out older than the current one.")
+def triton_command(export_dir, out, backend, layout, name, precision, max_batch, update, server, rollback, prune):
+    """Write a Triton Inference Server model repository for EXPORT (docs/serving.md), or switch
+    the generations of one (--rollback, --prune: no EXPORT).
 
     \b
     Examples:
       transmiter triton export/out/demo --out triton-repo
       transmiter triton export/out/demo-bank --out triton-repo --layout ensemble --name bank
+      transmiter triton export/out/demo-bank-v2 --out triton-repo --layout ensemble --name bank --update --server localhost:8001
+      transmiter triton --out triton-repo --rollback --server localhost:8001
     """
     from .serving.triton import write_repository
+    from .serving.triton_generations import prune as prune_generations
+    from .serving.triton_generations import rollback as roll_back
 
+    live = f", live on {server}" if server else ""
+    if rollback or prune:
+        if export_dir is not None or update or (rollback and prune):
+            raise InputError("--rollback and --prune take --out (and --server) alone: no EXPORT, no --update, not both")
+        if rollback:
+            click.echo(f"{out} serves generation {roll_back(out, server)} again{live}")
+        else:
+            removed = prune_generations(out, server)
+            click.echo(f"removed generation {', '.join(map(str, removed))} from {out}" if removed
+                       else f"{out} holds no generation older than its current one")
+        return
+    if export_dir is None:
+        raise InputError("EXPORT is missing (it may be left out only with --rollback or --prune)")
     plan = write_repository(export_dir, out, backend=backend, layout=layout, name=name, precision=precision,
-                            max_batch=max_batch, update=update)
+                            max_batch=max_batch, update=update, server=server)
     click.echo(f"wrote {out}: {len(plan.models)} models ({', '.join(m.name for m in plan.models)}); backend {backend}, "
-               f"layout {layout}, {precision}, max_batch_size {plan.max_batch_size} ({plan.batch_source})")
+               f"layout {layout}, {precision}, max_batch_size {plan.max_batch_size} ({plan.batch_source}); "
+               f"generation {plan.generation}{live}")
 
 
 @cli.command("upgrade")
@@ -939,9 +965,27 @@ def main(argv: list[str] | None = None) -> int:
             click.echo(f"transmiter: error: {one_line(str(failure))}", err=True)
             return failure.exit_code
         if exc.filename is None:
-            raise
+            return _internal_error(exc, argv)
         click.echo(f"transmiter: error: {one_line(f'cannot use {exc.filename}: {exc.strerror or exc}')}", err=True)
         return InputError.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line: a library's failure is one line too
+        return _internal_error(exc, argv)
+
+
+def _internal_error(exc: BaseException, argv: list[str] | None) -> int:
+    """Anything the toolkit did not anticipate (a converter, a quantiser, a runtime failing on an
+    unusual graph): one line naming the step or command it happened in, exit 1; --debug adds the
+    traceback."""
+    if _STATE["debug"]:
+        traceback.print_exc()
+    args = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in args if arg in cli.commands), None)
+    step = getattr(exc, STEP_ATTRIBUTE, None)
+    where = " ".join(part for part in (f"step {step} of" if step else "", f"transmiter {command}" if command else
+                                       "transmiter") if part)
+    click.echo(f"transmiter: internal error in {where}: {type(exc).__name__}: {one_line(str(exc))} "
+               "(run with --debug for the traceback)", err=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ class WriteError(TransmiterError):
     exit_code = 5
 
 
+# set on an exception that escapes a pipeline step (pipeline/steps.py), so that the CLI's one line
+# can name the step it came from
+STEP_ATTRIBUTE = "transmiter_step"
+
 # errno values that mean "this write cannot succeed here" whatever the toolkit does
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 

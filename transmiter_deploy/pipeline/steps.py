@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..artifacts import read_json, sha256_file, write_json
-from ..errors import InputError
+from ..errors import STEP_ATTRIBUTE, InputError
 
 
 # a step record's field naming the export its outputs were copied from (pipeline/upgrade.py)
@@ -80,7 +80,15 @@ class Steps:
                 return key
         self.log(f"[run ] {name}")
         start = time.perf_counter()
-        work()
+        try:
+            work()
+        except Exception as exc:
+            if getattr(exc, STEP_ATTRIBUTE, None) is None:  # the innermost step is the one to name
+                try:
+                    setattr(exc, STEP_ATTRIBUTE, name)
+                except AttributeError:  # an exception type that takes no attributes
+                    pass
+            raise
         seconds = time.perf_counter() - start
         write_json(record, {"key": key, "seconds": seconds})
         self.done.append(StepRecord(name, "ran", seconds))
