@@ -6,7 +6,6 @@ on a real ``tritonserver`` while clients keep asking, with no failed request."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -304,69 +303,15 @@ def test_the_triton_command_updates_rolls_back_and_prunes_or_refuses_in_one_line
 # ---------------------------------------------------------------------------- live: tritonserver
 
 
-class Load:
-    """Four clients, each sending one request after another to every task's image model and the
-    all-task one, recording when each request began and ended and which version answered."""
+def switched(load, switch, old: str, new: str) -> dict:
+    """A switch under load (benchmark/switch_load.py) that must fail no request and leave every
+    answer after it to ``new``."""
+    from transmiter_deploy.benchmark.switch_load import switch_under_load
 
-    def __init__(self, server, image: bytes, clients: int = 4) -> None:
-        self.server, self.image, self.clients = server, image, clients
-        self.stop = threading.Event()
-        self.results: list[tuple[float, float, str, str | None, str | None]] = []  # start, end, model, version, error
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.ask, args=(index,)) for index in range(clients)]
-
-    def ask(self, index: int) -> None:
-        import tritonclient.grpc as grpcclient
-
-        with grpcclient.InferenceServerClient(self.server.grpc_url) as client:
-            turn = index
-            while not self.stop.is_set():
-                model = IMAGE_MODELS[turn % len(IMAGE_MODELS)]
-                turn += 1
-                tensor = grpcclient.InferInput("image", [1, 1], "BYTES")
-                tensor.set_data_from_numpy(np.array([[self.image]], dtype=object))
-                began = time.monotonic()
-                try:
-                    version, error = client.infer(model, [tensor]).get_response().model_version, None
-                except Exception as exc:  # noqa: BLE001 - every failure is the finding
-                    version, error = None, f"{model}: {exc}"
-                with self.lock:
-                    self.results.append((began, time.monotonic(), model, version, error))
-
-    def __enter__(self) -> "Load":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-    def window(self, start: float, end: float) -> list[tuple]:
-        with self.lock:
-            return [r for r in self.results if start <= r[0] < end]
-
-
-def p99_ms(results: list[tuple]) -> float:
-    return float(np.percentile([(end - start) * 1000 for start, end, *_ in results], 99))
-
-
-def switched_under_load(load: Load, switch, old: str, new: str) -> dict[str, float]:
-    """``switch()`` run while ``load`` goes on: no request fails, every answer after it returns is
-    from ``new``; how long until the last answer from ``old``, the call's own time, p99 latencies."""
-    time.sleep(1.0)
-    began = time.monotonic()
-    switch()
-    returned = time.monotonic()
-    time.sleep(0.5)
-    during, after = load.window(began, returned), load.window(returned, time.monotonic())
-    failed = [r[4] for r in load.window(0, time.monotonic()) if r[4] is not None]
-    assert failed == [], failed[:3]
-    assert after and {r[3] for r in after} == {new}, {r[3] for r in after}
-    last_old = max((end for start, end, _, version, _ in load.window(began, returned) if version == old), default=began)
-    return {"switch_s": last_old - began, "call_s": returned - began, "p99_ms": p99_ms(during),
-            "steady_p99_ms": p99_ms(load.window(began - 1.0, began)), "requests": len(during)}
+    figures = switch_under_load(load, switch, old)
+    assert figures["failed"] == [], figures["failed"][:3]
+    assert figures["answers_after"] and figures["versions_after"] == [new], figures["versions_after"]
+    return figures
 
 
 @pytest.fixture
@@ -408,18 +353,19 @@ def test_generations_switch_live_under_load_with_no_failed_request(live_reposito
     preprocessing model cannot load is refused and generation 1 keeps serving."""
     import io
 
+    from transmiter_deploy.benchmark.switch_load import ImageLoad
     from transmiter_deploy.serving.triton_generations import rollback, switch_generation
 
     server, repository = live_repository
     buffer = io.BytesIO()
     draw_image((220, 30, 30), seed=7).save(buffer, format="PNG")
     image = buffer.getvalue()
-    with Load(server, image) as load:
-        up = switched_under_load(load, lambda: ensemble_repository(second, repository, update=True,
-                                                                   server=server.grpc_url), "1", "2")
+    with ImageLoad(server.grpc_url, IMAGE_MODELS, image, clients=4) as load:
+        up = switched(load, lambda: ensemble_repository(second, repository, update=True, server=server.grpc_url),
+                      "1", "2")
         assert {("gen_backbone", "2"), ("gen_images", "2")} <= set(served_versions(server))
         assert ("gen_backbone", "1") not in served_versions(server)
-        down = switched_under_load(load, lambda: rollback(repository, server.grpc_url, image), "2", "1")
+        down = switched(load, lambda: rollback(repository, server.grpc_url, image), "2", "1")
         broken = repository / "gen_preprocess" / "2" / "parameters.json"  # fails as it loads, before any import
         broken.write_text(json.dumps({**json.loads(broken.read_text()), "mode": "broken"}))
         began = time.monotonic()
@@ -428,9 +374,8 @@ def test_generations_switch_live_under_load_with_no_failed_request(live_reposito
         refused_s = time.monotonic() - began
         time.sleep(0.5)
         assert "\n" not in str(caught.value)
-        failed = [r[4] for r in load.window(0, time.monotonic()) if r[4] is not None]
-        assert failed == [], failed[:3]
-        assert {r[3] for r in load.window(time.monotonic() - 0.4, time.monotonic())} == {"1"}
+        assert load.failures() == [], load.failures()[:3]
+        assert {a.version for a in load.window(time.monotonic() - 0.4, time.monotonic())} == {"1"}
     assert json.loads((repository / "transmiter-triton.json").read_text())["generation"] == 1
     assert not any(version == "2" for _, version in served_versions(server))
     print(f"\ngenerations live (2 cores, concurrency 4, server ready in {server.start_s:.1f} s): "

@@ -13,6 +13,7 @@ import pytest
 from conftest import BANK_TASKS, BANK_UPGRADE_TARGET, copy_tree, tree_digest
 from transmiter_deploy.artifacts import sha256_file
 from transmiter_deploy.cli import main
+from transmiter_deploy.errors import InputError
 from transmiter_deploy.pipeline.recipe import ModelRef, load_recipe
 from transmiter_deploy.pipeline.steps import tree_sha256
 from transmiter_deploy.upgrade.run import UpgradeHeld, upgrade_export
@@ -250,3 +251,12 @@ def test_an_upgrade_killed_at_any_moment_leaves_the_old_export_and_the_next_run_
     statuses = {step["name"]: step["status"] for step in report.steps}
     assert {name for name, status in statuses.items() if status == "reused"} == SOURCE_SIDE
     assert statuses["onnx"] == "ran" and (new / "onnx" / "manifest.json").is_file()
+    # a server is not switched to an upgrade its own report holds
+    from transmiter_deploy.serving.triton import write_repository
+
+    repository = tmp_path / "repo"
+    write_repository(old, repository, layout="ensemble")
+    before = tree_digest(repository)
+    with pytest.raises(InputError, match=f"is an upgrade its report holds .*held by {worse[0]}"):
+        write_repository(again, repository, layout="ensemble", update=True)
+    assert tree_digest(repository) == before

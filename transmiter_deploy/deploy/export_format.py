@@ -21,6 +21,9 @@ GRAPHS = ("model", "head")  # pixels -> logits, features -> logits: one file eac
 # (docs/upgrade.md): the previous export's manifest sha256, directory and target, and its generation.
 LINEAGE = "lineage"
 FIRST_GENERATION = 1  # an export that no upgrade made
+# the upgrade's judgement, beside the new export's onnx/ (upgrade/run.py writes it): a server is not
+# switched to an upgrade it held (serving/triton_generations.py)
+UPGRADE_REPORT, UPGRADE_REPORT_FORMAT = "upgrade.json", "transmiter-deploy/upgrade-report"
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..artifacts import atomic_write_text, check_format, read_json, sha256_file, utc_now, write_json
-from ..deploy.export_format import FIRST_GENERATION, lineage_of
+from ..deploy.export_format import FIRST_GENERATION, UPGRADE_REPORT, UPGRADE_REPORT_FORMAT, lineage_of
 from ..errors import DependencyError, InputError, VerificationError
 from . import triton_config
 from .triton_config import CONFIG, FORMAT, FORMAT_VERSION, MARKER, ModelSpec, parse_config, policy_of, serving_config
@@ -306,7 +306,21 @@ def _same_directory(recorded: Any, directory: Path) -> bool:
     return isinstance(recorded, str) and Path(recorded).resolve() == Path(directory).resolve()
 
 
+def _refuse_held(export: Path) -> None:
+    """An upgrade that its own judgement held (a task worse, and not accepted) is not served."""
+    report = Path(export).parent / UPGRADE_REPORT
+    if not report.is_file():
+        return
+    record = read_json(report, "upgrade report")
+    check_format(record, UPGRADE_REPORT_FORMAT, 1, str(report))
+    if record.get("verdict") == "held":
+        raise InputError(f"{export} is an upgrade its report holds ({report}: held by "
+                         f"{', '.join(map(str, record.get('held', [])))}): serve it only once `transmiter upgrade ... "
+                         f"--accept TASK` accepts those tasks")
+
+
 def _generation_update(out: Path, plan: Any, earlier: dict[str, Any], server: str | None, write: Write) -> None:
+    _refuse_held(plan.export.directory)
     current = current_of(earlier)
     if plan.generation <= current:
         raise InputError(f"{plan.export.directory} is generation {plan.generation}, not after the generation {current} "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..artifacts import MANIFESTS, atomic_write_text, read_json, sha256_file, utc_now, write_json
-from ..deploy.export_format import Lineage, generation_of
+from ..deploy.export_format import UPGRADE_REPORT, UPGRADE_REPORT_FORMAT, Lineage, generation_of
 from ..errors import InputError, VerificationError
 from ..method.comparison import VerdictRules
 from ..pipeline.export_run import LINEAGE_FILE
@@ -32,8 +32,7 @@ from .judge import cost, judge_task
 from .settings import LatencySettings
 from .plan import STEPS_DIR, UpgradePlan, plan_steps, reuse, task_root
 
-REPORT_JSON, REPORT_MD = "upgrade.json", "upgrade.md"
-REPORT_FORMAT = "transmiter-deploy/upgrade-report"
+REPORT_JSON, REPORT_FORMAT, REPORT_MD = UPGRADE_REPORT, UPGRADE_REPORT_FORMAT, "upgrade.md"
 
 
 class UpgradeHeld(VerificationError):
