@@ -18,7 +18,6 @@ machine's cores.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 

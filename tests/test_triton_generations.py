@@ -9,7 +9,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import copy_tree, draw_image, tree_digest

@@ -12,17 +12,16 @@ the accuracy table, ONNX with every precision and gate, engines and validation.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..artifacts import MANIFESTS, read_json, sha256_file, write_json
-from ..errors import InputError, IntegrityError
+from ..errors import IntegrityError
 from ..pipeline.bank_export import TASKS_DIR
 from ..pipeline.recipe import Recipe
-from ..pipeline.steps import REUSED_FROM, tree_sha256
+from ..pipeline.steps import REUSED_FROM
 from ..runtimes.onnx_files import link_or_copy
 
 STEPS_DIR = ".steps"
@@ -158,19 +157,3 @@ def reuse(plan: UpgradePlan, log: Callable[[str], None]) -> None:
         record = read_json(plan.old / STEPS_DIR / f"{step.name}.json", "step record")
         write_json(plan.new / STEPS_DIR / f"{step.name}.json", {**record, REUSED_FROM: str(plan.old)})
         log(f"[reuse] {step.name}: {', '.join(step.outputs)} (sha256 verified)")
-
-
-def tree_digest(path: Path) -> str:
-    """The content hash an upgrade's tests and report compare old artifacts by."""
-    return tree_sha256(path)
-
-
-def recorded_step_keys(directory: Path) -> dict[str, str]:
-    """Step name -> key of every step record in an export directory."""
-    keys = {}
-    for record in sorted((Path(directory) / STEPS_DIR).glob("*.json")):
-        try:
-            keys[record.stem] = json.loads(record.read_text())["key"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{record} is not a step record: {exc}") from exc
-    return keys
