@@ -194,7 +194,8 @@ def test_a_held_upgrade_exits_4_and_names_the_task(upgraded, tmp_path, capsys):
 # ------------------------------------------------------------------------------------- a bank
 
 
-def test_a_bank_upgrade_reuses_every_tasks_source_side_and_judges_each_task(demo_bank_export, demo_bank_upgrade):
+def test_a_bank_upgrade_reuses_every_tasks_source_side_and_judges_each_task(demo_bank_export, demo_bank_upgrade,
+                                                                            tmp_path):
     old, new = demo_bank_export, demo_bank_upgrade
     record = json.loads((new / "upgrade.json").read_text())
     steps = {step["name"]: step["status"] for step in record["steps"]}
@@ -210,6 +211,11 @@ def test_a_bank_upgrade_reuses_every_tasks_source_side_and_judges_each_task(demo
     assert manifest["lineage"]["generation"] == 2
     assert manifest["lineage"]["parent_manifest_sha256"] == sha256_file(old / "onnx" / "manifest.json")
     assert load_recipe(new / "recipe.json").target == ModelRef(**BANK_UPGRADE_TARGET)
+    from transmiter_deploy.deploy.bank import remove_task  # editing the bank keeps where it came from
+
+    edited = copy_tree(new, tmp_path / "edited")
+    remove_task(edited / "onnx", BANK_TASKS[1], log=lambda _: None)
+    assert json.loads((edited / "onnx" / "manifest.json").read_text())["lineage"] == manifest["lineage"]
 
 
 def test_one_worse_task_holds_the_bank_unless_it_is_accepted(demo_bank_export, demo_bank_upgrade, tmp_path):
