@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install test export bench bench-core demo-weights demo-accuracy demo-teachers clean
+.PHONY: help install test export bench bench-core demo-weights demo-weights-large demo-accuracy demo-teachers clean
 
 .PHONY: test-fast cpp cpp-asan cpp-asan-build cpp-asan-ctest cpp-deps cpp-test cpp-aarch64 cpp-aarch64-build \
         cpp-aarch64-ctest cpp-aarch64-deps
@@ -18,6 +18,7 @@ help:
 	@echo "make bench    latency/FLOPs/accuracy benchmark -> benchmarks/results/<host>/ (BENCH=full for the long sweep)"
 	@echo "make bench-core     speed of extraction and transfer on cached logits"
 	@echo "make demo-weights   retrain the demo world's CLIP models from scratch into DEMO_WEIGHTS (~17 min on 2 cores)"
+	@echo "make demo-weights-large  train the larger upgrade target TM-Demo-Large alone, beside the shipped models"
 	@echo "make demo-accuracy  the method's accuracy table and checks on the demo world (DEMO_WEIGHTS=dir)"
 	@echo "make demo-teachers  the demo teacher as ONNX and as precomputed logits (export/teachers/), for"
 	@echo "                    RECIPE=export/recipes/demo-onnx-teacher.yaml and demo-logits-teacher.yaml"
@@ -202,6 +203,11 @@ SHIPPED_DEMO_WEIGHTS := transmiter_deploy/demo/weights
 
 demo-weights: $(STAMP)
 	$(PY) -m transmiter_deploy.demo.train --out $(DEMO_WEIGHTS)
+
+# The larger upgrade target (TM-Demo-Large) trained alone, beside an unchanged copy of the shipped
+# models (docs/upgrade.md); copy DEMO_WEIGHTS over the shipped folder to ship it.
+demo-weights-large: $(STAMP)
+	$(PY) -m transmiter_deploy.demo.train --add TM-Demo-Large --towers $(SHIPPED_DEMO_WEIGHTS) --out $(DEMO_WEIGHTS)
 
 # Accuracy of the shipped weights unless DEMO_WEIGHTS is given on the command line.
 demo-accuracy: $(STAMP)

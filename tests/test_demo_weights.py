@@ -18,16 +18,17 @@ def test_shipped_weights_are_complete_and_small(manifest):
     assert manifest["tasks"] == list(TASKS)
     files = manifest["files"]
     assert set(files) == {f"{name}.safetensors" for name in
-                          ["TM-Demo-Source", "TM-Demo-Target", *(finetuned_name(task) for task in TASKS)]}
+                          ["TM-Demo-Source", "TM-Demo-Target", "TM-Demo-Large", *(finetuned_name(task) for task in TASKS)]}
     total = sum((shipped_weights_dir() / name).stat().st_size for name in files)
-    assert total <= 25 * 2**20
+    # 18.3 MB for the five models of 0.1, and 11.1 MB for the larger upgrade target (issue 38) in fp16
+    assert total <= 30 * 2**20
 
 
 def test_shipped_weights_reproduce_their_recorded_zero_shot_accuracy(manifest):
     measured = reference_accuracy(shipped_weights_dir(), list(TASKS.values()))
     for task in TASKS.values():
         one_image = 100.0 / (REFERENCE_PER_CLASS * len(task.classes))
-        for model in ("source", "target"):
+        for model in ("source", "target", "large"):
             recorded = manifest["reference_accuracy"][task.name][model]
             # equal on the machine that trained them; other CPUs may round one borderline image differently
             assert abs(measured[task.name][model] - recorded) <= one_image + 1e-9, (task.name, model)

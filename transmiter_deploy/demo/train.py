@@ -11,6 +11,10 @@
    with the zero-shot weights (WiSE-FT): the cheap step the paper assumes the
    user already did; its logits are the distillation teacher.
 4. Write every model as fp16 safetensors plus a JSON log of settings and timings.
+
+``--add TM-Demo-Large --towers DIR`` (``make demo-weights-large``) trains one more target alone on
+the same pretraining set, beside a copy of DIR's files (byte for byte), and records it in the
+manifest: the models already shipped, and every figure made from them, stay as they were.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from safetensors.torch import save_file
 from ..artifacts import atomic_directory
 from ..features.models import LoadedModel, ModelSpec, load_model
 from .tasks import TASKS, DemoTask
-from .weights import SOURCE, TARGET, finetuned_name, write_weights_manifest
+from .weights import LARGE, SOURCE, TARGET, finetuned_name, write_weights_manifest
 from .world import CAPTION_TEMPLATES, sample_scene
 from .zero_shot import class_head, reference_accuracy, render_many, to_pixels
 
@@ -153,12 +157,19 @@ def main() -> int:
     parser.add_argument("--towers", type=Path,
                         help="reuse the pretrained source and target from this weights directory; "
                              "only the per-task fine-tunes are redone")
+    parser.add_argument("--add", choices=[LARGE],
+                        help="train only this model and add it to a copy of --towers' weights directory")
+    parser.add_argument("--add-steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     say = lambda line: print(line, flush=True)  # noqa: E731
+    if args.add is not None:
+        if args.towers is None:
+            parser.error("--add needs --towers (the weights directory to add the model to)")
+        return add_model(args, say)
     finetune_settings = FinetuneSettings(seed=args.seed)
     log_lines: dict = {"seed": args.seed, "threads": args.threads, "style_mix": STYLE_MIX,
                        "finetune": asdict(finetune_settings), "torch": torch.__version__}
@@ -185,6 +196,32 @@ def main() -> int:
         (staging / "training_log.json").write_text(json.dumps(log_lines, indent=2) + "\n")
         write_weights_manifest(staging, list(TASKS), reference_accuracy(staging, list(TASKS.values())))
     say(f"done in {log_lines['total_seconds']:.0f} s -> {args.out}")
+    return 0
+
+
+def add_model(args: argparse.Namespace, say) -> int:
+    """One more pretrained target beside the files of ``args.towers`` (copied unchanged), on the
+    pretraining set the others saw (same count, same seed)."""
+    import shutil
+
+    started = time.perf_counter()
+    scenes, images = pretraining_set(args.pretrain_images, args.seed)
+    say(f"rendered {len(scenes)} pretraining images in {time.perf_counter() - started:.0f} s")
+    log_lines = json.loads((args.towers / "training_log.json").read_text())
+    tasks = json.loads((args.towers / "manifest.json").read_text())["tasks"]
+    with atomic_directory(args.out, "manifest.json") as staging:
+        for path in sorted(args.towers.glob("*.safetensors")):
+            if path.stem != args.add:
+                shutil.copyfile(path, staging / path.name)
+        model = load_model(ModelSpec(args.add, init_seed=args.seed))
+        settings = PretrainSettings(steps=args.add_steps, seed=args.seed)
+        log_lines[args.add] = {"settings": asdict(settings), "threads": args.threads,
+                               **pretrain(model, scenes, images, settings, log=say)}
+        round_to_fp16(model)
+        save_weights(model, staging / f"{args.add}.safetensors")
+        (staging / "training_log.json").write_text(json.dumps(log_lines, indent=2) + "\n")
+        write_weights_manifest(staging, tasks, reference_accuracy(staging, [TASKS[name] for name in tasks]))
+    say(f"added {args.add} in {time.perf_counter() - started:.0f} s -> {args.out}")
     return 0
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..features.models import LoadedModel, load_model
 from .tasks import DemoTask
-from .weights import SOURCE, TARGET, demo_model_spec
+from .weights import LARGE, SOURCE, TARGET, demo_model_spec
 from .world import render
 
 REFERENCE_SPLIT, REFERENCE_PER_CLASS = "val", 8
@@ -43,9 +43,12 @@ def class_head(model: LoadedModel, task: DemoTask, classes: tuple[str, ...]) -> 
 
 @torch.no_grad()
 def reference_accuracy(weights_dir: Path, tasks: list[DemoTask]) -> dict[str, dict[str, float]]:
-    """Top-1 zero-shot accuracy (%, all classes) of the saved source and target on a fixed
-    small batch of each task: recorded at training time, reproduced by the tests."""
-    models = {tag: load_model(demo_model_spec(weights_dir, name)) for tag, name in (("source", SOURCE), ("target", TARGET))}
+    """Top-1 zero-shot accuracy (%, all classes) of the saved source and target (and the larger
+    upgrade target, where it was trained) on a fixed small batch of each task: recorded at training
+    time, reproduced by the tests."""
+    roles = (("source", SOURCE), ("target", TARGET), ("large", LARGE))
+    models = {tag: load_model(demo_model_spec(weights_dir, name)) for tag, name in roles
+              if (Path(weights_dir) / f"{name}.safetensors").is_file()}
     result = {}
     for task in tasks:
         scenes = task.scenes(REFERENCE_SPLIT, REFERENCE_PER_CLASS)
