@@ -9,7 +9,7 @@
 3. a fresh export of ``export/recipes/demo-bank-large.yaml`` (the same recipe with the new target)
    into ``WORK/fresh``, timed, on the same machine right after.
 
-The figure of the issue: the upgrade's time is its target-side steps' alone, at most 1.1x the same
+The target: the upgrade's time is its target-side steps' alone, at most 1.1x the same
 steps of the fresh export (step by step from both exports' step records); the ratio to the whole
 fresh export is reported too. Both exports run one after the other in this process, so a slow
 minute can fall on either: re-run and compare the two ratios when they disagree.

@@ -20,7 +20,7 @@ def test_shipped_weights_are_complete_and_small(manifest):
     assert set(files) == {f"{name}.safetensors" for name in
                           ["TM-Demo-Source", "TM-Demo-Target", "TM-Demo-Large", *(finetuned_name(task) for task in TASKS)]}
     total = sum((shipped_weights_dir() / name).stat().st_size for name in files)
-    # 18.3 MB for the five models of 0.1, and 11.1 MB for the larger upgrade target (issue 38) in fp16
+    # 18.3 MB for the five models of 0.1, and 11.1 MB for the larger upgrade target in fp16 (docs/upgrade.md)
     assert total <= 30 * 2**20
 
 
