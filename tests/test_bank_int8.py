@@ -34,12 +34,35 @@ def _steps(outcome_or_report) -> dict[str, str]:
     return {step["name"]: step["status"] for step in steps}
 
 
+def int8_without_vnni() -> bool:
+    """An x86-64 CPU without VNNI (AVX2 only, as AMD's Zen 3): ONNX Runtime's u8s8 int8 kernels
+    there accumulate pairs in saturating int16 (its quantisation docs), so int8 graphs lose accuracy
+    that the same graphs keep on a VNNI CPU."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    flags = Path("/proc/cpuinfo").read_text(errors="replace").split() if Path("/proc/cpuinfo").is_file() else []
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
 @pytest.fixture(scope="module")
 def int8_bank(demo_bank_export, tmp_path_factory):
-    """``(out, outcome)``: the session's two-task bank with int8 asked for as well."""
+    """``(out, outcome)``: the session's two-task bank with int8 asked for as well. On a CPU whose
+    int8 kernels saturate the gate may rightly refuse the bank (seen on an AMD EPYC Zen 3: the
+    landed commit before this change failed the same way): the tests that need the gated bank are
+    skipped there, naming why; anywhere else a refusal is an error."""
+    from transmiter_deploy.deploy.gate import GateFailed
+
     tmp_path = tmp_path_factory.mktemp("int8-bank")
     out = copy_tree(demo_bank_export, tmp_path / "out")
-    return out, run_bank_export(load_recipe(_recipe(tmp_path, INT8_BANK)), out, progress=False, log=lambda _: None)
+    try:
+        return out, run_bank_export(load_recipe(_recipe(tmp_path, INT8_BANK)), out, progress=False,
+                                    log=lambda _: None)
+    except GateFailed as exc:
+        if int8_without_vnni():
+            pytest.skip(f"this CPU has no VNNI (ONNX Runtime's int8 kernels saturate): {exc}")
+        raise
 
 
 @pytest.mark.precision("int8")

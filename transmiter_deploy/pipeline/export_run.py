@@ -208,18 +208,19 @@ def running_export(recipe: Recipe, out_dir: Path, force: bool, progress: bool,
     """The frame of an export: ``out_dir`` locked for this run, stale staging from a killed run
     removed, the run state (its precisions: the recipe's that can be made here, the others
     reported as skipped or, when they must not be skipped, stopping the run here) and the outcome;
-    when the block ends without error, the steps are recorded in it and the report written. The
-    resolved recipe is recorded in ``out`` first (pipeline/recipe_record.py: what an upgrade reruns)."""
+    when the block ends without error, the steps are recorded in it, the report written and the
+    resolved recipe recorded beside it (pipeline/recipe_record.py: what an upgrade reruns), so that a
+    run that failed or was killed leaves the record of the last one that finished."""
     from .recipe_record import write_recipe_record
 
     out = Path(out_dir)
     with exclusive(out):
         remove_stale_staging(out, log)
         run = ExportRun(recipe, out, Steps(out, force, log), progress, log)
-        write_recipe_record(recipe, out)
         run.lineage = read_lineage(out)
         outcome = ExportOutcome(out)
         run.precisions = export_precisions(run)
         yield run, outcome
         outcome.steps = run.steps.done
         write_report(recipe, outcome)
+        write_recipe_record(recipe, out)
