@@ -23,7 +23,7 @@ from .report import ExportOutcome, write_report
 from .steps import Steps, exclusive, remove_stale_staging, step_key
 
 REFERENCES = "references"  # the onnx step's PyTorch outputs on the parity images, read by validate
-# written by `transmiter upgrade` (pipeline/upgrade.py) before it runs the export: the export it was
+# written by `transmiter upgrade` (upgrade/run.py) before it runs the export: the export it was
 # made from, which the deployable manifest records (deploy/export_format.py's Lineage)
 LINEAGE_FILE = "lineage.json"
 

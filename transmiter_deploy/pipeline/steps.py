@@ -24,7 +24,7 @@ from ..artifacts import read_json, sha256_file, write_json
 from ..errors import STEP_ATTRIBUTE, InputError
 
 
-# a step record's field naming the export its outputs were copied from (pipeline/upgrade.py)
+# a step record's field naming the export its outputs were copied from (upgrade/run.py)
 REUSED_FROM = "reused_from"
 
 
@@ -32,7 +32,7 @@ REUSED_FROM = "reused_from"
 class StepRecord:
     name: str
     # "ran" | "skipped" (unchanged) | "reused" (unchanged: its outputs came from the export an upgrade
-    # started from, pipeline/upgrade.py) | "unavailable" (needs what this host lacks) | "failed"
+    # started from, upgrade/plan.py) | "unavailable" (needs what this host lacks) | "failed"
     status: str
     seconds: float
     detail: str = ""
