@@ -20,7 +20,7 @@ from typing import Any, Callable
 from ..artifacts import MANIFESTS, read_json, sha256_file, write_json
 from ..errors import IntegrityError
 from ..pipeline.bank_export import TASKS_DIR
-from ..pipeline.recipe import Recipe
+from ..pipeline.recipe import ModelRef, Recipe
 from ..pipeline.steps import REUSED_FROM
 from ..runtimes.onnx_files import link_or_copy
 
@@ -50,6 +50,7 @@ class UpgradePlan:
     old: Path
     new: Path
     recipe: Recipe  # the old export's recipe with the new target
+    old_target: ModelRef  # what it replaced (the lineage records it)
     steps: list[PlannedStep] = field(default_factory=list)
 
     @property

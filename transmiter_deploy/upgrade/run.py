@@ -17,6 +17,7 @@ command continues where the last one stopped (every step writes atomically).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from ..deploy.export_format import UPGRADE_REPORT, UPGRADE_REPORT_FORMAT, Lineag
 from ..errors import InputError, VerificationError
 from ..method.comparison import VerdictRules
 from ..pipeline.export_run import LINEAGE_FILE
-from ..pipeline.recipe import ModelRef, Recipe, with_target
+from ..pipeline.recipe import ModelRef, with_target
 from ..pipeline.recipe_record import read_recipe_record, recipe_record
 from .judge import cost, judge_task
 from .settings import LatencySettings
@@ -96,7 +97,7 @@ def plan_upgrade(old: Path, target: ModelRef, new: Path) -> UpgradePlan:
         raise InputError(f"{old} already targets {target.name} with these weights: nothing to upgrade")
     upgraded = with_target(recipe, target, "--target")
     _check_new_directory(old, new)
-    return UpgradePlan(old, new, upgraded, plan_steps(old, recipe))
+    return UpgradePlan(old, new, upgraded, recipe.target, plan_steps(old, recipe))
 
 
 def _check_new_directory(old: Path, new: Path) -> None:
@@ -116,10 +117,10 @@ def _check_new_directory(old: Path, new: Path) -> None:
     raise InputError(f"--out {new} is not empty and is not an upgrade of {old}; choose an empty or new directory")
 
 
-def _lineage(plan: UpgradePlan, old_recipe: Recipe) -> Lineage:
+def _lineage(plan: UpgradePlan) -> Lineage:
     manifest = read_json(_export_manifest(plan.old), "export manifest")
     return Lineage(generation_of(manifest, str(_export_manifest(plan.old))) + 1, sha256_file(_export_manifest(plan.old)),
-                   str(plan.old), recipe_record(old_recipe)["target"])
+                   str(plan.old), recipe_record(dataclasses.replace(plan.recipe, target=plan.old_target))["target"])
 
 
 def upgrade_export(old: Path, target: ModelRef, new: Path, rules: VerdictRules = VerdictRules(),
@@ -135,7 +136,7 @@ def upgrade_export(old: Path, target: ModelRef, new: Path, rules: VerdictRules =
     unknown = [name for name in accept if name not in [task.name for task in recipe.tasks]]
     if unknown:
         raise InputError(f"--accept {unknown[0]}: no such task (tasks: {', '.join(t.name for t in recipe.tasks)})")
-    lineage = _lineage(plan, read_recipe_record(plan.old))
+    lineage = _lineage(plan)
     plan.new.mkdir(parents=True, exist_ok=True)
     write_json(plan.new / LINEAGE_FILE, lineage.to_dict())
     reuse(plan, log)
